@@ -1,0 +1,45 @@
+# recon3d — developer entry points. Everything installs into ./.venv (torch 2.13.0 CPU first).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow test-ddp test-gpu lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and exact: a looser spec pulls the CUDA build and several GB of packages.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@! $(BIN)/python -c "import torchvision" 2>/dev/null || (echo "torchvision is installed in $(VENV); it breaks transformers/diffusers with the CPU torch: pip uninstall torchvision" && false)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Train the default method on the embedded synthetic data, evaluate, export (CPU, minutes).
+demo: $(STAMP)
+	$(BIN)/recon3d demo --out outputs/demo
+
+## The default test suite (CPU): everything except `slow`; `gpu` tests skip with their reason.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow" -q
+
+test-ddp: $(STAMP)
+	$(BIN)/python -m pytest -m "ddp" -q
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m "gpu" -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+## Benchmarks print ratios against a reference measured in the same run.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,200 @@
+"""The one batch contract between datasets and methods.
+
+A dataset yields one :class:`Sample` per object (no batch dimension); :func:`collate_samples`
+stacks them into a :class:`Batch`. Shapes (``B`` objects, ``V`` views, images ``H x W``):
+
+================================  =========================  ====================================
+field                             shape                      meaning
+================================  =========================  ====================================
+``Views.images``                  ``(B, V, 3, H, W)``        RGB in [0, 1], composited on ``background``
+``Views.masks``                   ``(B, V, 1, H, W)``        foreground alpha in [0, 1] (optional)
+``Views.depths``                  ``(B, V, 1, H, W)``        z-depth along the camera axis, 0 where empty (optional)
+``Views.normals``                 ``(B, V, 3, H, W)``        world-space unit normals, 0 where empty (optional)
+``Views.cameras``                 ``Cameras`` ``(B, V)``     OpenCV c2w + pixel K
+``Geometry.surface_points``       ``(B, P, 3)``              points on the true surface (world)
+``Geometry.surface_normals``      ``(B, P, 3)``              their outward unit normals
+``Geometry.sdf_points``           ``(B, S, 3)``              query points (world)
+``Geometry.sdf_values``           ``(B, S)``                 signed distance, negative inside
+``Geometry.mesh_paths``           ``list[str]`` of ``B``     ground-truth mesh files (optional)
+================================  =========================  ====================================
+
+Methods read the fields they need through :meth:`Batch.require`, which names what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from recon3d.data.cameras import Cameras
+from recon3d.errors import DataError, ShapeError
+from recon3d.utils.checks import check_range, check_shape
+
+__all__ = ["Views", "Geometry", "Sample", "Batch", "collate_samples"]
+
+
+def _opt_to(x, *args, **kwargs):
+    return None if x is None else x.to(*args, **kwargs)
+
+
+@dataclass
+class Views:
+    """A set of posed views, with or without a leading batch dimension."""
+
+    images: torch.Tensor
+    cameras: Cameras
+    masks: torch.Tensor | None = None
+    depths: torch.Tensor | None = None
+    normals: torch.Tensor | None = None
+
+    def validate(self, prefix: str, batched: bool) -> None:
+        """Check shapes and value ranges; raise :class:`ShapeError` naming ``prefix.field``."""
+        lead = "B V" if batched else "V"
+        dims: dict = {}
+        check_shape(self.images, f"{lead} 3 H W", f"{prefix}.images", dims)
+        check_range(self.images, f"{prefix}.images", 0.0, 1.0)
+        for name, ch in (("masks", 1), ("depths", 1), ("normals", 3)):
+            t = getattr(self, name)
+            if t is not None:
+                check_shape(t, f"{lead} {ch} H W", f"{prefix}.{name}", dims)
+        if self.masks is not None:
+            check_range(self.masks, f"{prefix}.masks", 0.0, 1.0)
+        cam_shape = tuple(self.images.shape[: 2 if batched else 1])
+        if tuple(self.cameras.batch_shape) != cam_shape:
+            raise ShapeError(f"{prefix}.cameras: expected batch shape {list(cam_shape)}, got {list(self.cameras.batch_shape)}")
+        if (self.cameras.height, self.cameras.width) != tuple(self.images.shape[-2:]):
+            raise ShapeError(
+                f"{prefix}.cameras: image size {self.cameras.width}x{self.cameras.height} does not match "
+                f"images {self.images.shape[-1]}x{self.images.shape[-2]}"
+            )
+
+    @property
+    def num_views(self) -> int:
+        return self.images.shape[-4]
+
+    def to(self, *args, **kwargs) -> Views:
+        return Views(
+            self.images.to(*args, **kwargs),
+            self.cameras.to(*args, **kwargs),
+            _opt_to(self.masks, *args, **kwargs),
+            _opt_to(self.depths, *args, **kwargs),
+            _opt_to(self.normals, *args, **kwargs),
+        )
+
+
+@dataclass
+class Geometry:
+    """Ground-truth geometry of an object (all optional)."""
+
+    surface_points: torch.Tensor | None = None
+    surface_normals: torch.Tensor | None = None
+    sdf_points: torch.Tensor | None = None
+    sdf_values: torch.Tensor | None = None
+    mesh_paths: list[str] | None = None
+
+    def to(self, *args, **kwargs) -> Geometry:
+        return Geometry(
+            _opt_to(self.surface_points, *args, **kwargs),
+            _opt_to(self.surface_normals, *args, **kwargs),
+            _opt_to(self.sdf_points, *args, **kwargs),
+            _opt_to(self.sdf_values, *args, **kwargs),
+            self.mesh_paths,
+        )
+
+
+@dataclass
+class Sample:
+    """One object: its input views, supervision views and optional geometry (no batch dim)."""
+
+    object_id: str
+    inputs: Views
+    targets: Views
+    geometry: Geometry = field(default_factory=Geometry)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def validate(self) -> Sample:
+        self.inputs.validate("inputs", batched=False)
+        self.targets.validate("targets", batched=False)
+        return self
+
+
+@dataclass
+class Batch:
+    """A collated batch of :class:`Sample` objects (see module docstring for shapes)."""
+
+    object_ids: list[str]
+    inputs: Views
+    targets: Views
+    geometry: Geometry = field(default_factory=Geometry)
+    background: torch.Tensor | None = None  # (B, 3)
+
+    def __len__(self) -> int:
+        return len(self.object_ids)
+
+    def to(self, *args, **kwargs) -> Batch:
+        return Batch(
+            self.object_ids,
+            self.inputs.to(*args, **kwargs),
+            self.targets.to(*args, **kwargs),
+            self.geometry.to(*args, **kwargs),
+            _opt_to(self.background, *args, **kwargs),
+        )
+
+    def require(self, *paths: str, who: str = "this method") -> None:
+        """Raise :class:`DataError` unless every dotted field (e.g. ``"targets.depths"``) is present."""
+        missing = []
+        for p in paths:
+            obj = self
+            for part in p.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if obj is None:
+                missing.append(p)
+        if missing:
+            raise DataError(
+                f"batch of {self.object_ids[:3]}",
+                f"{who} needs {', '.join(missing)}; the dataset does not provide it (check the dataset's options)",
+            )
+
+
+def _stack_opt(items: list, name: str):
+    present = [x is not None for x in items]
+    if not any(present):
+        return None
+    if not all(present):
+        raise DataError("collate", f"field {name!r} is present for some objects of the batch and missing for others")
+    return torch.stack(items)
+
+
+def _collate_views(views: list[Views], name: str) -> Views:
+    sizes = {tuple(v.images.shape) for v in views}
+    if len(sizes) != 1:
+        raise DataError("collate", f"{name}.images of different shapes in one batch: {sorted(sizes)}; resize them in the datamodule")
+    return Views(
+        torch.stack([v.images for v in views]),
+        Cameras.stack([v.cameras for v in views]),
+        _stack_opt([v.masks for v in views], f"{name}.masks"),
+        _stack_opt([v.depths for v in views], f"{name}.depths"),
+        _stack_opt([v.normals for v in views], f"{name}.normals"),
+    )
+
+
+def collate_samples(samples: list[Sample]) -> Batch:
+    """Stack samples into a :class:`Batch` (``torch.utils.data.DataLoader`` ``collate_fn``)."""
+    if not samples:
+        raise DataError("collate", "empty batch (every object of the batch was skipped)")
+    geo = [s.geometry for s in samples]
+    geometry = Geometry(
+        *(_stack_opt([getattr(g, f.name) for g in geo], f"geometry.{f.name}") for f in dataclasses.fields(Geometry) if f.name != "mesh_paths"),
+        mesh_paths=[g.mesh_paths[0] for g in geo] if all(g.mesh_paths for g in geo) else None,
+    )
+    return Batch(
+        [s.object_id for s in samples],
+        _collate_views([s.inputs for s in samples], "inputs"),
+        _collate_views([s.targets for s in samples], "targets"),
+        geometry,
+        torch.tensor([s.background for s in samples], dtype=torch.float32),
+    )

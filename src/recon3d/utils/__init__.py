@@ -1,0 +1,1 @@
+"""Small shared helpers: shape checks, atomic file writes, seeding."""

@@ -129,6 +129,14 @@ class Batch:
     targets: Views
     geometry: Geometry = field(default_factory=Geometry)
     background: torch.Tensor | None = None  # (B, 3)
+    #: ``(object_id, reason)`` of objects dropped from this batch by ``on_bad_sample="skip"``.
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, skipped: list[tuple[str, str]]) -> Batch:
+        """A batch whose every object was skipped (methods skip the step)."""
+        nothing = Views(torch.zeros(0, 0, 3, 1, 1), Cameras(torch.eye(4).expand(0, 0, 4, 4), torch.eye(3).expand(0, 0, 3, 3), 1, 1))
+        return cls([], nothing, nothing, Geometry(), None, skipped)
 
     def __len__(self) -> int:
         return len(self.object_ids)
@@ -140,6 +148,7 @@ class Batch:
             self.targets.to(*args, **kwargs),
             self.geometry.to(*args, **kwargs),
             _opt_to(self.background, *args, **kwargs),
+            self.skipped,
         )
 
     def require(self, *paths: str, who: str = "this method") -> None:

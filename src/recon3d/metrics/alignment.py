@@ -1,0 +1,207 @@
+"""Normalisation and rigid / similarity alignment of point clouds before geometry metrics.
+
+- :func:`normalize_to_cube`: re-centre and scale a cloud the way a protocol does (bounding box
+  into ``[-1, 1]^3``, or centroid + unit sphere).
+- :func:`icp`: point-to-point ICP (Besl & McKay 1992) with the closed-form Umeyama (1991) update;
+  ``with_scale=True`` gives similarity ICP.
+- :func:`rotation_grid` / :func:`align_points`: a coarse search over rotations (the 24 rotations of
+  the cube, optionally times extra yaw steps) with a short ICP from each, then a full ICP from the
+  best one; this escapes the wrong local minima ICP falls into on symmetric objects.
+
+All functions take ``(N, 3)`` tensors on any device; nearest neighbours use
+:func:`recon3d.metrics.geometry.nearest_neighbors` (KD-tree on CPU, chunked torch elsewhere).
+Transforms are ``(4, 4)`` matrices that map the *source* (prediction) onto the *target*, with the
+scale folded into the rotation block (``x' = s R x + t``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from recon3d.utils.checks import check_shape
+
+__all__ = ["normalize_to_cube", "umeyama", "icp", "ICPResult", "rotation_grid", "align_points", "apply_transform"]
+
+
+def normalize_to_cube(points: Tensor, mode: Literal["bbox", "sphere", "none"] = "bbox", extent: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Re-centre and scale a cloud.
+
+    Args:
+        points: ``(N, 3)``.
+        mode: ``"bbox"``: bounding-box centre to the origin, longest half-side to ``extent`` (so the
+            cloud fits ``[-extent, extent]^3``, GTR/InstantMesh style); ``"sphere"``: centroid to the
+            origin, farthest point at radius ``extent``; ``"none"``: unchanged.
+        extent: half-size of the target cube (1 for ``[-1, 1]^3``).
+
+    Returns:
+        ``(normalised (N, 3), center (3,), scale ())`` with ``normalised = (points - center) * scale``.
+    """
+    check_shape(points, "N 3", "points")
+    if mode == "none" or points.shape[0] == 0:
+        return points, points.new_zeros(3), points.new_ones(())
+    if mode == "bbox":
+        lo, hi = points.min(0).values, points.max(0).values
+        center = (lo + hi) / 2
+        half = ((hi - lo) / 2).max()
+    elif mode == "sphere":
+        center = points.mean(0)
+        half = (points - center).norm(dim=-1).max()
+    else:
+        raise ValueError(f"mode: expected 'bbox', 'sphere' or 'none', got {mode!r}")
+    scale = extent / half.clamp_min(1e-12)
+    return (points - center) * scale, center, scale
+
+
+def apply_transform(points: Tensor, transform: Tensor) -> Tensor:
+    """``points (N, 3)``, ``transform (4, 4)`` -> ``(N, 3)``."""
+    return points @ transform[:3, :3].T + transform[:3, 3]
+
+
+def umeyama(src: Tensor, dst: Tensor, with_scale: bool = False, weights: Tensor | None = None) -> Tensor:
+    """Least-squares ``(4, 4)`` similarity (or rigid) transform mapping ``src (N, 3)`` onto ``dst (N, 3)``."""
+    if weights is None:
+        weights = src.new_ones(src.shape[0])
+    w = weights / weights.sum().clamp_min(1e-12)
+    mu_s = (w[:, None] * src).sum(0)
+    mu_d = (w[:, None] * dst).sum(0)
+    xs, xd = src - mu_s, dst - mu_d
+    cov = (w[:, None] * xd).T @ xs  # (3, 3)
+    u, sv, vh = torch.linalg.svd(cov)
+    d = torch.ones(3, dtype=src.dtype, device=src.device)
+    if torch.det(u @ vh) < 0:
+        d[2] = -1
+    rot = u @ torch.diag(d) @ vh
+    scale = (sv * d).sum() / (w * xs.square().sum(-1)).sum().clamp_min(1e-12) if with_scale else src.new_ones(())
+    out = torch.eye(4, dtype=src.dtype, device=src.device)
+    out[:3, :3] = scale * rot
+    out[:3, 3] = mu_d - scale * rot @ mu_s
+    return out
+
+
+@dataclass
+class ICPResult:
+    """Result of :func:`icp`: ``transform (4, 4)`` (source -> target), ``rmse`` of the last
+    correspondences, ``mean_dist`` (mean source->target nearest distance after alignment), ``iters``."""
+
+    transform: Tensor
+    rmse: float
+    mean_dist: float
+    iters: int
+
+
+def icp(
+    src: Tensor,
+    dst: Tensor,
+    init: Tensor | None = None,
+    max_iters: int = 50,
+    tol: float = 1e-7,
+    with_scale: bool = False,
+    backend: str = "auto",
+) -> ICPResult:
+    """Point-to-point ICP aligning ``src (N, 3)`` onto ``dst (M, 3)``.
+
+    Each iteration matches every transformed source point to its nearest target point and
+    re-solves the transform from the *original* source points (Umeyama), until the mean distance
+    improves by less than ``tol``. ``init`` is an optional ``(4, 4)`` starting transform.
+    """
+    dims: dict = {}
+    check_shape(src, "N 3", "src", dims)
+    check_shape(dst, "M 3", "dst", dims)
+    from recon3d.metrics.geometry import nearest_neighbors
+
+    src64, dst64 = src.double(), dst.double()
+    t = torch.eye(4, dtype=torch.float64, device=src.device) if init is None else init.to(src.device, torch.float64)
+    prev = math.inf
+    iters = 0
+    for _ in range(max_iters):
+        iters += 1
+        moved = apply_transform(src64, t)
+        dist, idx = nearest_neighbors(moved, dst64, backend=backend)
+        t = umeyama(src64, dst64[idx], with_scale=with_scale)
+        cur = float(dist.mean())
+        if prev - cur < tol:
+            break
+        prev = cur
+    moved = apply_transform(src64, t)
+    dist, _ = nearest_neighbors(moved, dst64, backend=backend)
+    return ICPResult(t.to(src.dtype), float(dist.square().mean().sqrt()), float(dist.mean()), iters)
+
+
+def rotation_grid(yaw_steps: int = 1, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Coarse set of rotations ``(K, 3, 3)``: the 24 proper rotations of the cube, each composed
+    with ``yaw_steps`` rotations about the z axis by ``90° / yaw_steps`` (``K = 24 * yaw_steps``)."""
+    mats = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((-1.0, 1.0), repeat=3):
+            m = torch.zeros(3, 3, dtype=dtype)
+            for r, c in enumerate(perm):
+                m[r, c] = signs[r]
+            if torch.det(m) > 0:
+                mats.append(m)
+    base = torch.stack(mats)
+    if yaw_steps <= 1:
+        return base
+    out = []
+    for k in range(yaw_steps):
+        a = (math.pi / 2) * k / yaw_steps
+        c, s = math.cos(a), math.sin(a)
+        yaw = torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=dtype)
+        out.append(base @ yaw)
+    return torch.cat(out)
+
+
+def align_points(
+    src: Tensor,
+    dst: Tensor,
+    mode: Literal["none", "icp", "icp_scale"] = "icp",
+    rotation_search: bool = True,
+    yaw_steps: int = 1,
+    search_points: int = 2000,
+    search_iters: int = 10,
+    max_iters: int = 50,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Align ``src (N, 3)`` onto ``dst (M, 3)``; returns ``(aligned src (N, 3), transform (4, 4))``.
+
+    With ``rotation_search`` every rotation of :func:`rotation_grid` (about the centroids) seeds a
+    ``search_iters``-step ICP on ``search_points`` random points of each cloud; the seed with the
+    lowest mean distance then runs a full ICP on all points.
+    """
+    dims: dict = {}
+    check_shape(src, "N 3", "src", dims)
+    check_shape(dst, "M 3", "dst", dims)
+    if mode == "none":
+        return src, torch.eye(4, dtype=src.dtype, device=src.device)
+    if mode not in ("icp", "icp_scale"):
+        raise ValueError(f"mode: expected 'none', 'icp' or 'icp_scale', got {mode!r}")
+    with_scale = mode == "icp_scale"
+    src64, dst64 = src.double(), dst.double()
+    inits = [None]
+    if rotation_search:
+        def subset(x: Tensor) -> Tensor:
+            if x.shape[0] <= search_points:
+                return x
+            sel = torch.randperm(x.shape[0], generator=generator)[:search_points].to(x.device)
+            return x[sel]
+
+        s_sub, d_sub = subset(src64), subset(dst64)
+        cs, cd = src64.mean(0), dst64.mean(0)
+        best, best_t = math.inf, None
+        for rot in rotation_grid(yaw_steps).to(src.device):
+            t0 = torch.eye(4, dtype=torch.float64, device=src.device)
+            t0[:3, :3] = rot
+            t0[:3, 3] = cd - rot @ cs
+            res = icp(s_sub, d_sub, init=t0, max_iters=search_iters, with_scale=with_scale, backend=backend)
+            if res.mean_dist < best:
+                best, best_t = res.mean_dist, res.transform
+        inits = [best_t]
+    res = icp(src64, dst64, init=inits[0], max_iters=max_iters, with_scale=with_scale, backend=backend)
+    t = res.transform
+    return apply_transform(src64, t).to(src.dtype), t.to(src.dtype)

@@ -1,0 +1,435 @@
+"""One evaluation protocol for every method: same metric names, same conventions, per-object rows.
+
+A LightningModule owns one :class:`EvaluationProtocol` (it is an ``nn.Module``, so Lightning moves
+its state and the LPIPS network to the right device), feeds it from ``validation_step`` /
+``test_step``, and logs ``compute()`` at epoch end::
+
+    self.evaluator = EvaluationProtocol(geometry_preset="gtr", lpips_weights_dir=cfg.lpips_dir)
+
+    def test_step(self, batch, idx):
+        out = self(batch)
+        self.evaluator.update_views(batch.ids, out.rgb, batch.target_rgb, batch.target_mask)
+        self.evaluator.update_meshes(batch.ids, out.meshes, batch.gt_meshes)
+
+    def on_test_epoch_end(self):
+        self.log_dict({f"test/{k}": v for k, v in self.evaluator.compute().items()}, sync_dist=False)
+        self.evaluator.write(self.trainer.log_dir)  # writes on global rank 0 only
+        self.evaluator.reset()
+
+``compute()`` already reduces across processes (every rank must call it), so log with
+``sync_dist=False``.
+
+**Names** (only those that were fed appear): ``psnr``, ``ssim``, ``lpips`` (full images), plus
+``psnr_masked``, ``ssim_masked``, ``lpips_masked`` when masks are given; ``cd``, ``fscore``,
+``precision``, ``recall``, ``nc`` (when normals are given), ``iou`` (meshes or occupancies);
+``rre``, ``te``, ``acc@15``, ``acc@30`` (poses).
+
+**Aggregation.** Each object's value is the mean over its views (images), view pairs (poses) or its
+one surface (geometry). The reported number is the mean over *distinct object ids* — an object fed
+twice (e.g. a ``DistributedSampler`` padding the last batch) is merged, not counted twice.
+
+**Geometry pipeline** (per object, conventions from :data:`recon3d.metrics.geometry.PRESETS`):
+normalise prediction and ground truth independently (bounding box into ``[-1, 1]^3``); subsample
+``num_points`` points (seeded; clouds with fewer points are used whole); align the prediction to the
+ground truth (rotation search + ICP); CD / F-score / precision / recall / NC.
+Meshes (:meth:`EvaluationProtocol.update_meshes`) are sampled area-weighted with face normals, and
+IoU is measured on a ``iou_resolution^3`` grid over ``[-1, 1]^3`` after the same alignment.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from recon3d.metrics.alignment import align_points, apply_transform, normalize_to_cube
+from recon3d.metrics.geometry import (
+    GeometryProtocol,
+    chamfer_fscore,
+    get_preset,
+    grid_points,
+    mesh_occupancy,
+    occupancy_iou,
+    sample_surface,
+)
+from recon3d.metrics.image import psnr, ssim
+from recon3d.metrics.lpips import LPIPSNet, LPIPSWeightsNotFoundError
+from recon3d.metrics.pose import relative_rotation_errors, translation_errors
+from recon3d.utils.checks import check_shape
+from recon3d.utils.io import atomic_path
+
+__all__ = ["EvaluationProtocol", "PerObjectTable", "METRIC_NAMES"]
+
+#: Every name the protocol can report, in column order.
+METRIC_NAMES: tuple[str, ...] = (
+    "psnr", "ssim", "lpips", "psnr_masked", "ssim_masked", "lpips_masked",
+    "cd", "fscore", "precision", "recall", "nc", "iou",
+    "rre", "te", "acc@15", "acc@30",
+)  # fmt: skip
+_INDEX = {n: i for i, n in enumerate(METRIC_NAMES)}
+_ID_BYTES = 128
+
+
+def _encode_ids(ids: Sequence[str]) -> Tensor:
+    out = torch.zeros(len(ids), _ID_BYTES, dtype=torch.int64)
+    for k, s in enumerate(ids):
+        b = str(s).encode("utf-8")
+        if len(b) > _ID_BYTES:
+            raise ValueError(f"object_ids: id {s!r} is longer than {_ID_BYTES} bytes in UTF-8")
+        if len(b):
+            out[k, : len(b)] = torch.tensor(list(b), dtype=torch.int64)
+    return out.reshape(-1)
+
+
+def _decode_ids(flat: Tensor) -> list[str]:
+    rows = flat.to("cpu", torch.int64).reshape(-1, _ID_BYTES).tolist()
+    return [bytes(c for c in r if c).decode("utf-8") for r in rows]
+
+
+class PerObjectTable(Metric):
+    """Rows ``(object id, metric, value, weight)`` kept as ``cat`` states, gathered across ranks.
+
+    ``update(ids, name, values (n,), weights (n,))``; ``compute()`` returns
+    ``{object_id: {metric: weighted mean}}`` over all ranks.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("ids", "metric", "value", "weight"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, ids: Sequence[str], name: str, values: Tensor, weights: Tensor | None = None) -> None:
+        values = values.detach().reshape(-1).to(self.device, torch.float64)
+        if len(ids) != values.numel():
+            raise ValueError(f"object_ids: got {len(ids)} ids for {values.numel()} values of {name!r}")
+        weights = torch.ones_like(values) if weights is None else weights.detach().reshape(-1).to(values)
+        keep = torch.isfinite(values) & (weights > 0)
+        if not bool(keep.any()):
+            return
+        sel = keep.nonzero().flatten().tolist()
+        self.ids.append(_encode_ids([ids[i] for i in sel]).to(self.device))
+        self.metric.append(torch.full((len(sel),), _INDEX[name], dtype=torch.int64, device=self.device))
+        self.value.append(values[keep])
+        self.weight.append(weights[keep])
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        if isinstance(self.value, list) and not self.value:
+            return {}
+        ids = _decode_ids(dim_zero_cat(self.ids).round())
+        metric = dim_zero_cat(self.metric).to("cpu").long().tolist()
+        value = dim_zero_cat(self.value).to("cpu", torch.float64).tolist()
+        weight = dim_zero_cat(self.weight).to("cpu", torch.float64).tolist()
+        acc: dict[str, dict[str, list[float]]] = {}
+        seen: set[tuple] = set()
+        for oid, m, v, w in zip(ids, metric, value, weight):
+            key = (oid, m, v, w)
+            if key in seen:  # exact duplicate row, e.g. a padded DistributedSampler batch
+                continue
+            seen.add(key)
+            s = acc.setdefault(oid, {}).setdefault(METRIC_NAMES[m], [0.0, 0.0])
+            s[0] += v * w
+            s[1] += w
+        return {oid: {m: s[0] / s[1] for m, s in d.items()} for oid, d in acc.items()}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class EvaluationProtocol(nn.Module):
+    """The shared evaluation protocol (see the module docstring for names and aggregation).
+
+    Args:
+        image_metrics: subset of ``("psnr", "ssim", "lpips")``.
+        geometry_preset: a preset name (``gtr``, ``ssr``, ``m3d``, ``mvboost``, ``reconviagen``,
+            ``raw``) or a :class:`~recon3d.metrics.geometry.GeometryProtocol`.
+        lpips_net: ``"vgg"`` or ``"alex"``.
+        lpips_weights_dir: extra folder holding the LPIPS backbone/head files (see
+            :mod:`recon3d.metrics.lpips`). When they cannot be found, ``lpips`` is dropped with one
+            warning naming the files; it never silently runs on random weights.
+        lpips_pretrained: ``False`` uses random LPIPS weights on purpose (tests, timing); the
+            values are then reported but are not comparable with anything.
+        num_points: overrides the preset's number of surface points.
+        seed: seed of the point subsampling / surface sampling (results are reproducible).
+        backend: nearest-neighbour backend (``"auto"``, ``"kdtree"``, ``"torch"``).
+        lpips_chunk: images per LPIPS forward pass.
+    """
+
+    def __init__(
+        self,
+        image_metrics: Sequence[str] = ("psnr", "ssim", "lpips"),
+        geometry_preset: str | GeometryProtocol = "gtr",
+        lpips_net: str = "vgg",
+        lpips_weights_dir: str | os.PathLike | None = None,
+        lpips_pretrained: bool = True,
+        num_points: int | None = None,
+        seed: int = 0,
+        backend: str = "auto",
+        lpips_chunk: int = 8,
+    ) -> None:
+        super().__init__()
+        bad = set(image_metrics) - {"psnr", "ssim", "lpips"}
+        if bad:
+            raise ValueError(f"image_metrics: unknown {sorted(bad)}; expected a subset of ('psnr', 'ssim', 'lpips')")
+        self.geometry = get_preset(geometry_preset)
+        self.num_points = int(num_points) if num_points is not None else self.geometry.num_points
+        self.seed = int(seed)
+        self.backend = backend
+        self.lpips_chunk = int(lpips_chunk)
+        self.table = PerObjectTable()
+        self.lpips: LPIPSNet | None = None
+        self.lpips_status = "not requested"
+        metrics = list(image_metrics)
+        if "lpips" in metrics:
+            try:
+                self.lpips = LPIPSNet(lpips_net, pretrained=lpips_pretrained, weights_dir=lpips_weights_dir)  # type: ignore[arg-type]
+                self.lpips_status = f"{lpips_net}, " + ("pretrained" if lpips_pretrained else "RANDOM weights (not comparable)")
+                if not lpips_pretrained:
+                    warnings.warn("EvaluationProtocol: LPIPS uses random weights (lpips_pretrained=False); its values are not comparable", stacklevel=2)
+            except LPIPSWeightsNotFoundError as err:
+                metrics.remove("lpips")
+                self.lpips_status = f"dropped: {err}"
+                warnings.warn(f"EvaluationProtocol: 'lpips' dropped from the metrics. {err}", stacklevel=2)
+        self.image_metrics = tuple(metrics)
+
+    # ------------------------------------------------------------------ feeding
+
+    def _gen(self, object_id: str) -> torch.Generator:
+        # a per-object seed, so results do not depend on batch composition or rank
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + sum(ord(c) * 31**i for i, c in enumerate(object_id[:64]))) % (2**63))
+        return g
+
+    @torch.no_grad()
+    def update_views(self, object_ids: Sequence[str], pred: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+        """Rendered views vs targets: ``pred``, ``target`` ``(B, V, 3, H, W)`` in ``[0, 1]``;
+        optional ``mask`` ``(B, V, 1, H, W)`` adds the ``*_masked`` (object-only) metrics."""
+        dims: dict = {}
+        check_shape(pred, "B V 3 H W", "pred", dims)
+        check_shape(target, "B V 3 H W", "target", dims)
+        if mask is not None:
+            check_shape(mask, "B V 1 H W", "mask", dims)
+        ids = self._check_ids(object_ids, dims["B"])
+        pred, target = pred.float(), target.to(pred.device).float()
+        masks = [None] if mask is None else [None, mask.to(pred.device).float()]
+        for m in masks:
+            sfx = "" if m is None else "_masked"
+            if "psnr" in self.image_metrics:
+                self._add_view_rows(ids, "psnr" + sfx, psnr(pred, target, m))
+            if "ssim" in self.image_metrics:
+                self._add_view_rows(ids, "ssim" + sfx, ssim(pred, target, m))
+            if "lpips" in self.image_metrics and self.lpips is not None:
+                self._add_view_rows(ids, "lpips" + sfx, self._lpips(pred, target, m))
+
+    def _lpips(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+        assert self.lpips is not None
+        b, v = pred.shape[:2]
+        p, t = pred.flatten(0, 1), target.flatten(0, 1)
+        mm = None if mask is None else mask.flatten(0, 1)
+        outs = []
+        for i in range(0, p.shape[0], self.lpips_chunk):
+            sl = slice(i, i + self.lpips_chunk)
+            outs.append(self.lpips(p[sl], t[sl], None if mm is None else mm[sl]))
+        return torch.cat(outs).reshape(b, v)
+
+    def _add_view_rows(self, ids: list[str], name: str, vals: Tensor) -> None:
+        vals = vals.double()
+        ok = torch.isfinite(vals)
+        n = ok.sum(1).double()
+        mean = torch.where(ok, vals, torch.zeros_like(vals)).sum(1) / n.clamp_min(1)
+        self.table.update(ids, name, torch.where(n > 0, mean, torch.full_like(mean, float("nan"))), n)
+
+    def update_geometry(
+        self,
+        object_ids: Sequence[str],
+        pred_points: Tensor | Sequence[Tensor],
+        gt_points: Tensor | Sequence[Tensor],
+        pred_normals: Tensor | Sequence[Tensor] | None = None,
+        gt_normals: Tensor | Sequence[Tensor] | None = None,
+    ) -> None:
+        """Predicted vs ground-truth surface points: ``(B, P, 3)`` / ``(B, Q, 3)`` (or lists of
+        ``(P_i, 3)``), optional unit normals of the same shapes (then ``nc`` is reported)."""
+        preds, gts = self._as_list(pred_points, "pred_points"), self._as_list(gt_points, "gt_points")
+        ids = self._check_ids(object_ids, len(preds))
+        if len(gts) != len(preds):
+            raise ValueError(f"gt_points: expected {len(preds)} clouds, got {len(gts)}")
+        pns = self._as_list(pred_normals, "pred_normals") if pred_normals is not None else [None] * len(preds)
+        gns = self._as_list(gt_normals, "gt_normals") if gt_normals is not None else [None] * len(preds)
+        for oid, p, g, pn, gn in zip(ids, preds, gts, pns, gns):
+            p, _, _ = normalize_to_cube(p.detach().double(), self.geometry.normalize)
+            g, _, _ = normalize_to_cube(g.detach().double(), self.geometry.normalize)
+            self._eval_clouds(oid, p, g, pn, gn)
+
+    def _subsample(self, x: Tensor, n: Tensor | None, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        if x.shape[0] <= self.num_points:
+            return x, n
+        sel = torch.randperm(x.shape[0], generator=gen)[: self.num_points].to(x.device)
+        return x[sel], None if n is None else n[sel]
+
+    def _eval_clouds(self, oid: str, p: Tensor, g: Tensor, pn: Tensor | None, gn: Tensor | None) -> Tensor:
+        gen = self._gen(oid)
+        p, pn = self._subsample(p, pn, gen)
+        g, gn = self._subsample(g, gn, gen)
+        proto = self.geometry
+        p_al, t = align_points(p, g, mode=proto.align, rotation_search=proto.rotation_search, generator=gen, backend=self.backend)
+        if pn is not None:
+            pn = pn.to(t) @ t[:3, :3].T  # scale is removed by the normalisation inside chamfer_fscore
+        res = chamfer_fscore(p_al, g, pred_normals=pn, gt_normals=gn, backend=self.backend, **proto.metric_kwargs())
+        for name, v in res.items():
+            self.table.update([oid], name, v.reshape(1))
+        return t
+
+    def update_meshes(
+        self,
+        object_ids: Sequence[str],
+        pred_meshes: Sequence[tuple[Tensor, Tensor]],
+        gt_meshes: Sequence[tuple[Tensor, Tensor]],
+        iou: bool = True,
+    ) -> None:
+        """Predicted vs ground-truth meshes, each ``(verts (V, 3), faces (F, 3) long)``.
+
+        Samples ``num_points`` area-weighted surface points with face normals from each (after the
+        preset's normalisation), then as :meth:`update_geometry` (so ``nc`` is reported); with
+        ``iou`` also the volumetric IoU (winding-number occupancy, no watertightness needed) on a
+        ``iou_resolution^3`` grid over ``[-1, 1]^3``, the prediction moved by the same alignment.
+        """
+        ids = self._check_ids(object_ids, len(pred_meshes))
+        if len(gt_meshes) != len(pred_meshes):
+            raise ValueError(f"gt_meshes: expected {len(pred_meshes)} meshes, got {len(gt_meshes)}")
+        for oid, (pv, pf), (gv, gf) in zip(ids, pred_meshes, gt_meshes):
+            pv, _, _ = normalize_to_cube(pv.detach().double(), self.geometry.normalize)
+            gv, _, _ = normalize_to_cube(gv.detach().double(), self.geometry.normalize)
+            gen = self._gen(oid)
+            p, pn = sample_surface(pv, pf, self.num_points, generator=gen)
+            g, gn = sample_surface(gv, gf, self.num_points, generator=gen)
+            t = self._eval_clouds(oid, p, g, pn, gn)
+            if iou:
+                q = grid_points(self.geometry.iou_resolution, 1.0, device=pv.device)
+                occ_p = mesh_occupancy(apply_transform(pv, t.to(pv)), pf, q)
+                occ_g = mesh_occupancy(gv, gf, q)
+                self.table.update([oid], "iou", occupancy_iou(occ_p, occ_g).reshape(1))
+
+    def update_occupancy(self, object_ids: Sequence[str], pred_occ: Tensor, gt_occ: Tensor) -> None:
+        """Volumetric IoU from occupancies at shared query points: ``(B, Q)`` booleans."""
+        dims: dict = {}
+        check_shape(pred_occ, "B Q", "pred_occ", dims)
+        check_shape(gt_occ, "B Q", "gt_occ", dims)
+        ids = self._check_ids(object_ids, dims["B"])
+        self.table.update(ids, "iou", occupancy_iou(pred_occ, gt_occ.to(pred_occ.device)))
+
+    @torch.no_grad()
+    def update_poses(self, object_ids: Sequence[str], pred_c2w: Tensor, gt_c2w: Tensor) -> None:
+        """Predicted vs true cameras ``(B, V, 4, 4)`` c2w (``V >= 2``): ``rre``, ``te``, ``acc@15``, ``acc@30``."""
+        dims: dict = {}
+        check_shape(pred_c2w, "B V 4 4", "pred_c2w", dims)
+        check_shape(gt_c2w, "B V 4 4", "gt_c2w", dims)
+        if dims["V"] < 2:
+            raise ValueError(f"pred_c2w: pose metrics need at least 2 views per object, got V={dims['V']}")
+        ids = self._check_ids(object_ids, dims["B"])
+        for oid, p, g in zip(ids, pred_c2w, gt_c2w.to(pred_c2w.device)):
+            rre = relative_rotation_errors(p, g)
+            te = translation_errors(p, g)
+            n = torch.tensor([float(rre.numel())])
+            self.table.update([oid], "rre", rre.mean().reshape(1), n)
+            self.table.update([oid], "te", te.mean().reshape(1), torch.tensor([float(te.numel())]))
+            self.table.update([oid], "acc@15", (rre < 15).double().mean().reshape(1), n)
+            self.table.update([oid], "acc@30", (rre < 30).double().mean().reshape(1), n)
+
+    # ------------------------------------------------------------------ results
+
+    def per_object(self) -> list[dict]:
+        """One row per object id (all ranks): ``{"object_id": ..., metric: value, ...}``, sorted by id.
+        Collective under DDP: every rank must call it."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            table = self.table.compute()
+        rows = []
+        for oid in sorted(table):
+            row: dict = {"object_id": oid}
+            row.update({m: table[oid][m] for m in METRIC_NAMES if m in table[oid]})
+            rows.append(row)
+        return rows
+
+    def compute(self) -> dict[str, float]:
+        """Mean over objects of every metric that was fed (see the module docstring for names).
+        Collective under DDP: every rank must call it."""
+        rows = self.per_object()
+        out = {}
+        for m in METRIC_NAMES:
+            vals = [r[m] for r in rows if m in r and math.isfinite(r[m])]
+            if vals:
+                out[m] = float(sum(vals) / len(vals))
+        return out
+
+    def reset(self) -> None:
+        """Forget everything fed so far."""
+        self.table.reset()
+
+    def write(self, out_dir: str | os.PathLike) -> Path | None:
+        """Write ``metrics.csv`` (one row), ``per_object.csv`` and ``metrics.json`` atomically to
+        ``out_dir``. Collective under DDP (all ranks call it); only global rank 0 writes and gets
+        the folder back, other ranks get ``None``."""
+        rows = self.per_object()
+        metrics = self.compute()
+        if _rank() != 0:
+            return None
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cols = [m for m in METRIC_NAMES if m in metrics]
+        self._write_csv(out / "metrics.csv", cols, [metrics])
+        obj_cols = ["object_id"] + [m for m in METRIC_NAMES if any(m in r for r in rows)]
+        self._write_csv(out / "per_object.csv", obj_cols, rows)
+        doc = {
+            "metrics": metrics,
+            "num_objects": len(rows),
+            "geometry_protocol": {**self.geometry.__dict__, "num_points": self.num_points},
+            "image_metrics": list(self.image_metrics),
+            "lpips": self.lpips_status,
+            "per_object": rows,
+        }
+        with atomic_path(out / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+        return out
+
+    @staticmethod
+    def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+        with atomic_path(path) as tmp:
+            tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _check_ids(object_ids: Sequence[str], n: int) -> list[str]:
+        ids = [str(i) for i in object_ids]
+        if len(ids) != n:
+            raise ValueError(f"object_ids: expected {n} ids (one per batch item), got {len(ids)}")
+        return ids
+
+    @staticmethod
+    def _as_list(x: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
+        if isinstance(x, Tensor):
+            check_shape(x, "B N 3", name)
+            return list(x.unbind(0))
+        out = list(x)
+        for i, t in enumerate(out):
+            check_shape(t, "N 3", f"{name}[{i}]")
+        return out

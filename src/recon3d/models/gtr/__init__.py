@@ -1,0 +1,31 @@
+"""GTR (Zhuang et al. 2024) networks: triplane generator, triplane field, whole network, weight import."""
+
+from recon3d.models.gtr.field import FieldMLP, TriplaneField
+from recon3d.models.gtr.generator import (
+    DeconvUpsampler,
+    GEGLUFeedForward,
+    PixelShuffleUpsampler,
+    SelfAttention,
+    SelfAttentionBlock,
+    TriplaneGenerator,
+)
+from recon3d.models.gtr.network import GTRNetwork, gtr_official, gtr_paper, gtr_tiny
+from recon3d.models.gtr.pretrained import convert_official_state_dict, load_official_gtr, official_key_table
+
+__all__ = [
+    "FieldMLP",
+    "TriplaneField",
+    "DeconvUpsampler",
+    "GEGLUFeedForward",
+    "PixelShuffleUpsampler",
+    "SelfAttention",
+    "SelfAttentionBlock",
+    "TriplaneGenerator",
+    "GTRNetwork",
+    "gtr_official",
+    "gtr_paper",
+    "gtr_tiny",
+    "convert_official_state_dict",
+    "load_official_gtr",
+    "official_key_table",
+]

@@ -1,0 +1,240 @@
+"""Blender / NeRF-synthetic ``transforms.json`` folders (also nerfstudio's variant).
+
+Layout of one object (a folder)::
+
+    <object>/transforms_train.json     # or transforms.json (used for every split when the split file is absent)
+    <object>/train/r_0.png ...         # frames[i].file_path, relative to the object folder, extension optional
+
+JSON keys read (top level, each may be overridden per frame): ``camera_angle_x`` (horizontal
+fov, radians), optional ``camera_angle_y``, ``fl_x``, ``fl_y``, ``cx``, ``cy``, ``w``, ``h``;
+``frames[].file_path``, ``frames[].transform_matrix`` (**OpenGL/Blender c2w**, 4x4 or 3x4) and
+optional ``frames[].mask_path`` (nerfstudio: a foreground mask image of the same size).
+
+Conversion: ``c2w_cv = transform_matrix @ diag(1, -1, -1, 1)``; ``fx = fl_x`` or
+``0.5 W / tan(camera_angle_x / 2)``; ``fy = fl_y`` or from ``camera_angle_y`` or ``fx``;
+``cx, cy`` default to the image centre. The world frame is the file's (Blender: +Z up).
+
+A root that holds a transforms file is one object; otherwise each sub-folder that holds one is
+an object. Image and mask paths in the JSON must stay inside their object folder (``..`` or
+absolute paths that leave it are refused); the object folder itself may be a symlink.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recon3d.data.base import RawViews, resolve_inside
+from recon3d.data.cameras import Cameras
+from recon3d.data.formats._common import (
+    FolderDataset,
+    build_cameras,
+    check_writer_inputs,
+    load_mask,
+    load_view_images,
+    read_json,
+    save_png,
+    to_uint8,
+    write_json,
+)
+from recon3d.errors import DataError
+
+__all__ = ["BlenderDataset", "write_blender"]
+
+_INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG")
+
+
+@dataclass
+class _Frame:
+    image: Path
+    mask: Path | None
+    c2w_gl: np.ndarray  # (4, 4) or (3, 4)
+    intr: dict
+
+
+@dataclass
+class _Meta:
+    json_path: Path
+    frames: list[_Frame]
+
+
+class BlenderDataset(FolderDataset):
+    """Objects stored as Blender/NeRF ``transforms_{split}.json`` folders.
+
+    Args:
+        root: one object folder (holding a transforms file) or a folder of such object folders.
+        split: which ``transforms_{split}.json`` to read (``train``, ``val``, ``test``); a folder
+            with only ``transforms.json`` uses it for every split.
+        scale: multiplies camera positions (to bring a scene into ``[-1, 1]^3``; NeRF-synthetic
+            scenes span about ``[-1.5, 1.5]^3``, so ``scale: 0.67`` normalises them).
+
+    ``load_views`` returns ``rgb (V, 3, H, W)``, ``alpha (V, 1, H, W)`` (from RGBA files or
+    ``mask_path``; None for RGB files without masks) and OpenCV cameras ``(V,)``.
+    """
+
+    name = "Blender transforms.json dataset"
+
+    def __init__(self, root: str, split: str = "train", scale: float = 1.0) -> None:
+        super().__init__(root)
+        self.split = str(split)
+        self.scale = float(scale)
+        if not math.isfinite(self.scale) or self.scale <= 0:
+            raise DataError(self.root, f"scale: expected a positive number, got {scale!r}")
+        if self._find_json(self.root) is not None:
+            dirs = [self.root]
+        else:
+            dirs = [d for d in sorted(self.root.iterdir()) if d.is_dir() and self._find_json(d) is not None]
+        self._set_objects(
+            dirs, [d.name for d in dirs], f"transforms_{self.split}.json or transforms.json in it or in its sub-folders"
+        )
+
+    def _find_json(self, folder: Path) -> Path | None:
+        for name in (f"transforms_{self.split}.json", "transforms.json"):
+            if (folder / name).is_file():
+                return folder / name
+        return None
+
+    # ------------------------------------------------------------------ parsing
+    def _read_meta(self, index: int) -> _Meta:
+        folder = self._dirs[index]
+        path = self._find_json(folder)
+        if path is None:
+            raise DataError(folder / f"transforms_{self.split}.json", "file not found")
+        data = read_json(path, "a transforms.json object with 'frames'")
+        if not isinstance(data, dict):
+            raise DataError(path, f"expected a JSON object with 'frames', got {type(data).__name__}")
+        frames = data.get("frames")
+        if not isinstance(frames, list):
+            raise DataError(path, "expected a 'frames' list of {file_path, transform_matrix}")
+        if not frames:
+            raise DataError(path, "'frames' is empty; expected at least one view")
+        top = {k: data[k] for k in _INTRINSIC_KEYS if k in data}
+        out = []
+        for i, fr in enumerate(frames):
+            if not isinstance(fr, dict):
+                raise DataError(path, f"frames[{i}]: expected an object with file_path and transform_matrix")
+            fp = fr.get("file_path")
+            if not isinstance(fp, str) or not fp:
+                raise DataError(path, f"frames[{i}].file_path: expected a non-empty string")
+            image = self._image_path(path, folder, fp, i)
+            mask = None
+            if fr.get("mask_path") is not None:
+                mp = fr["mask_path"]
+                if not isinstance(mp, str) or not mp:
+                    raise DataError(path, f"frames[{i}].mask_path: expected a non-empty string")
+                mask = resolve_inside(folder, mp, f"frames[{i}].mask_path in {path.name}")
+            m = fr.get("transform_matrix")
+            try:
+                c2w = np.asarray(m, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise DataError(path, f"frames[{i}].transform_matrix: expected a 4x4 list of numbers") from None
+            if c2w.shape not in ((4, 4), (3, 4)):
+                raise DataError(path, f"frames[{i}].transform_matrix: expected shape (4, 4) or (3, 4), got {c2w.shape}")
+            if not np.isfinite(c2w).all():
+                raise DataError(path, f"frames[{i}].transform_matrix contains NaN or inf values")
+            intr = dict(top)
+            intr.update({k: fr[k] for k in _INTRINSIC_KEYS if k in fr})
+            for k, v in intr.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise DataError(path, f"{k} (frame {i}): expected a finite number, got {v!r}")
+            if "fl_x" not in intr and "camera_angle_x" not in intr:
+                raise DataError(path, f"frame {i}: expected 'camera_angle_x' or 'fl_x' (focal length) at top level or in the frame")
+            out.append(_Frame(image, mask, c2w, intr))
+        return _Meta(path, out)
+
+    def _image_path(self, json_path: Path, folder: Path, fp: str, i: int) -> Path:
+        what = f"frames[{i}].file_path in {json_path.name}"
+        p = resolve_inside(folder, fp, what)
+        if p.is_file():
+            return p
+        for suf in _IMAGE_SUFFIXES:
+            q = resolve_inside(folder, fp + suf, what)
+            if q.is_file():
+                return q
+        return p  # load_image reports it missing
+
+    # ------------------------------------------------------------------ interface
+    def num_views(self, index: int) -> int:
+        return len(self._meta(index).frames)
+
+    def load_views(self, index: int, views: list[int]) -> RawViews:
+        """Load ``views`` of object ``index``: rgb ``(V,3,H,W)``, alpha ``(V,1,H,W)`` or None, cameras ``(V,)``."""
+        meta = self._meta(index)
+        self._check_views(index, views)
+        frames = [meta.frames[int(v)] for v in views]
+        size = None
+        if frames and "w" in frames[0].intr and "h" in frames[0].intr:
+            size = (int(frames[0].intr["h"]), int(frames[0].intr["w"]))
+        rgb, alpha = load_view_images([f.image for f in frames], size)
+        H, W = rgb.shape[-2:]
+        if any(f.mask is not None for f in frames):
+            masks = []
+            for f in frames:
+                if f.mask is None:
+                    raise DataError(meta.json_path, "some frames have mask_path and others not; expected all or none")
+                masks.append(load_mask(f.mask, (H, W)))
+            alpha = torch.stack(masks)
+        Ks, c2ws = [], []
+        for f in frames:
+            intr = f.intr
+            if ("w" in intr and int(intr["w"]) != W) or ("h" in intr and int(intr["h"]) != H):
+                raise DataError(f.image, f"expected image size {intr.get('w', W)}x{intr.get('h', H)} (WxH) from {meta.json_path.name}, got {W}x{H}")
+            fx = float(intr["fl_x"]) if "fl_x" in intr else 0.5 * W / math.tan(float(intr["camera_angle_x"]) / 2)
+            if "fl_y" in intr:
+                fy = float(intr["fl_y"])
+            elif "camera_angle_y" in intr:
+                fy = 0.5 * H / math.tan(float(intr["camera_angle_y"]) / 2)
+            else:
+                fy = fx
+            cx, cy = float(intr.get("cx", W / 2)), float(intr.get("cy", H / 2))
+            Ks.append([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+            c2w = f.c2w_gl.copy()
+            c2w[:3, 3] *= self.scale
+            c2ws.append(c2w if c2w.shape == (4, 4) else np.concatenate([c2w, [[0.0, 0.0, 0.0, 1.0]]], 0))
+        c2w_t = torch.from_numpy(np.stack(c2ws) if c2ws else np.zeros((0, 4, 4))).float()
+        K_t = torch.tensor(Ks, dtype=torch.float32).reshape(-1, 3, 3)
+        cams = build_cameras(meta.json_path, lambda: Cameras.from_opengl(c2w_t, K_t, W, H))
+        return RawViews(rgb=rgb, cameras=cams, alpha=alpha)
+
+
+def write_blender(
+    out_dir: str | Path,
+    object_id: str,
+    rgb: torch.Tensor,
+    alpha: torch.Tensor | None,
+    cameras: Cameras,
+    split: str = "train",
+) -> Path:
+    """Write one object as a Blender/NeRF folder ``out_dir/object_id`` (atomic file writes).
+
+    Args:
+        rgb: ``(V, 3, H, W)`` straight colour in [0, 1].
+        alpha: ``(V, 1, H, W)`` in [0, 1] (written as RGBA PNGs) or None (RGB PNGs).
+        cameras: ``(V,)`` recon3d cameras; stored as OpenGL c2w with exact ``fl_x, fl_y, cx, cy, w, h``
+            next to ``camera_angle_x`` (computed from the first camera).
+        split: writes ``transforms_{split}.json`` and images under ``{split}/r_{i}.png``.
+
+    Returns the transforms JSON path.
+    """
+    V, H, W = check_writer_inputs(rgb, alpha, cameras)
+    folder = Path(out_dir) / object_id
+    gl = cameras.to_opengl().detach().double().cpu().numpy()
+    K = cameras.K.detach().double().cpu().numpy()
+    frames = []
+    for i in range(V):
+        img = rgb[i] if alpha is None else torch.cat([rgb[i], alpha[i]], 0)
+        save_png(folder / split / f"r_{i}.png", to_uint8(img))
+        frames.append({
+            "file_path": f"./{split}/r_{i}",
+            "transform_matrix": gl[i].tolist(),
+            "fl_x": float(K[i, 0, 0]), "fl_y": float(K[i, 1, 1]), "cx": float(K[i, 0, 2]), "cy": float(K[i, 1, 2]),
+        })
+    data = {"camera_angle_x": float(cameras.fov_x.reshape(-1)[0]) if V else 0.0, "w": W, "h": H, "frames": frames}
+    path = folder / f"transforms_{split}.json"
+    write_json(path, data)
+    return path

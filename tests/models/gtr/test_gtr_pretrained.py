@@ -306,3 +306,26 @@ def test_bad_files_raise_checkpoint_error(tmp_path):
     torch.save({"pipeline": {"field": {}, "generator": {}}, "obj": Unsafe()}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
         load_official_gtr(path, small_network())
+
+
+def test_full_size_table_matches_released_shapes():
+    """Shapes of the released checkpoint (config_texrefine.yaml sizes), on the meta device."""
+    from recon3d.models.gtr import gtr_official
+
+    with torch.device("meta"):
+        net = gtr_official()
+    table, ours = official_key_table(net), net.state_dict()
+    assert len(table) == 8 + 24 * 13 + 2 * (3 + 4)
+    want = {
+        ("generator", "planes"): (1, 3, 1024, 32, 32),
+        ("generator", "conv_proj.weight"): (1024, 10, 16, 16),
+        ("generator", "attn_layers.23.self_attn.to_q.weight"): (1024, 1024),
+        ("generator", "attn_layers.0.ff.net.0.proj.weight"): (8192, 1024),
+        ("generator", "attn_layers.0.ff.net.2.weight"): (1024, 4096),
+        ("generator", "out.proj.weight"): (2560, 1024, 1, 1),
+        ("field", "decoder.field.mlp_sigma.layers.0.weight"): (32, 120),
+        ("field", "decoder.field.mlp_sigma.layers.2.weight"): (1, 32),
+        ("field", "decoder.field.mlp_color.layers.3.weight"): (3, 32),
+    }
+    for key, shape in want.items():
+        assert tuple(ours[table[key]].shape) == shape, key

@@ -1,0 +1,1 @@
+"""Non-Lightning subcommands of ``recon3d`` (see :data:`recon3d.cli.EXTRA_COMMANDS`)."""

@@ -1,0 +1,1 @@
+"""Methods: one LightningModule per method, thin (stages, losses, optimisers)."""

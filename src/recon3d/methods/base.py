@@ -1,0 +1,230 @@
+"""``ReconModule``: what every recon3d method shares.
+
+A method subclasses it and implements
+
+- :meth:`training_losses` ``(batch) -> dict`` of named scalar terms with the total under ``"loss"``;
+- :meth:`render_views` ``(batch, cameras) -> dict`` with ``"rgb" (B,V,3,H,W)`` (and optionally
+  ``"mask"``, ``"depth"``) for the given target cameras;
+- optionally :meth:`predict_geometry` ``(batch) -> dict`` with ``"points" (B,P,3)`` (and
+  ``"normals"``) for geometry metrics, and :meth:`export_object` for ``predict``.
+
+The base class then gives every method the same validation/test loop (one
+:class:`~recon3d.metrics.EvaluationProtocol`, one set of metric names, PNG grids of inputs /
+predictions / targets, per-object CSV), a non-finite guard (skip or halt on NaN/inf losses and
+gradients, naming the step, the objects and the terms), reporting of skipped bad samples, and
+weights-only initialisation from an earlier stage (``init_weights``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from recon3d.data.batch import Batch
+from recon3d.data.cameras import Cameras
+from recon3d.errors import Recon3DError
+
+__all__ = ["ReconModule", "NonFiniteGuard", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(Recon3DError, RuntimeError):
+    """Raised when the non-finite guard halts training."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """What to do when a loss term or a gradient is NaN/inf.
+
+    Attributes:
+        policy: ``"skip"`` the step (count it; halt after ``max_consecutive`` in a row) or
+            ``"halt"`` at the first one.
+        max_consecutive: consecutive skipped steps after which training halts.
+    """
+
+    policy: Literal["skip", "halt"] = "skip"
+    max_consecutive: int = 10
+
+
+class ReconModule(L.LightningModule):
+    """Base LightningModule of recon3d methods (see module docstring).
+
+    Args:
+        evaluation: the evaluation protocol fed by validation/test (None: losses only).
+        init_weights: weights-only initialisation from a checkpoint or safetensors file (the
+            previous stage); unlike ``--ckpt_path`` it restores no optimizer, step or config.
+        nonfinite: non-finite loss/gradient policy.
+        vis_views: how many target views per object the PNG grids show.
+    """
+
+    def __init__(
+        self,
+        evaluation: Any = None,
+        init_weights: str | None = None,
+        nonfinite: NonFiniteGuard | None = None,
+        vis_views: int = 4,
+    ):
+        super().__init__()
+        self.evaluation = evaluation
+        self.init_weights = init_weights
+        self.nonfinite = nonfinite or NonFiniteGuard()
+        self.vis_views = vis_views
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+        self._skipped: list[tuple[str, str]] = []
+        self._vis_done = False
+        self._last_batch_ids: list[str] = []
+
+    # ------------------------------------------------------------------ to implement
+    def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict_geometry(self, batch: Batch) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
+        """Write the reconstruction of object ``index`` of ``batch`` under ``out_dir``; return files."""
+        return {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        if self.init_weights and stage == "fit" and not getattr(self, "_init_weights_loaded", False):
+            from recon3d.utils.checkpoint import load_weights_into
+
+            load_weights_into(self, self.init_weights, strict=False)
+            self._init_weights_loaded = True
+            log.info("initialised weights from %s", self.init_weights)
+
+    # ------------------------------------------------------------------ training
+    def _record_skips(self, batch: Batch) -> bool:
+        if batch.skipped:
+            self._skipped.extend(batch.skipped)
+        return len(batch) == 0
+
+    def training_step(self, batch: Batch, batch_idx: int):
+        if self._record_skips(batch):
+            return None
+        self._last_batch_ids = list(batch.object_ids)
+        terms = self.training_losses(batch)
+        bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        if bad:
+            self._on_nonfinite(f"loss terms {bad}", batch.object_ids)
+            return None
+        self._consecutive_nonfinite = 0
+        B = len(batch)
+        for k, v in terms.items():
+            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", batch_size=B)
+        return terms["loss"]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            # Dropping every gradient makes the optimizer skip all parameters this step
+            # (Adam/AdamW skip params whose grad is None), the closest thing to "no step".
+            for p in self.parameters():
+                p.grad = None
+            self._on_nonfinite(f"gradients of {len(bad)} parameters (e.g. {bad[:3]})", self._last_batch_ids)
+
+    def _on_nonfinite(self, what: str, object_ids: list[str]) -> None:
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        msg = f"non-finite {what} at global step {self.global_step} (objects {list(object_ids)})"
+        if self.nonfinite.policy == "halt" or self._consecutive_nonfinite >= self.nonfinite.max_consecutive:
+            raise NonFiniteLossError(
+                msg + ("" if self.nonfinite.policy == "halt" else f"; {self._consecutive_nonfinite} consecutive steps, halting")
+            )
+        log.warning("%s; step skipped (%d so far)", msg, self.nonfinite_steps)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), sync_dist=False)
+        self._report_skips("train")
+
+    def _report_skips(self, split: str) -> None:
+        n = len(self._skipped)
+        if self.trainer is not None and self.trainer.logger is not None:
+            self.log(f"{split}/skipped_samples", float(n), sync_dist=False)
+        if n:
+            ids = sorted({i for i, _ in self._skipped})
+            log.warning("%s: skipped %d bad samples this epoch (%s); first reason: %s", split, n, ", ".join(ids[:5]), self._skipped[0][1])
+        self._skipped = []
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: Batch, split: str) -> None:
+        if self._record_skips(batch):
+            return
+        out = self.render_views(batch, batch.targets.cameras)
+        pred = out["rgb"].clamp(0, 1)
+        if self.evaluation is not None:
+            self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks)
+            geo = self.predict_geometry(batch)
+            if geo is not None and batch.geometry.surface_points is not None:
+                self.evaluation.update_geometry(
+                    batch.object_ids, geo["points"], batch.geometry.surface_points,
+                    geo.get("normals"), batch.geometry.surface_normals,
+                )
+        if not self._vis_done:
+            self._save_grid(batch, pred, split)
+            self._vis_done = True
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._vis_done = False
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _finish_eval(self, split: str) -> dict[str, float]:
+        self._report_skips(split)
+        if self.evaluation is None:
+            return {}
+        results = self.evaluation.compute()
+        for k, v in results.items():
+            if v is not None and math.isfinite(v):
+                self.log(f"{split}/{k}", float(v), sync_dist=False, rank_zero_only=True)
+        if split == "test" and self.trainer.is_global_zero:
+            self.evaluation.write(self._out_dir() / "test")
+        self.evaluation.reset()
+        return results
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test")
+
+    # ------------------------------------------------------------------ predict / export
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, str]]:
+        if self._record_skips(batch):
+            return []
+        out_dir = self._out_dir() / "predict"
+        return [self.export_object(batch, i, out_dir / batch.object_ids[i]) for i in range(len(batch))]
+
+    # ------------------------------------------------------------------ helpers
+    def _out_dir(self) -> Path:
+        trainer = self.trainer
+        if trainer is not None and trainer.logger is not None and trainer.logger.log_dir:
+            return Path(trainer.logger.log_dir)
+        return Path(trainer.default_root_dir if trainer is not None else "outputs")
+
+    def _save_grid(self, batch: Batch, pred: torch.Tensor, split: str) -> None:
+        if self.trainer is None or not self.trainer.is_global_zero or getattr(self.trainer, "sanity_checking", False):
+            return
+        from recon3d.utils.images import save_view_grid
+
+        k = min(self.vis_views, pred.shape[1])
+        path = self._out_dir() / f"{split}_grid_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png"
+        save_view_grid(path, batch.inputs.images, pred[:, :k], batch.targets.images[:, :k])

@@ -1,0 +1,76 @@
+"""PSNR / SSIM against scikit-image (independent reference) to 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio as sk_psnr
+from skimage.metrics import structural_similarity as sk_ssim
+
+from recon3d.errors import ShapeError
+from recon3d.metrics import PSNR, SSIM, psnr, ssim
+
+
+def _pair(seed=0, shape=(2, 3, 3, 24, 28)):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g, dtype=torch.float64)
+    b = (a + 0.08 * torch.randn(shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    return b, a
+
+
+def _sk_ssim_map(p, t):
+    _, full = sk_ssim(p.permute(1, 2, 0).numpy(), t.permute(1, 2, 0).numpy(), channel_axis=2, data_range=1.0,
+                      gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True)
+    return full[5:-5, 5:-5].mean(-1)  # channel-mean of the interior map
+
+
+def test_psnr_ssim_match_skimage():
+    pred, target = _pair()
+    ours_p, ours_s = psnr(pred, target), ssim(pred, target)
+    assert ours_p.shape == ours_s.shape == (2, 3)
+    for i in range(2):
+        for v in range(3):
+            ref_p = sk_psnr(target[i, v].numpy(), pred[i, v].numpy(), data_range=1.0)
+            ref_s = sk_ssim(pred[i, v].permute(1, 2, 0).numpy(), target[i, v].permute(1, 2, 0).numpy(), channel_axis=2,
+                            data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+            assert abs(float(ours_p[i, v]) - ref_p) < 1e-4
+            assert abs(float(ours_s[i, v]) - ref_s) < 1e-4
+    # float32 input agrees too
+    assert torch.allclose(ssim(pred.float(), target.float()).double(), ours_s, atol=1e-4)
+
+
+def test_masked_against_numpy_and_skimage_map():
+    pred, target = _pair(1, (2, 3, 32, 32))
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.float64)
+    mask[:, :, 8:26, 6:20] = 1
+    ours_p, ours_s = psnr(pred, target, mask), ssim(pred, target, mask)
+    for i in range(2):
+        m = mask[i, 0].numpy().astype(bool)
+        mse = ((pred[i].numpy() - target[i].numpy()) ** 2)[:, m].mean()
+        assert abs(float(ours_p[i]) - 10 * np.log10(1 / mse)) < 1e-4
+        smap = _sk_ssim_map(pred[i], target[i])
+        assert abs(float(ours_s[i]) - smap[m[5:-5, 5:-5]].mean()) < 1e-4
+    # empty mask -> NaN, skipped by the Metric
+    assert torch.isnan(psnr(pred, target, torch.zeros_like(mask))).all()
+
+
+def test_metric_classes_average_per_image():
+    pred, target = _pair(2)
+    m = PSNR()
+    m.update(pred[:1], target[:1])
+    m.update(pred[1:], target[1:])
+    assert torch.allclose(m.compute().double(), psnr(pred, target).mean(), atol=1e-5)
+    s = SSIM()
+    s.update(pred, target)
+    assert torch.allclose(s.compute().double(), ssim(pred, target).mean(), atol=1e-5)
+
+
+def test_identical_images_and_shape_errors():
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.all(psnr(x, x) > 100)
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    with pytest.raises(ShapeError, match="target"):
+        psnr(x, x[:, :, :8])
+    with pytest.raises(ShapeError, match="mask"):
+        psnr(x, x, torch.ones(2, 3, 16, 16))

@@ -123,22 +123,27 @@ def compute_depth_cache(
     if not todo:
         return paths
     processor, model = _load_model(model_dir, device)
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i : i + batch_size]
-        images = []
-        for img, _ in chunk:
-            if not img.is_file():
-                raise DataError(img, "image file not found")
-            with Image.open(img) as im:
-                images.append(im.convert("RGB"))
-        inputs = processor(images=images, return_tensors="pt").to(device)
-        pred = model(**inputs).predicted_depth  # (b, h', w')
-        for (img, path), im, d in zip(chunk, images, pred):
-            h, w = im.height, im.width
-            d = torch.nn.functional.interpolate(d[None, None].float(), (h, w), mode="bicubic", align_corners=False)[0, 0]
-            buf = io.BytesIO()
-            np.save(buf, d.cpu().numpy().astype(np.float32), allow_pickle=False)
-            atomic_write_bytes(path, buf.getvalue())
+    sizes: dict[tuple[int, int], list[tuple[Path, Path]]] = {}
+    for img, path in todo:  # batch images of one size together (the processor keeps aspect ratios)
+        if not img.is_file():
+            raise DataError(img, "image file not found")
+        with Image.open(img) as im:
+            sizes.setdefault(im.size, []).append((img, path))
+    for group in sizes.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            images = []
+            for img, _ in chunk:
+                with Image.open(img) as im:
+                    images.append(im.convert("RGB"))
+            inputs = processor(images=images, return_tensors="pt").to(device)
+            pred = model(**inputs).predicted_depth  # (b, h', w')
+            for (_img, path), im, d in zip(chunk, images, pred):
+                h, w = im.height, im.width
+                d = torch.nn.functional.interpolate(d[None, None].float(), (h, w), mode="bicubic", align_corners=False)[0, 0]
+                buf = io.BytesIO()
+                np.save(buf, d.cpu().numpy().astype(np.float32), allow_pickle=False)
+                atomic_write_bytes(path, buf.getvalue())
     return paths
 
 

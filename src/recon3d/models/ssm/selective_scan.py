@@ -66,7 +66,7 @@ def mamba_ssm_available() -> bool:
     return torch.cuda.is_available() and not isinstance(_mamba_scan_fn(), Exception)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_backend(name: str) -> None:
     log.info("selective scan backend: %s", name)
 

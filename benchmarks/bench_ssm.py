@@ -32,53 +32,61 @@ def sequential_scan(u, delta, A, B, C):
     return torch.stack(ys, 2)
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
+def _time(fn, repeats: int, *args) -> float:
+    sync = torch.cuda.synchronize if any(getattr(a, "is_cuda", False) for a in args) else (lambda: None)
+    fn(*args)  # warm-up
+    sync()
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        fn(*args)
+        sync()
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def bench_scan(quick: bool) -> None:
+def _ours(u, delta, A, B, C):
     from recon3d.models.ssm import selective_scan
 
+    return selective_scan(u, delta, A, B, C, backend="torch")
+
+
+def bench_scan(quick: bool, device: str = "cpu") -> None:
     d, n = 256, 16
-    print(f"\n[1] selective scan, B=1 D={d} N={n} float32 forward, {torch.get_num_threads()} threads (best of runs)")
+    where = f"{torch.get_num_threads()} CPU threads" if device == "cpu" else torch.cuda.get_device_name()
+    print(f"\n[1] selective scan, B=1 D={d} N={n} float32 forward, {where} (best of runs)")
     print(f"{'L':>6} {'sequential ms':>14} {'chunked ms':>11} {'speed-up':>9}  note")
     for L in (1024, 4096, 16384):
         g = torch.Generator().manual_seed(L)
-        u = torch.randn(1, d, L, generator=g)
-        delta = torch.nn.functional.softplus(torch.randn(1, d, L, generator=g) - 3)
-        A = -torch.exp(torch.rand(d, n, generator=g) * math.log(16))
-        B, C = torch.randn(1, n, L, generator=g), torch.randn(1, n, L, generator=g)
+        u = torch.randn(1, d, L, generator=g).to(device)
+        delta = torch.nn.functional.softplus(torch.randn(1, d, L, generator=g) - 3).to(device)
+        A = -torch.exp(torch.rand(d, n, generator=g) * math.log(16)).to(device)
+        B, C = torch.randn(1, n, L, generator=g).to(device), torch.randn(1, n, L, generator=g).to(device)
         with torch.no_grad():
-            ours = _time(lambda: selective_scan(u, delta, A, B, C, backend="torch"), 1 if quick else 3)
+            ours = _time(_ours, 1 if quick else 3, u, delta, A, B, C)
             ref_len = L if (L <= 4096 and not (quick and L > 1024)) else (1024 if quick else 4096)
-            sl = slice(0, ref_len)
-            ref = _time(lambda: sequential_scan(u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl]), 1) * (L / ref_len)
-            err = (selective_scan(u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], backend="torch")
-                   - sequential_scan(u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl])).abs().max()
+            part = [t[..., :ref_len] for t in (u, delta)] + [A] + [t[..., :ref_len] for t in (B, C)]
+            ref = _time(sequential_scan, 1, *part) * (L / ref_len)
+            err = (_ours(*part) - sequential_scan(*part)).abs().max()
         note = f"reference timed on {ref_len} steps, x{L // ref_len} extrapolated" if ref_len < L else "measured"
         print(f"{L:>6} {ref * 1e3:>14.1f} {ours * 1e3:>11.1f} {ref / ours:>8.1f}x  {note}; max|diff|={float(err):.1e}")
 
 
-def bench_mixer_vs_attention(quick: bool) -> None:
+def bench_mixer_vs_attention(quick: bool, device: str = "cpu") -> None:
     from recon3d.models.m3d.selective_attention import AttentionBlock, MixerBlock
 
     dim = 64
-    mixer, attn = MixerBlock(dim, d_state=8, directions=4, backend="torch").eval(), AttentionBlock(dim, num_heads=4).eval()
+    mixer = MixerBlock(dim, d_state=8, directions=4, backend="torch").eval().to(device)
+    attn = AttentionBlock(dim, num_heads=4).eval().to(device)
     sides = [(16, 16), (32, 32), (64, 64)] + ([] if quick else [(128, 128)])
-    print(f"\n[2] one block, dim={dim}, forward on CPU: mixer (4-direction SSM + conv) vs self-attention (sdpa)")
+    print(f"\n[2] one block, dim={dim}, forward on {device}: mixer (4-direction SSM + conv) vs self-attention (sdpa)")
     print(f"{'tokens':>7} {'mixer ms':>9} {'x prev':>7} {'attn ms':>9} {'x prev':>7} {'attn/mixer':>10}")
     prev = None
     for h, w in sides:
-        x = torch.randn(1, dim, h, w)
+        x = torch.randn(1, dim, h, w, device=device)
         with torch.no_grad():
-            tm = _time(lambda: mixer(x), 1 if quick else 2)
-            ta = _time(lambda: attn(x), 1 if quick else 2)
+            tm = _time(mixer, 1 if quick else 2, x)
+            ta = _time(attn, 1 if quick else 2, x)
         gm = f"{tm / prev[0]:.1f}" if prev else "-"
         ga = f"{ta / prev[1]:.1f}" if prev else "-"
         print(f"{h * w:>7} {tm * 1e3:>9.1f} {gm:>7} {ta * 1e3:>9.1f} {ga:>7} {ta / tm:>10.2f}")
@@ -86,14 +94,16 @@ def bench_mixer_vs_attention(quick: bool) -> None:
     print("tokens grow x4 per row: linear cost -> 'x prev' ~4, quadratic -> towards ~16")
 
 
-def main(quick: bool = False) -> None:
+def main(quick: bool = False, device: str = "cpu") -> None:
     """Run both benchmarks and print the ratios measured in this run."""
     torch.manual_seed(0)
-    bench_scan(quick)
-    bench_mixer_vs_attention(quick)
+    bench_scan(quick, device)
+    bench_mixer_vs_attention(quick, device)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, single runs")
-    main(ap.parse_args().quick)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    a = ap.parse_args()
+    main(a.quick, a.device)

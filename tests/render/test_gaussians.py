@@ -66,8 +66,8 @@ def test_batched_over_b_and_v_matches_one_by_one():
 
 
 def test_tile_size_and_chunk_do_not_change_result():
-    g = _random(N=80)
-    cams = orbit_cameras(torch.tensor([30.0]), torch.tensor([10.0]), 2.0, 45, 40, 40).reshape(1, 1)
+    g = _random(N=40)
+    cams = orbit_cameras(torch.tensor([30.0]), torch.tensor([10.0]), 2.0, 45, 24, 24).reshape(1, 1)
     a = TorchGaussianRasterizer(tile_size=16, chunk=64)(g, cams)
     b = TorchGaussianRasterizer(tile_size=16, chunk=3, checkpoint_chunks=False)(g, cams)
     torch.testing.assert_close(a["rgb"], b["rgb"], atol=1e-5, rtol=1e-5)
@@ -85,21 +85,21 @@ def test_sh_degree0_equals_rgb_and_sh_shapes():
 
 def test_gradcheck_double():
     torch.manual_seed(0)
-    g0 = _random(N=4, dtype=torch.float64)
-    cams = _front_camera(8, 12.0, 2.0, torch.float64)
+    g0 = _random(N=3, dtype=torch.float64)
+    cams = _front_camera(6, 9.0, 2.0, torch.float64)
     r = TorchGaussianRasterizer(background="black", checkpoint_chunks=False)
 
-    def fn(means, scales, colors, opac):
-        out = r(Gaussians(means, g0.quats, scales, opac, colors), cams)
-        return out["rgb"], out["alpha"], out["depth"]
+    def fn(means, scales, opac):
+        out = r(Gaussians(means, g0.quats, scales, opac, g0.colors), cams)
+        return out["rgb"], out["depth"]
 
-    args = tuple(x.clone().requires_grad_(True) for x in (g0.means, g0.scales, g0.colors, g0.opacities * 0.5))
+    args = tuple(x.clone().requires_grad_(True) for x in (g0.means, g0.scales, g0.opacities * 0.5))
     assert torch.autograd.gradcheck(fn, args, atol=1e-5, rtol=1e-3)
 
 
 def test_checkpointed_gradients_match():
-    g = _random(N=60)
-    cams = orbit_cameras(torch.tensor([0.0, 60.0]), torch.tensor([0.0, 20.0]), 2.0, 45, 24, 24).reshape(1, 2)
+    g = _random(N=30)
+    cams = orbit_cameras(torch.tensor([0.0, 60.0]), torch.tensor([0.0, 20.0]), 2.0, 45, 16, 16).reshape(1, 2)
     grads = []
     for ck in (True, False):
         m = g.means.clone().requires_grad_(True)

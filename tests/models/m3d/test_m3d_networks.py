@@ -70,15 +70,16 @@ def _torchvision_resnet34_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def resnet34_sd():
-    return _torchvision_resnet34_state_dict()
+def resnet34_file(tmp_path_factory):
+    sd = _torchvision_resnet34_state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet34.pth"
+    torch.save(sd, path)
+    return sd, path
 
 
 @pytest.mark.parametrize("block", ["basic", "enhanced"])
-def test_resnet_loads_torchvision_names_strictly(tmp_path, block, resnet34_sd):
-    sd = dict(resnet34_sd)
-    path = tmp_path / "resnet34.pth"
-    torch.save(sd, path)
+def test_resnet_loads_torchvision_names_strictly(tmp_path, block, resnet34_file):
+    sd, path = resnet34_file
     enc = ResNetShallowEncoder(block, num_layers=4)  # stem + layer1..3
     ignored = load_torchvision_resnet(enc, path)
     assert all(k.startswith(("layer4.", "fc.")) for k in ignored) and "fc.weight" in ignored
@@ -90,10 +91,10 @@ def test_resnet_loads_torchvision_names_strictly(tmp_path, block, resnet34_sd):
     out = enc.eval()(torch.rand(1, 3, 32, 40))
     assert out.shape == (1, enc.out_channels, 16, 20)
     # a missing key is an error naming the file
-    del sd["layer2.0.bn1.running_var"]
-    torch.save(sd, path)
-    with pytest.raises(CheckpointError, match="resnet34.pth.*layer2.0.bn1.running_var"):
-        load_torchvision_resnet(ResNetShallowEncoder(block, num_layers=4), path)
+    stem = {k: v for k, v in sd.items() if k.startswith(("conv1.", "bn1.")) and k != "bn1.running_var"}
+    torch.save(stem, tmp_path / "stem.pth")
+    with pytest.raises(CheckpointError, match="stem.pth.*bn1.running_var"):
+        load_torchvision_resnet(ResNetShallowEncoder(block, num_layers=1), tmp_path / "stem.pth")
     with pytest.raises(CheckpointError, match="not found"):
         load_torchvision_resnet(enc, tmp_path / "nope.pth")
 

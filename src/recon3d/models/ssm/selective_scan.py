@@ -47,9 +47,9 @@ __all__ = ["selective_scan", "selective_scan_torch", "mamba_ssm_available", "EXP
 
 log = logging.getLogger(__name__)
 
-#: Largest exponent magnitude allowed inside a chunk, per dtype (exp(40) ~ 2e17 fits float32 with
+#: Largest exponent magnitude allowed inside a chunk, per dtype (exp(60) ~ 1e26 fits float32 with
 #: room for the sums; float64 allows much longer chunks).
-EXP_LIMIT = {torch.float16: 8.0, torch.bfloat16: 30.0, torch.float32: 40.0, torch.float64: 300.0}
+EXP_LIMIT = {torch.float16: 8.0, torch.bfloat16: 40.0, torch.float32: 60.0, torch.float64: 300.0}
 
 
 @functools.lru_cache(maxsize=1)

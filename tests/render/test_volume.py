@@ -7,7 +7,15 @@ import torch
 
 from recon3d.data.cameras import Cameras, orbit_cameras
 from recon3d.errors import ConfigError, ShapeError
-from recon3d.render import LaplaceDensity, NeuSDensity, VolumeRenderer, composite, importance_samples, ray_aabb, stratified_samples
+from recon3d.render import (
+    LaplaceDensity,
+    NeuSDensity,
+    VolumeRenderer,
+    composite,
+    importance_samples,
+    ray_aabb,
+    stratified_samples,
+)
 from recon3d.render.sdf_density import laplace_cdf
 
 

@@ -120,7 +120,7 @@ def _check_grid(sdf: torch.Tensor, level: float) -> None:
     if min(sdf.shape) < 2:
         raise ShapeError(f"sdf: expected at least 2 samples per axis, got {list(sdf.shape)}")
     check_finite(sdf.detach(), "sdf")
-    lo, hi = float(sdf.min()), float(sdf.max())
+    lo, hi = float(sdf.detach().min()), float(sdf.detach().max())
     if not (lo < level <= hi) and not (lo < level < hi):
         raise EmptySurfaceError(f"sdf: no surface at level {level} (values span [{lo:.4g}, {hi:.4g}], no sign change)")
 

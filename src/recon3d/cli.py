@@ -14,12 +14,20 @@ hyper-parameters come from the checkpoint, so a resumed run is the run that was 
 a *new* stage from an earlier checkpoint, pass the weights with ``--model.init_weights PATH``
 (weights only) instead. Run-control settings (steps, devices, callbacks, logging) live in
 ``trainer``, never in the model's hyper-parameters, so they always come from the command line.
+
+Reliability defaults (:mod:`recon3d.utils.ckpt_io`): checkpoints are written atomically
+(:class:`~recon3d.utils.ckpt_io.AtomicCheckpointIO`, unless the config names another
+``CheckpointIO`` plugin) and read weights-only; a checkpoint that needs pickled code is refused
+unless ``--allow_pickle true`` is given; every rank's RNG state travels in the checkpoint
+(:class:`~recon3d.utils.ckpt_io.RNGStateCallback`). Config errors (unknown key, wrong type, bad
+``class_path``) are printed as one ``recon3d: error:`` line with exit status 2.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 #: ``recon3d <name>`` → module in ``recon3d.commands`` with a ``main(argv) -> int``.
 EXTRA_COMMANDS = {
@@ -35,6 +43,7 @@ def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     from recon3d.data.datamodule import ReconDataModule
+    from recon3d.errors import CheckpointError
     from recon3d.methods.base import ReconModule
 
     set_docstring_parse_options(attribute_docstrings=True)
@@ -58,7 +67,129 @@ def _lightning_cli_class():
             )
             super().__init__(*args, **kwargs)
 
+        def init_parser(self, **kwargs):
+            # Raise parse errors (caught by main() and printed as one line) instead of exiting
+            # with a usage dump; applies to the main parser and every subcommand parser.
+            kwargs.setdefault("exit_on_error", False)
+            return super().init_parser(**kwargs)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument(
+                "--allow_pickle", type=bool, default=False,
+                help="Read checkpoints with full unpickling, which runs code stored in the file. Only for files "
+                "from a source you trust; by default checkpoints are read weights-only and such files are refused.",
+            )
+
+        def _allow_pickle(self) -> bool:
+            sub = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+            return bool(sub.get("allow_pickle", False))
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning reads the checkpoint's hyper-parameters here with a bare torch.load; read it
+            # through recon3d's safe loader instead (one-line errors, pickle refused unless allowed).
+            if not self.config.get("subcommand"):
+                return
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry") or not Path(ckpt_path).is_file():
+                if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith(
+                    ("s3://", "gs://", "http")
+                ):
+                    raise CheckpointError(f"--ckpt_path {ckpt_path}: checkpoint file not found")
+                return
+            from recon3d.utils.checkpoint import load_state_dict_file
+
+            ckpt = load_state_dict_file(ckpt_path, allow_pickle=self._allow_pickle())
+            if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+                raise CheckpointError(
+                    f"{ckpt_path}: not a Lightning training checkpoint (no 'state_dict'); to start from bare weights "
+                    "use --model.init_weights instead of --ckpt_path"
+                )
+            hparams = dict(ckpt.get("hyper_parameters", {}) or {})
+            hparams.pop("_instantiator", None)
+            if not hparams:
+                return
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            try:
+                self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+            except Exception as e:
+                raise CheckpointError(f"{ckpt_path}: its model hyper-parameters do not fit this config ({_one_line(e)})") from None
+
+        def _check_ckpt_matches_model(self) -> None:
+            # Lightning would fail deep inside load_state_dict with a multi-line RuntimeError.
+            sub = self.config.get(str(self.subcommand), {})
+            ckpt_path = sub.get("ckpt_path") if hasattr(sub, "get") else None
+            if not ckpt_path or not Path(ckpt_path).is_file() or self.model is None:
+                return
+            from recon3d.utils.checkpoint import load_state_dict_file
+
+            sd = load_state_dict_file(ckpt_path, allow_pickle=self._allow_pickle()).get("state_dict", {})
+            own = self.model.state_dict()
+            if not own:  # built lazily (configure_model): Lightning checks after setup
+                return
+            missing = sorted(set(own) - set(sd))
+            unexpected = sorted(set(sd) - set(own))
+            shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & sd.keys())
+                      if hasattr(sd[k], "shape") and sd[k].shape != own[k].shape]
+            if missing or unexpected or shapes:
+                parts = []
+                if missing:
+                    parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+                if unexpected:
+                    parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+                if shapes:
+                    parts.append(f"{len(shapes)} with other shapes (checkpoint vs model, e.g. {shapes[:2]})")
+                raise CheckpointError(f"{ckpt_path}: weights do not match {type(self.model).__name__}: " + "; ".join(parts))
+
+        def before_fit(self) -> None:
+            self._check_ckpt_matches_model()
+
+        before_validate = before_test = before_predict = before_fit
+
+        def instantiate_trainer(self, **kwargs):
+            from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+            from recon3d.utils.ckpt_io import AtomicCheckpointIO, RNGStateCallback
+
+            cfg = self._get(self.config_init, "trainer", default={}) or {}
+            plugins = cfg.get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            allow = self._allow_pickle()
+            ios = [p for p in plugins if isinstance(p, CheckpointIO)]
+            if not ios:
+                plugins.append(AtomicCheckpointIO(allow_pickle=allow))
+            for p in ios:
+                if isinstance(p, AtomicCheckpointIO):
+                    p.allow_pickle = p.allow_pickle or allow
+            kwargs["plugins"] = plugins
+            callbacks = cfg.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if not any(isinstance(c, RNGStateCallback) for c in callbacks):
+                callbacks.append(RNGStateCallback())
+            kwargs["callbacks"] = callbacks
+            return super().instantiate_trainer(**kwargs)
+
     return Recon3DCLI
+
+
+def _one_line(e: BaseException) -> str:
+    """A parser/config error condensed to one line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = " ".join(lines[:4]) if lines else type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+_NOISE = ("Does not validate against any of the Union", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>",
+          "Given value type:", "Given value:")
+
+
+def _config_error_line(e: BaseException) -> str:
+    """A jsonargparse error (nested union explanations over many lines) as one line that keeps
+    the key, the class and the reason."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    keep = [ln[2:] if ln.startswith("- ") else ln for ln in lines if not ln.startswith(_NOISE)]
+    text = " ".join(keep) if keep else type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def run_lightning_cli(argv: list[str] | None = None, run: bool = True):
@@ -68,16 +199,23 @@ def run_lightning_cli(argv: list[str] | None = None, run: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``recon3d``)."""
+    from jsonargparse import ArgumentError
+
     from recon3d.errors import Recon3DError
 
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             return int(importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:]) or 0)
-        run_lightning_cli(argv)
+        # LightningCLI reads sys.argv itself; passing it again as `args` makes it warn.
+        run_lightning_cli(None if from_sys else argv)
         return 0
     except Recon3DError as e:
-        print(f"recon3d: error: {e}", file=sys.stderr)
+        print(f"recon3d: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ArgumentError as e:
+        print(f"recon3d: error: config: {_config_error_line(e)}", file=sys.stderr)
         return 2
 
 

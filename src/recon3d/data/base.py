@@ -66,6 +66,10 @@ class ObjectDataset(Dataset):
         """Ground-truth geometry of object ``index``; empty by default."""
         return Geometry()
 
+    def load_extras(self, index: int) -> dict[str, torch.Tensor]:
+        """Dataset-specific tensors of object ``index`` (``Sample.extras``); none by default."""
+        return {}
+
     def __len__(self) -> int:
         return len(self.object_ids())
 

@@ -113,6 +113,9 @@ class Sample:
     targets: Views
     geometry: Geometry = field(default_factory=Geometry)
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    #: Dataset-specific tensors (e.g. 3D-FRONT ``roi_box``, ``class_code``, ``depth_prior``),
+    #: stacked along a new batch dimension by :func:`collate_samples`.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def validate(self) -> Sample:
         self.inputs.validate("inputs", batched=False)
@@ -131,6 +134,8 @@ class Batch:
     background: torch.Tensor | None = None  # (B, 3)
     #: ``(object_id, reason)`` of objects dropped from this batch by ``on_bad_sample="skip"``.
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: Dataset-specific tensors, ``(B, ...)`` each (see :attr:`Sample.extras`).
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, skipped: list[tuple[str, str]]) -> Batch:
@@ -149,6 +154,7 @@ class Batch:
             self.geometry.to(*args, **kwargs),
             _opt_to(self.background, *args, **kwargs),
             self.skipped,
+            {k: v.to(*args, **kwargs) for k, v in self.extras.items()},
         )
 
     def require(self, *paths: str, who: str = "this method") -> None:
@@ -200,10 +206,14 @@ def collate_samples(samples: list[Sample]) -> Batch:
         *(_stack_opt([getattr(g, f.name) for g in geo], f"geometry.{f.name}") for f in dataclasses.fields(Geometry) if f.name != "mesh_paths"),
         mesh_paths=[g.mesh_paths[0] for g in geo] if all(g.mesh_paths for g in geo) else None,
     )
+    keys = [set(s.extras) for s in samples]
+    if any(k != keys[0] for k in keys):
+        raise DataError("collate", f"extras keys differ between objects of one batch: {sorted(set.union(*keys) - set.intersection(*keys))}")
     return Batch(
         [s.object_id for s in samples],
         _collate_views([s.inputs for s in samples], "inputs"),
         _collate_views([s.targets for s in samples], "targets"),
         geometry,
         torch.tensor([s.background for s in samples], dtype=torch.float32),
+        extras={k: torch.stack([torch.as_tensor(s.extras[k]) for s in samples]) for k in keys[0]},
     )

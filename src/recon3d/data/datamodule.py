@@ -145,6 +145,7 @@ class ViewSamplingDataset(Dataset):
                 targets=self._views(raw_tgt, self.target_resolution, bg),
                 geometry=self.source.load_geometry(index) if self.with_geometry else Geometry(),
                 background=bg,
+                extras=self.source.load_extras(index),
             )
             return sample.validate()
         except Recon3DError as e:

@@ -1,0 +1,120 @@
+"""Per-asset texture refinement (GTR §3.3), reusable by any triplane field with a fixed mesh.
+
+Given a mesh (fixed geometry), a triplane and a colour network, and a few posed input views,
+optimise a copy of the triplane (lr 0.15 in the paper) and of the colour network (lr 1e-4) so
+that the colour of the visible surface point under each pixel matches the input image. The
+geometry is frozen, so the mesh is rasterised once and the surface points are reused every
+iteration, which is why this runs in seconds.
+
+Paper vs official code: the paper uses an MSE loss and 20 iterations; the official code
+(snap_gtr ``MeshGen.refine_texture``) uses L1, 50 iterations and AdamW (β 0.9/0.95, wd 0.05)
+for the colour MLP. Both are available through ``loss`` and ``iterations``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from recon3d.data.batch import Views
+from recon3d.errors import ConfigError
+from recon3d.render.mesh import MeshRasterizer
+from recon3d.utils.checks import check_shape
+
+__all__ = ["TextureRefiner", "RefinementResult"]
+
+
+@dataclass
+class RefinementResult:
+    """Refined ``planes (1, 3, C, R, R)``, the refined colour network, and PSNR per iteration."""
+
+    planes: torch.Tensor
+    color_net: nn.Module
+    psnr_history: list[float]
+
+
+class TextureRefiner:
+    """Optimise a triplane and a colour network on input views through a fixed mesh.
+
+    Args:
+        iterations: optimisation steps (paper: 20; official: 50).
+        lr_planes: Adam learning rate of the triplane (paper: 0.15).
+        lr_color: AdamW learning rate of the colour network (paper: 1e-4).
+        loss: ``"mse"`` (paper) or ``"l1"`` (official).
+        backend: mesh rasteriser backend (``auto | torch | nvdiffrast``).
+    """
+
+    def __init__(
+        self,
+        iterations: int = 20,
+        lr_planes: float = 0.15,
+        lr_color: float = 1e-4,
+        loss: Literal["mse", "l1"] = "mse",
+        backend: str = "auto",
+    ):
+        if iterations < 1 or loss not in ("mse", "l1"):
+            raise ConfigError(f"TextureRefiner: expected iterations >= 1 and loss in (mse, l1), got {iterations}, {loss!r}")
+        self.iterations, self.lr_planes, self.lr_color, self.loss, self.backend = iterations, lr_planes, lr_color, loss, backend
+
+    @torch.no_grad()
+    def _surface_samples(self, verts: torch.Tensor, faces: torch.Tensor, views: Views) -> tuple[torch.Tensor, torch.Tensor]:
+        rast = MeshRasterizer(self.backend, device=verts.device)
+        frags = rast(verts[None], faces, views.cameras)
+        pts = frags.interpolate(verts[None])  # 1, V, 3, H, W
+        covered = frags.mask[:, :, 0] > 0.5  # 1, V, H, W
+        if views.masks is not None:
+            covered &= views.masks[:, :, 0] > 0.5
+        p = pts.permute(0, 1, 3, 4, 2)[covered]  # P, 3
+        c = views.images.permute(0, 1, 3, 4, 2)[covered]  # P, 3
+        return p, c
+
+    def refine(
+        self,
+        planes: torch.Tensor,
+        color_fn: Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor],
+        color_net: nn.Module,
+        verts: torch.Tensor,
+        faces: torch.Tensor,
+        views: Views,
+    ) -> RefinementResult:
+        """Refine one object.
+
+        Args:
+            planes: ``(1, 3, C, R, R)`` triplane (not modified; a copy is optimised).
+            color_fn: ``(planes, points (1, P, 3), color_net) -> rgb (1, P, 3)``.
+            color_net: the colour network (a deep copy is optimised).
+            verts, faces: the fixed mesh, ``(Nv, 3)`` and ``(F, 3)``.
+            views: the input views, batch ``(1, V)``, images in [0, 1] (masks optional).
+        """
+        check_shape(planes, "1 3 C R R2", "planes")
+        check_shape(views.images, "1 V 3 H W", "views.images")
+        pts, target = self._surface_samples(verts.detach(), faces, views)
+        if pts.shape[0] == 0:
+            raise ConfigError("TextureRefiner: the mesh covers no pixel of the input views (check cameras and mesh)")
+        params = planes.detach().clone().requires_grad_(True)
+        net = copy.deepcopy(color_net)
+        for p in net.parameters():
+            p.requires_grad_(True)
+        opt_planes = torch.optim.Adam([params], lr=self.lr_planes)
+        opt_net = torch.optim.AdamW(net.parameters(), lr=self.lr_color, betas=(0.9, 0.95), weight_decay=0.05)
+        history = []
+        with torch.enable_grad():
+            for _ in range(self.iterations):
+                pred = color_fn(params, pts[None], net)[0]
+                err = pred - target
+                loss = err.square().mean() if self.loss == "mse" else err.abs().mean()
+                opt_planes.zero_grad(set_to_none=True)
+                opt_net.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_planes.step()
+                opt_net.step()
+                history.append(float(-10 * torch.log10(err.detach().square().mean().clamp_min(1e-10))))
+        with torch.no_grad():
+            final = color_fn(params, pts[None], net)[0]
+            history.append(float(-10 * torch.log10((final - target).square().mean().clamp_min(1e-10))))
+        return RefinementResult(params.detach(), net, history)

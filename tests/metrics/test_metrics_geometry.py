@@ -97,7 +97,7 @@ def _rot(axis, deg):
 
 def test_cube_vs_rotated_itself_after_icp():
     v, f = _cube((-0.5, -0.5, -0.5))
-    pts, _ = sample_surface(v, f, 3000, generator=torch.Generator().manual_seed(0))
+    pts, _ = sample_surface(v, f, 1200, generator=torch.Generator().manual_seed(0))
     rot = _rot((1.0, 2.0, 3.0), 50.0)
     shift = torch.tensor([0.1, -0.2, 0.05], dtype=torch.float64)
     # (a) the same points rotated: a small rotation is undone exactly by plain ICP
@@ -106,13 +106,13 @@ def test_cube_vs_rotated_itself_after_icp():
     assert float(chamfer_fscore(aligned, pts)["cd"]) < 1e-9
     # (b) an independent sampling of the rotated cube, 50 degrees off: after rotation search + ICP
     # the CD is at the sampling noise floor (two samplings of the same unrotated cube)
-    other, _ = sample_surface(v, f, 3000, generator=torch.Generator().manual_seed(1))
+    other, _ = sample_surface(v, f, 1200, generator=torch.Generator().manual_seed(1))
     floor = float(chamfer_fscore(other, pts)["cd"])
     moved = other @ rot.T + shift
     before = float(chamfer_fscore(moved, pts)["cd"])
     aligned, t = align_points(moved, pts, mode="icp", rotation_search=True, generator=torch.Generator().manual_seed(0))
     after = float(chamfer_fscore(aligned, pts)["cd"])
-    assert before > 4 * floor and after < 1.1 * floor, (before, after, floor)
+    assert before > 3 * floor and after < 1.1 * floor, (before, after, floor)
     # the recovered rotation is one of the cube's symmetries composed with rot^-1
     rel = t[:3, :3] @ rot
     assert torch.allclose(rel.abs().round(), rel.abs(), atol=2e-2)

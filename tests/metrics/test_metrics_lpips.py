@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recon3d.metrics import LPIPS, AlexNetFeatures, EvaluationProtocol, LPIPSLoss, LPIPSNet, LPIPSWeightsNotFoundError, VGG16Features
+from recon3d.metrics import (
+    LPIPS,
+    AlexNetFeatures,
+    EvaluationProtocol,
+    LPIPSLoss,
+    LPIPSNet,
+    LPIPSWeightsNotFoundError,
+    VGG16Features,
+)
 from recon3d.metrics.lpips import BACKBONE_FILES
 
 

@@ -116,6 +116,19 @@ def icp(
     from recon3d.metrics.geometry import nearest_neighbors
 
     src64, dst64 = src.double(), dst.double()
+    if backend == "auto":
+        backend = "kdtree" if src.device.type == "cpu" else "torch"
+    if backend == "kdtree":  # build the target's tree once, not once per iteration
+        import numpy as np
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(dst64.detach().cpu().numpy())
+
+        def nearest_neighbors(x: Tensor, y: Tensor, backend: str) -> tuple[Tensor, Tensor]:  # noqa: F811
+            _, i = tree.query(x.detach().cpu().numpy(), k=1)
+            idx = torch.from_numpy(np.asarray(i, dtype=np.int64)).to(x.device)
+            return (x - y[idx]).norm(dim=-1), idx
+
     t = torch.eye(4, dtype=torch.float64, device=src.device) if init is None else init.to(src.device, torch.float64)
     prev = math.inf
     iters = 0

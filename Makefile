@@ -28,8 +28,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" -q
 
+## Distributed + kill/resume tests, slow kill points included (gloo on CPU, a few minutes).
 test-ddp: $(STAMP)
-	$(BIN)/python -m pytest -m "ddp" -q
+	$(BIN)/python -m pytest -m "ddp" -q -s tests/reliability
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m "gpu" -q

@@ -81,7 +81,8 @@ def _lightning_cli_class():
             )
 
         def _allow_pickle(self) -> bool:
-            sub = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+            name = self.config.get("subcommand")
+            sub = self.config.get(name, self.config) if name else self.config
             return bool(sub.get("allow_pickle", False))
 
         def _parse_ckpt_path(self) -> None:

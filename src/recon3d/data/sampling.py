@@ -78,9 +78,13 @@ class ResumableDataLoader(DataLoader):
             raise TypeError("ResumableDataLoader needs an ObjectSampler")
         self._yielded = 0
         self._resume_batches = 0
+        self._resume_epoch = -1
 
     def __iter__(self):
-        skip = self._resume_batches
+        # Skip only within the epoch the state was saved in: a checkpoint taken after the last
+        # batch of an epoch resumes at the next epoch (Lightning sets the new epoch first),
+        # where nothing must be skipped.
+        skip = self._resume_batches if int(self.sampler.epoch) == self._resume_epoch else 0
         self._resume_batches = 0
         self.sampler.skip = skip * (self.batch_size or 1)
         self._yielded = skip
@@ -93,4 +97,5 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.set_epoch(int(state["epoch"]))
+        self._resume_epoch = int(state["epoch"])
         self._resume_batches = int(state["batches"])

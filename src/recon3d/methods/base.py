@@ -111,19 +111,35 @@ class ReconModule(L.LightningModule):
             self._skipped.extend(batch.skipped)
         return len(batch) == 0
 
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def training_step(self, batch: Batch, batch_idx: int):
+        world = self._world_size()
         if self._record_skips(batch):
+            if world > 1:
+                # Every rank must run backward (DDP all-reduces gradients in lock-step): a rank whose
+                # whole batch was skipped contributes a zero loss that touches every parameter.
+                return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
             return None
         self._last_batch_ids = list(batch.object_ids)
         terms = self.training_losses(batch)
         bad = [k for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        if world > 1:
+            # The skip decision must be the same on every rank, or the ranks' collectives desync.
+            flags = self.all_gather(torch.tensor(float(bool(bad)), device=self.device)).reshape(-1)
+            bad_ranks = [r for r, f in enumerate(flags.tolist()) if f > 0]
+            if bad_ranks and not bad:
+                self._on_nonfinite(f"loss terms on rank(s) {bad_ranks}", batch.object_ids)
+                return None
         if bad:
             self._on_nonfinite(f"loss terms {bad}", batch.object_ids)
             return None
         self._consecutive_nonfinite = 0
         B = len(batch)
         for k, v in terms.items():
-            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", batch_size=B)
+            # sync_dist: the logged curve is the mean over ranks (= the global batch's loss).
+            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", batch_size=B, sync_dist=world > 1)
         return terms["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -152,7 +168,8 @@ class ReconModule(L.LightningModule):
     def _report_skips(self, split: str) -> None:
         n = len(self._skipped)
         if self.trainer is not None and self.trainer.logger is not None:
-            self.log(f"{split}/skipped_samples", float(n), sync_dist=False)
+            # Summed over ranks: each rank skips its own shard's bad samples.
+            self.log(f"{split}/skipped_samples", float(n), sync_dist=self._world_size() > 1, reduce_fx="sum")
         if n:
             ids = sorted({i for i, _ in self._skipped})
             log.warning("%s: skipped %d bad samples this epoch (%s); first reason: %s", split, n, ", ".join(ids[:5]), self._skipped[0][1])

@@ -1,0 +1,288 @@
+"""The bad-input corpus of issue 7 across data, configs and checkpoints.
+
+Each case builds its broken input under a folder and runs it the way a user would meet it:
+config and checkpoint cases through the real CLI (``recon3d.cli.main``, in-process), data cases
+through the dataset readers (the 43 cases of :mod:`tests.data.bad_inputs`). A case passes when
+it ends in exactly one ``recon3d: error:`` line (exit status 2 for the CLI) that contains the
+expected text, with no traceback, and no file of the case changed, lost or half-written.
+
+``python scripts/bad_input_table.py`` runs the corpus and writes ``docs/bad_input_corpus.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tests.reliability.harness import CONFIGS, REPO
+
+TOY = CONFIGS[0]
+
+
+@dataclass
+class Outcome:
+    rc: int
+    error_lines: list[str]
+    traceback: bool
+    text: str
+    inputs_changed: bool = False
+
+
+@dataclass
+class Case:
+    name: str
+    category: str
+    what: str
+    expected: str
+    run: Callable[[Path, Path], Outcome]  # (case folder, synthetic cache) -> outcome
+
+
+def _cli(argv: list[str]) -> Outcome:
+    from recon3d.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # pragma: no cover - main() must not exit on its own
+            rc = int(e.code or 0) + 1000
+    text = out.getvalue() + err.getvalue()
+    lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("recon3d: error:")]
+    return Outcome(rc, lines, "Traceback" in text, text)
+
+
+def _fit(d: Path, cache: Path, *extra: str, config: str | None = None) -> Outcome:
+    argv = ["fit", "-c", config or str(REPO / TOY.config), "--data.dataset.init_args.cache_dir", str(cache),
+            "--trainer.logger.init_args.save_dir", str(d / "out"), "--trainer.max_epochs", "1", "--trainer.max_steps", "1"]
+    before = snapshot(d)
+    o = _cli(argv + list(extra))
+    o.inputs_changed = snapshot(d) != before
+    return o
+
+
+# ---------------------------------------------------------------------- config cases
+def _yaml(d: Path, text: str) -> str:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "cfg.yaml").write_text(text)
+    return str(d / "cfg.yaml")
+
+
+def _missing_dataset_config(d: Path) -> str:
+    text = (REPO / TOY.config).read_text()
+    start = text.index("data:\n  dataset:")
+    end = text.index("  num_val_objects")
+    return _yaml(d, text[:start] + "data:\n" + text[end:])
+
+
+CONFIG_CASES = [
+    Case("unknown model key", "config", "--model.init_args.bogus 1", "Option 'bogus' is not accepted",
+         lambda d, c: _fit(d, c, "--model.init_args.bogus", "1")),
+    Case("unknown trainer key", "config", "--trainer.bogus 3", "unrecognized arguments: --trainer.bogus",
+         lambda d, c: _fit(d, c, "--trainer.bogus", "3")),
+    Case("unknown key in a YAML file", "config", "data: {bogus_key: 1}", "bogus_key",
+         lambda d, c: _fit(d, c, "-c", _yaml(d, "data:\n  bogus_key: 1\n"))),
+    Case("wrong type (int)", "config", "--data.batch_size abc", 'Parser key "data.batch_size": Expected a <class \'int\'>',
+         lambda d, c: _fit(d, c, "--data.batch_size", "abc")),
+    Case("wrong type (float, nested)", "config", "--model.init_args.lr abc", "Expected a <class 'float'>. Got value: abc",
+         lambda d, c: _fit(d, c, "--model.init_args.lr", "abc")),
+    Case("value outside a Literal", "config", "--data.on_bad_sample ignore", "data.on_bad_sample",
+         lambda d, c: _fit(d, c, "--data.on_bad_sample", "ignore")),
+    Case("invalid value", "config", "--data.batch_size 0", "batch_size >= 1",
+         lambda d, c: _fit(d, c, "--data.batch_size", "0")),
+    Case("missing required", "config", "config without data.dataset", "dataset",
+         lambda d, c: _fit(d, c, config=_missing_dataset_config(d))),
+    Case("bad class_path", "config", "--model.class_path recon3d.methods.nope.Nope", "recon3d.methods.nope.Nope",
+         lambda d, c: _fit(d, c, "--model.class_path", "recon3d.methods.nope.Nope")),
+    Case("config file missing", "config", "-c /nonexistent.yaml", "File does not exist",
+         lambda d, c: _fit(d, c, "-c", str(d / "nonexistent.yaml"))),
+    Case("YAML syntax error", "config", "a file with 'trainer: [unclosed'", "Problems parsing config: while parsing a flow sequence",
+         lambda d, c: _fit(d, c, "-c", _yaml(d, "trainer: [unclosed\n"))),
+]
+
+
+# ---------------------------------------------------------------------- checkpoint cases
+_GOOD: dict[str, Path] = {}
+
+
+def good_checkpoint(cache: Path, root: Path) -> Path:
+    """A real 1-step toy checkpoint (made once per cache)."""
+    key = str(cache)
+    if key not in _GOOD:
+        d = root / "_good"
+        o = _fit(d, cache)
+        assert o.rc == 0, o.text[-2000:]
+        _GOOD[key] = d / "out" / "run" / "checkpoints" / "last.ckpt"
+    return _GOOD[key]
+
+
+class _Planted:
+    """Unpickling this runs ``os.mkdir(marker)``: stands for any code a stranger's pickle could run."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _ckpt_case(build: Callable[[Path, Path], Path], *args: str, flag: str = "--ckpt_path"):
+    def run(d: Path, cache: Path) -> Outcome:
+        d.mkdir(parents=True, exist_ok=True)
+        path = build(d, good_checkpoint(cache, d.parent))
+        return _fit(d, cache, flag, str(path), *args)
+
+    return run
+
+
+def _garbage(d, good):
+    (d / "x.ckpt").write_bytes(b"this is not a checkpoint\n" * 10)
+    return d / "x.ckpt"
+
+
+def _truncated(d, good):
+    data = good.read_bytes()
+    (d / "t.ckpt").write_bytes(data[: len(data) // 2])
+    return d / "t.ckpt"
+
+
+def _pickled(d, good):
+    ck = torch.load(good, weights_only=True)
+    ck["extra"] = _Planted(str(d / "PWNED"))
+    torch.save(ck, d / "p.ckpt")
+    return d / "p.ckpt"
+
+
+def _renamed_key(d, good):
+    ck = torch.load(good, weights_only=True)
+    sd = ck["state_dict"]
+    sd["decoder.9.weight"] = sd.pop("decoder.0.weight")
+    torch.save(ck, d / "k.ckpt")
+    return d / "k.ckpt"
+
+
+def _wrong_shape(d, good):
+    ck = torch.load(good, weights_only=True)
+    ck["state_dict"]["base_planes"] = torch.zeros(3, 4, 16, 16)
+    torch.save(ck, d / "s.ckpt")
+    return d / "s.ckpt"
+
+
+def _bare_state_dict(d, good):
+    torch.save(torch.load(good, weights_only=True)["state_dict"], d / "w.pt")
+    return d / "w.pt"
+
+
+def _weights_wrong_shape(d, good):
+    from safetensors.torch import save_file
+
+    sd = dict(torch.load(good, weights_only=True)["state_dict"])
+    sd["base_planes"] = torch.zeros(3, 4, 16, 16)
+    save_file(sd, str(d / "w.safetensors"))
+    return d / "w.safetensors"
+
+
+def _weights_garbage(d, good):
+    (d / "g.safetensors").write_bytes(b"\x00\x01garbage" * 5)
+    return d / "g.safetensors"
+
+
+def _missing(d, good):
+    return d / "does_not_exist.ckpt"
+
+
+CHECKPOINT_CASES = [
+    Case("not a checkpoint", "checkpoint", "--ckpt_path: a text file", "not a PyTorch checkpoint", _ckpt_case(_garbage)),
+    Case("truncated checkpoint", "checkpoint", "--ckpt_path: first half of a real .ckpt", "not a PyTorch checkpoint", _ckpt_case(_truncated)),
+    Case("pickled code (--ckpt_path)", "checkpoint", "--ckpt_path: .ckpt with an object whose unpickling runs os.mkdir",
+         "refused to load", _ckpt_case(_pickled)),
+    Case("pickled code (init_weights)", "checkpoint", "--model.init_args.init_weights: the same file", "refused to load",
+         _ckpt_case(_pickled, flag="--model.init_args.init_weights")),
+    Case("mismatched keys", "checkpoint", "--ckpt_path: a key renamed", "1 missing (e.g. ['decoder.0.weight']); 1 unexpected",
+         _ckpt_case(_renamed_key)),
+    Case("mismatched shapes", "checkpoint", "--ckpt_path: base_planes 16x16 instead of 8x8", "base_planes (3, 4, 16, 16) vs (3, 4, 8, 8)",
+         _ckpt_case(_wrong_shape)),
+    Case("bare weights as --ckpt_path", "checkpoint", "--ckpt_path: a plain state dict", "not a Lightning training checkpoint",
+         _ckpt_case(_bare_state_dict)),
+    Case("init_weights wrong shapes", "checkpoint", "--model.init_args.init_weights: .safetensors with another shape",
+         "base_planes (3, 4, 16, 16) vs (3, 4, 8, 8)", _ckpt_case(_weights_wrong_shape, flag="--model.init_args.init_weights")),
+    Case("init_weights corrupt safetensors", "checkpoint", "--model.init_args.init_weights: garbage .safetensors",
+         "not a readable safetensors file", _ckpt_case(_weights_garbage, flag="--model.init_args.init_weights")),
+    Case("checkpoint file missing", "checkpoint", "--ckpt_path: no such file", "not found", _ckpt_case(_missing)),
+]
+
+
+# ---------------------------------------------------------------------- data cases
+def _data_case(fn) -> Case:
+    def run(d: Path, cache: Path) -> Outcome:
+        from recon3d.errors import Recon3DError
+        from tests.data.bad_inputs import load_all
+
+        factory, expected = fn(d)
+        before = snapshot(d)
+        try:
+            load_all(factory())
+            o = Outcome(0, [], False, "no error")
+        except Recon3DError as e:
+            msg = f"recon3d: error: {e}"
+            o = Outcome(2, msg.splitlines(), False, msg)
+            if expected not in msg:
+                o.error_lines = []
+                o.text = f"{msg} (expected {expected!r})"
+        except Exception as e:  # a raw library error: the case fails
+            o = Outcome(1, [], True, f"{type(e).__name__}: {e}")
+        o.inputs_changed = snapshot(d) != before
+        return o
+
+    return run
+
+
+def data_cases() -> list[Case]:
+    from tests.data.bad_inputs import CASES
+
+    out = []
+    for fn in CASES:
+        doc = (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+        out.append(Case(fn.__name__.removeprefix("case_").replace("_", " "), "data", doc, "<case's own>", _data_case(fn)))
+    return out
+
+
+def all_cases() -> list[Case]:
+    return CONFIG_CASES + CHECKPOINT_CASES + data_cases()
+
+
+# ---------------------------------------------------------------------- checking
+def snapshot(folder: Path) -> dict[str, str]:
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and "out" not in p.relative_to(folder).parts[:1]}
+
+
+def check(case: Case, d: Path, cache: Path) -> tuple[bool, str]:
+    """Run ``case``; return (passed, the one-line outcome or what went wrong)."""
+    d.mkdir(parents=True, exist_ok=True)
+    o = case.run(d, cache)
+    problems = []
+    if o.traceback:
+        problems.append("traceback")
+    if len(o.error_lines) != 1:
+        problems.append(f"{len(o.error_lines)} error lines")
+    if o.rc != 2:
+        problems.append(f"exit status {o.rc}")
+    line = o.error_lines[0] if o.error_lines else (o.text.strip().splitlines() or [""])[-1]
+    if case.category != "data" and case.expected not in line:
+        problems.append(f"expected {case.expected!r}")
+    if o.inputs_changed:
+        problems.append("input files changed")
+    if [p for p in d.rglob("*.tmp")]:
+        problems.append("temporary file left")
+    if (d / "PWNED").exists():
+        problems.append("PLANTED CODE RAN")
+    return not problems, ("; ".join(problems) + " | " if problems else "") + line

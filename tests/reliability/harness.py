@@ -1,0 +1,115 @@
+"""Shared helpers of the reliability tests: run the real ``recon3d`` CLI, read checkpoints.
+
+Every training run goes through the console script (``recon3d fit -c ...``) in a subprocess, as
+users run it. :data:`CONFIGS` lists the method configs the distributed and resume tests are
+parametrized over; a new method joins with one :class:`ConfigCase` line.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+RECON3D = Path(sys.executable).parent / "recon3d"
+
+
+@dataclass(frozen=True)
+class ConfigCase:
+    """A method config under test.
+
+    Attributes:
+        name: test id.
+        config: config file, relative to the repository.
+        args: extra CLI arguments for every run (``{cache}`` → the shared synthetic-data cache).
+        ddp_args: arguments of the 2-process run whose global batch equals the 1-process batch,
+            and that switch off per-rank random noise so the loss curves can be compared.
+        steps_per_epoch: optimizer steps per epoch with ``max_epochs`` below.
+        max_epochs: epochs of the test runs.
+    """
+
+    name: str
+    config: str
+    args: tuple[str, ...] = ()
+    ddp_args: tuple[str, ...] = ()
+    single_args: tuple[str, ...] = ()
+    steps_per_epoch: int = 3
+    max_epochs: int = 2
+    extra: dict = field(default_factory=dict)
+
+
+CONFIGS = [
+    ConfigCase(
+        "toy", "configs/toy.yaml",
+        args=("--data.dataset.init_args.cache_dir", "{cache}"),
+        ddp_args=("--data.batch_size", "1", "--model.init_args.jitter", "false"),
+        single_args=("--model.init_args.jitter", "false"),
+    ),
+    # ConfigCase("gtr", "configs/gtr_tiny.yaml", args=(...)),  # one line per method
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_args(case: ConfigCase, run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    args = ["fit", "-c", str(REPO / case.config)]
+    args += [a.replace("{cache}", str(cache)) for a in case.args]
+    args += ["--trainer.logger.init_args.save_dir", str(run_dir), "--trainer.max_epochs", str(case.max_epochs)]
+    return args + list(extra)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK",
+                                                            "WORLD_SIZE", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra})
+    return env
+
+
+def run(args: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``recon3d <args>`` in ``cwd``; returns the completed process (stdout+stderr captured)."""
+    return subprocess.run([str(RECON3D), *args], cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def popen(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([str(RECON3D), *args], cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def ckpt_dir(run_dir: Path) -> Path:
+    return run_dir / "run" / "checkpoints"
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    diff = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not diff, f"tensors differ: {diff}"
+
+
+def loss_curve(run_dir: Path) -> dict[int, float]:
+    """``step -> train/loss`` from the CSV log (the last value logged for a step wins)."""
+    out: dict[int, float] = {}
+    with open(run_dir / "run" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def tail(p: subprocess.CompletedProcess | str, n: int = 3000) -> str:
+    text = p if isinstance(p, str) else (p.stdout or "") + (p.stderr or "")
+    return text[-n:]

@@ -149,6 +149,11 @@ class Front3DDataset(ObjectDataset):
         bbox_source: ``"mask"`` (SSR: box of the amodal mask inside the image) or ``"annotation"``.
         grid_resolution: expected SDF grid size ``R`` (SSR: 64).
         load_normals: also return stored normals in the extras.
+        num_surface_points: also return this many ground-truth surface points with normals
+            (``Geometry.surface_points/surface_normals``, object frame) for the geometry metrics,
+            sampled area-weighted on the marching-cubes zero level set of the SDF grid (0: none).
+            SSR evaluates against the 3D-FUTURE mesh; this is the same surface up to the 64^3
+            grid's resolution.
         seed: base seed for SDF sampling (``load_geometry`` also takes a generator).
     """
 
@@ -168,6 +173,7 @@ class Front3DDataset(ObjectDataset):
         bbox_source: Literal["mask", "annotation"] = "mask",
         grid_resolution: int = 64,
         load_normals: bool = False,
+        num_surface_points: int = 0,
         seed: int = 0,
     ):
         self.root = Path(root)
@@ -181,6 +187,7 @@ class Front3DDataset(ObjectDataset):
             raise DataError(self.root, f"sdf_units must be 'cube'|'object' and bbox_source 'mask'|'annotation', got {sdf_units!r}, {bbox_source!r}")
         self.sdf_units, self.bbox_source = sdf_units, bbox_source
         self.grid_resolution, self.load_normals, self.seed = grid_resolution, load_normals, seed
+        self.num_surface_points = int(num_surface_points)
         self.items: list[_Item] = []
         for sp in [split] if isinstance(split, str) else list(split):
             path = Path(sp) if Path(sp).is_absolute() else self.root / sp
@@ -320,9 +327,10 @@ class Front3DDataset(ObjectDataset):
                     raise DataError(dp, f"cached depth prior: expected finite values of shape {(height, width)}, got {arr.shape}; recompute it")
                 out["depth_prior"] = torch.from_numpy(arr.astype(np.float32))[None]
             elif self.require_depth:
-                raise DataError(dp, "cached depth prior is missing; make it with: "
-                                    + DEPTH_CACHE_COMMAND.format(out_dir=self.depth_dir)
-                                    + f" --front3d-root {self.root} --split <split.json>")
+                raise DataError(dp, "cached depth prior is missing; make it with: recon3d data depth --model-dir "
+                                    f"<depth-anything dir> --out {self.depth_dir} --front3d-root {self.root} --split <split.json> "
+                                    "(or: " + DEPTH_CACHE_COMMAND.format(out_dir=self.depth_dir)
+                                    + f" --front3d-root {self.root} --split <split.json>)")
         if self.load_normals:
             npath = self._paths(it, "normal", ".npy.gz")
             n = _load_gz_npy(npath, "normal")
@@ -376,4 +384,22 @@ class Front3DDataset(ObjectDataset):
         sdf = sample_sdf_grid(voxels, (pts / sc - cen) * ne, sp)
         if self.sdf_units == "object":
             sdf = sdf / ne.mean() * sc.mean()
-        return Geometry(sdf_points=pts, sdf_values=sdf)
+        geo = Geometry(sdf_points=pts, sdf_values=sdf)
+        if self.num_surface_points:
+            geo.surface_points, geo.surface_normals = self._surface_samples(voxels, sp, cen, ne, sc, vpath, g)
+        return geo
+
+    def _surface_samples(self, voxels, sp, cen, ne, sc, vpath: Path, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Area-weighted samples (object frame) on the grid's zero level set, in the grid lookup's frame."""
+        from recon3d.metrics.geometry import sample_surface
+        from recon3d.render.isosurface import EmptySurfaceError, marching_cubes_fast
+
+        r = voxels.shape[-1]
+        # sample_sdf_grid reads voxel i at cube coordinate -1 + i * spacing * R / (R - 1)
+        hi = (sp * r - 1.0).tolist()
+        try:
+            verts, faces = marching_cubes_fast(voxels, torch.tensor([[-1.0, -1.0, -1.0], hi]))
+        except EmptySurfaceError:
+            raise DataError(vpath, "SDF grid has no zero level set (no surface to sample)") from None
+        verts = (verts / ne + cen) * sc
+        return sample_surface(verts, faces, self.num_surface_points, generator=g)

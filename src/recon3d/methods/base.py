@@ -227,7 +227,7 @@ class ReconModule(L.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, str]]:
         if self._record_skips(batch):
             return []
-        out_dir = self._out_dir() / "predict"
+        out_dir = Path(getattr(self, "_export_root", None) or self._out_dir() / "predict")
         return [self.export_object(batch, i, out_dir / batch.object_ids[i]) for i in range(len(batch))]
 
     # ------------------------------------------------------------------ helpers

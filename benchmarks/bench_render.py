@@ -1,13 +1,24 @@
 """Renderer benchmarks on CPU: each figure is printed with a ratio against a reference measured in
-the same run (never a fixed number). Run: ``python benchmarks/bench_render.py [--quick]``."""
+the same run (never a fixed number). Run: ``python benchmarks/bench_render.py [--quick]``.
+
+Every timed call is preceded by an untimed warm-up call (first-call allocation and lazy
+initialisation are not what is measured). On a shared machine torch's OpenMP threads spin-wait
+at every parallel op and, once the cores are oversubscribed, stall each other (10-25x slower
+runs); unless ``OMP_WAIT_POLICY`` is already set, it is set to ``PASSIVE`` here before torch is
+imported (printed in the header; ``OMP_WAIT_POLICY=ACTIVE`` restores OpenMP's default).
+"""
 
 from __future__ import annotations
 
-import argparse
-import resource
-import time
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 from recon3d.data.cameras import orbit_cameras
 from recon3d.render import (
@@ -22,7 +33,9 @@ from recon3d.render import (
 from recon3d.render.gaussians.torch_rasterizer import project_gaussians
 
 
-def _timed(fn, repeat: int = 1) -> float:
+def _timed(fn, repeat: int = 1, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
@@ -35,6 +48,14 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
 def _lgm_like(n: int, seed: int = 0) -> Gaussians:
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.rand(*s, generator=g)
@@ -42,13 +63,18 @@ def _lgm_like(n: int, seed: int = 0) -> Gaussians:
 
 
 def naive_composite(g: Gaussians, cams, pixel_rows: slice) -> torch.Tensor:
-    """Per-pixel compositor: every pixel against every projected Gaussian, sorted by depth (the baseline)."""
+    """Per-pixel compositor: every pixel against every projected Gaussian, sorted by depth (the baseline).
+
+    The same EWA projection as the rasterizer (gsplat's torch reference pieces), then each pixel
+    composites all Gaussians front to back with gsplat's alpha rules; returns rgb and depth
+    ``(V, pixels, 4)`` so that it computes what the rasterizer is timed on.
+    """
     p = project_gaussians(g, cams)
     out = []
     for i in range(p["means2d"].shape[0]):
         order = torch.argsort(p["depths"][i])
         m, con, op, val = p["means2d"][i][order], p["conics"][i][order], p["opacities"][i][order], p["valid"][i][order]
-        col = g.colors[0][order]
+        col = torch.cat([g.colors[0][order], p["depths"][i][order, None]], -1)
         ys = torch.arange(cams.height)[pixel_rows].float() + 0.5
         xs = torch.arange(cams.width).float() + 0.5
         pix = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
@@ -73,16 +99,19 @@ def bench_gaussians(quick: bool) -> list[tuple]:
         out = r(gg, cams)
         (out["rgb"].sum() + out["depth"].sum()).backward()
 
+    rss0 = _rss_mb()
     t_tile = _timed(fwd_bwd)
     peak = _peak_mb()
-    # The naive compositor is O(pixels x Gaussians): time a band of rows and scale to the image.
-    rows = 2 if not quick else 4
-    with torch.no_grad():
-        t_naive_band = _timed(lambda: naive_composite(g, cams, slice(size // 2, size // 2 + rows)))
-    t_naive = t_naive_band * size / rows * 2  # x2: backward costs at least the forward
+    # The naive compositor is O(pixels x Gaussians) per pixel, the same for every pixel: time
+    # forward + backward on a band of rows and scale to the whole image.
+    rows = 1 if not quick else 4
+    nm = g.means.clone().requires_grad_(True)
+    ng = Gaussians(nm, g.quats, g.scales, g.opacities, g.colors)
+    t_naive_band = _timed(lambda: naive_composite(ng, cams, slice(size // 2, size // 2 + rows)).sum().backward())
+    t_naive = t_naive_band * size / rows
     return [
-        ("gaussians torch tiles fwd+bwd", f"{n} G, {views}x{size}²", f"{t_tile:.2f} s", f"peak RSS {peak:.0f} MB"),
-        ("gaussians naive per-pixel (extrapolated)", f"{n} G, {views}x{size}²", f"{t_naive:.1f} s", f"speed-up {t_naive / t_tile:.1f}x"),
+        ("gaussians torch tiles fwd+bwd", f"{n} G, {views}x{size}²", f"{t_tile:.2f} s", f"peak RSS {peak:.0f} MB (RSS before {rss0:.0f} MB)"),
+        ("gaussians naive per-pixel fwd+bwd (extrap.)", f"{n} G, {views}x{size}²", f"{t_naive:.1f} s", f"tiles speed-up {t_naive / t_tile:.1f}x ({rows} rows timed)"),
     ]
 
 
@@ -94,14 +123,16 @@ def bench_mc(quick: bool) -> list[tuple]:
         p = grid_points(res)
         sdf = torch.minimum(p.norm(dim=-1) - 0.5, (p - 0.3).abs().amax(-1) - 0.35) + 0.02 * torch.sin(9 * p).prod(-1)
         s = sdf.clone().requires_grad_(True)
-        t_torch = _timed(lambda s=s: marching_cubes(s)[0].sum().backward(), 2)
+        t_torch = _timed(lambda s=s: marching_cubes(s)[0].sum().backward(), 3)
+        t_fwd = _timed(lambda s=s: marching_cubes(s), 3)
         arr = sdf.numpy()
-        t_sk = _timed(lambda arr=arr: sk_mc(arr, 0.0), 2)
+        t_sk = _timed(lambda arr=arr: sk_mc(arr, 0.0), 3)
         v, _ = marching_cubes(sdf)
         vs = torch.from_numpy(sk_mc(arr, 0.0, spacing=(2 / (res - 1),) * 3)[0].copy()).float() - 1
         # Match vertices by nearest neighbour (exact distances, no matmul trick).
         err = max(torch.cdist(v[i : i + 4096], vs, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max().item() for i in range(0, v.shape[0], 4096))
-        rows.append((f"marching cubes {res}³ fwd+bwd", f"{v.shape[0]} verts", f"{t_torch:.2f} s", f"vs skimage {t_sk:.2f} s: {t_torch / t_sk:.1f}x, verts {v.shape[0]} vs {vs.shape[0]}, max diff {err:.1e}"))
+        rows.append((f"marching cubes {res}³ fwd", f"{v.shape[0]} verts", f"{t_fwd:.3f} s", f"skimage {t_sk:.3f} s: {t_fwd / t_sk:.2f}x, verts {v.shape[0]} vs {vs.shape[0]}, max diff {err:.1e}"))
+        rows.append((f"marching cubes {res}³ fwd+bwd", f"{v.shape[0]} verts", f"{t_torch:.3f} s", f"vs skimage fwd: {t_torch / t_sk:.2f}x"))
     return rows
 
 
@@ -154,7 +185,8 @@ def main(quick: bool = False) -> None:
     for fn in (bench_gaussians, bench_mc, bench_mesh, bench_volume):
         rows += fn(quick)
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quick={quick}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, quick={quick}, load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     for r in rows:
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 

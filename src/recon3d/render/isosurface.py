@@ -25,6 +25,8 @@ into triangles.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -97,6 +99,23 @@ _EDGE_START = np.array([_CORNERS[c] for c, _ in _EDGES], dtype=np.int64)  # (12,
 _EDGE_AXIS = np.array([a for _, a in _EDGES], dtype=np.int64)  # (12,)
 
 
+_TABLE_CACHE: dict = {}
+
+
+def _tri_table(dev) -> torch.Tensor:
+    key = ("table", str(dev))
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = torch.as_tensor(_TRI_TABLE, device=dev)
+    return _TABLE_CACHE[key]
+
+
+def _tri_count(dev) -> torch.Tensor:
+    key = ("count", str(dev))
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = torch.as_tensor(_TRI_COUNT, dtype=torch.int64, device=dev)
+    return _TABLE_CACHE[key]
+
+
 # ---------------------------------------------------------------------------- helpers
 def _box(aabb) -> torch.Tensor:
     box = torch.as_tensor(aabb, dtype=torch.float64)
@@ -119,8 +138,10 @@ def _check_grid(sdf: torch.Tensor, level: float) -> None:
     check_shape(sdf, "X Y Z", "sdf")
     if min(sdf.shape) < 2:
         raise ShapeError(f"sdf: expected at least 2 samples per axis, got {list(sdf.shape)}")
-    check_finite(sdf.detach(), "sdf")
-    lo, hi = float(sdf.detach().min()), float(sdf.detach().max())
+    lo_t, hi_t = torch.aminmax(sdf.detach())
+    lo, hi = float(lo_t), float(hi_t)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_finite(sdf.detach(), "sdf")
     if not (lo < level <= hi) and not (lo < level < hi):
         raise EmptySurfaceError(f"sdf: no surface at level {level} (values span [{lo:.4g}, {hi:.4g}], no sign change)")
 
@@ -152,30 +173,42 @@ def marching_cubes(sdf: torch.Tensor, aabb=(-1.0, 1.0), level: float = 0.0) -> t
     X, Y, Z = sdf.shape
     dev = sdf.device
     with torch.no_grad():
-        inside = sdf < level
-        case = torch.zeros(X - 1, Y - 1, Z - 1, dtype=torch.int64, device=dev)
-        for c, (i, j, k) in enumerate(_CORNERS):
-            case |= inside[i : X - 1 + i, j : Y - 1 + j, k : Z - 1 + k].long() << c
-        active = (case != 0) & (case != 255)
-        cubes = active.nonzero()  # M, 3
-        cases = case[active]
-        table = torch.as_tensor(_TRI_TABLE, device=dev)[cases]  # M, T, 3
-        valid = table[..., 0] >= 0
-        local = table[valid]  # F, 3 local edge ids
-        cube_of = cubes[:, None, :].expand(-1, table.shape[1], 3)[valid]  # F, 3 (cube coords)
-        start = cube_of[:, None, :] + torch.as_tensor(_EDGE_START, device=dev)[local]  # F, 3, 3
-        axis = torch.as_tensor(_EDGE_AXIS, device=dev)[local]  # F, 3
-        gid = ((axis * X + start[..., 0]) * Y + start[..., 1]) * Z + start[..., 2]
+        # Case index of every cube in one separable uint8 pass (corner c = i + 2j + 4k -> bit c).
+        inside = (sdf.detach() < level).to(torch.uint8)
+        c = inside[:, :, :-1] | (inside[:, :, 1:] << 4)
+        c = c[:, :-1] | (c[:, 1:] << 2)
+        case = (c[:-1] | (c[1:] << 1)).reshape(-1)
+        # Active cubes only (not all-outside 0, not all-inside 255), in row-major order.
+        # (case + 1) >> 1 is 0 exactly for cases 0 and 255 (uint8 wraps 255 + 1 to 0).
+        active = case + 1
+        active >>= 1
+        # int32 ids when every global edge id fits (grids up to ~890^3), int64 beyond.
+        itype = torch.int32 if 3 * X * Y * Z < 2**31 else torch.int64
+        idx = active.nonzero()[:, 0].to(itype)
+        cases = case[idx].long()
+        n_tri = _tri_count(dev)[cases]
+        cube = torch.repeat_interleave(idx, n_tri)  # F: flat cube id of each triangle
+        slot = torch.arange(cube.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(n_tri, 0) - n_tri, n_tri)
+        local = _tri_table(dev)[torch.repeat_interleave(cases, n_tri), slot]  # F, 3 local edge ids
+        # Global edge id ((axis * X + x) * Y + y) * Z + z = cube's grid-point id + per-edge offset.
+        ci = cube // ((Y - 1) * (Z - 1))
+        cj = (cube // (Z - 1)) % (Y - 1)
+        ck = cube % (Z - 1)
+        base = (ci * Y + cj) * Z + ck
+        off = torch.as_tensor(_EDGE_START @ np.array([Y * Z, Z, 1]) + _EDGE_AXIS * (X * Y * Z), dtype=itype, device=dev)
+        gid = base[:, None] + off[local]
         uid, inverse = torch.unique(gid.reshape(-1), return_inverse=True)
-        faces = inverse.reshape(-1, 3)
+        faces = inverse.reshape(-1, 3).long()
+        uid = uid.long()
         u_axis = uid // (X * Y * Z)
-        rest = uid % (X * Y * Z)
-        p0 = torch.stack([rest // (Y * Z), (rest // Z) % Y, rest % Z], -1)
-        p1 = p0 + torch.nn.functional.one_hot(u_axis, 3)
-    s0 = sdf[p0[:, 0], p0[:, 1], p0[:, 2]]
-    s1 = sdf[p1[:, 0], p1[:, 1], p1[:, 2]]
+        i0 = uid % (X * Y * Z)  # flat grid id of the edge's start point
+        i1 = i0 + torch.as_tensor([Y * Z, Z, 1], device=dev)[u_axis]
+        p0 = torch.stack([i0 // (Y * Z), (i0 // Z) % Y, i0 % Z], -1)
+        step = torch.nn.functional.one_hot(u_axis, 3).to(sdf.dtype)
+    # One gather for both ends: the backward is a single scatter into one dense gradient.
+    s0, s1 = sdf.reshape(-1).index_select(0, torch.cat([i0, i1])).chunk(2)
     t = (level - s0) / (s1 - s0)
-    pos = p0.to(sdf.dtype) + t[:, None] * (p1 - p0).to(sdf.dtype)
+    pos = p0.to(sdf.dtype) + t[:, None] * step
     return _to_world(pos, (X, Y, Z), aabb), faces
 
 

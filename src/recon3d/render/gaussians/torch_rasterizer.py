@@ -12,8 +12,10 @@ Pipeline, all batched over images ``I = B * V`` with no Python loop over Gaussia
    chunk evaluates ``alpha = min(0.999, o·exp(-½ dᵀ Σ2D⁻¹ d))`` at the tile's pixel centres,
    drops ``alpha < 1/255`` and stops a pixel before its transmittance would fall to ≤ 1e-4
    (gsplat's rules), and carries transmittance to the next chunk. Tiles whose pixels are all
-   done, or whose lists are exhausted, drop out. Under autograd each chunk is checkpointed, so
-   memory stays bounded by one chunk instead of growing with the number of intersections.
+   done, or whose lists are exhausted, drop out. The backward is analytic (:class:`_Composite`):
+   it walks the chunks again, recomputing each chunk's alphas, so memory stays bounded by one
+   chunk instead of growing with the number of intersections, and no per-chunk autograd graph
+   is built.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import math
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from recon3d.data.cameras import Cameras
 from recon3d.errors import ConfigError, ShapeError
@@ -138,11 +139,18 @@ def _bin_tiles(means2d, radii, depths, valid, width, height, tile):
     return tiles, counts, table
 
 
-def _chunk(pix, T0, done, mean, conic, opac, feat, depth, mask):
-    """Composite one depth-ordered chunk of Gaussians onto tiles. Shapes: pix (A,P,2), T0/done (A,P), per-Gaussian (A,C,...)."""
-    d = mean[:, None] - pix[:, :, None]  # A P C 2
-    sigma = 0.5 * (conic[:, None, :, 0] * d[..., 0] ** 2 + conic[:, None, :, 2] * d[..., 1] ** 2) + conic[:, None, :, 1] * d[..., 0] * d[..., 1]
-    alpha = (opac[:, None] * torch.exp(-sigma)).clamp(max=ALPHA_MAX)
+def _chunk_alphas(pix, T0, done, mean, conic, opac, mask):
+    """Alphas of one chunk (gsplat's rules) and what the analytic backward needs.
+
+    Returns ``(dx, dy)`` (each ``A,P,C``), ``e = exp(-sigma)``, ``raw = o e``, masked ``alpha``, ``live`` (alpha
+    used and not clamped, i.e. where d alpha / d raw = 1), ``T_excl``, ``T_new (A,P)``, ``done``.
+    """
+    dx = mean[:, None, :, 0] - pix[:, :, None, 0]  # A P C (contiguous, unlike slices of an A P C 2 tensor)
+    dy = mean[:, None, :, 1] - pix[:, :, None, 1]
+    sigma = 0.5 * (conic[:, None, :, 0] * dx**2 + conic[:, None, :, 2] * dy**2) + conic[:, None, :, 1] * dx * dy
+    e = torch.exp(-sigma)
+    raw = opac[:, None] * e
+    alpha = raw.clamp(max=ALPHA_MAX)
     keep = mask[:, None] & (sigma >= 0) & (alpha >= ALPHA_MIN) & ~done[..., None]
     alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
     T_incl = T0[..., None] * torch.cumprod(1 - alpha, -1)
@@ -150,11 +158,108 @@ def _chunk(pix, T0, done, mean, conic, opac, feat, depth, mask):
     alpha = torch.where(stop, torch.zeros_like(alpha), alpha)
     one_minus = 1 - alpha
     T_excl = T0[..., None] * torch.cumprod(torch.cat([torch.ones_like(one_minus[..., :1]), one_minus[..., :-1]], -1), -1)
-    w = alpha * T_excl  # A P C
-    acc_feat = torch.einsum("apc,acf->apf", w, feat)
-    acc_depth = (w * depth[:, None]).sum(-1)
     T_new = T_excl[..., -1] * one_minus[..., -1]
-    return acc_feat, acc_depth, T_new, done | stop.any(-1)
+    live = keep & ~stop & (raw <= ALPHA_MAX)
+    return (dx, dy), e, raw, alpha, live, T_excl, T_new, done | stop.any(-1)
+
+
+def _walk(table, counts, chunk, A, P, dtype, dev):
+    """Chunks of each tile's depth-sorted list, front to back: yields ``(k0, alive)``; the caller updates ``done``."""
+    done = torch.zeros(A, P, dtype=torch.bool, device=dev)
+    state = {"done": done}
+    for k0 in range(0, table.shape[1], chunk):
+        alive = ((counts > k0) & ~state["done"].all(-1)).nonzero()[:, 0]
+        if alive.numel() == 0:
+            break
+        yield k0, alive, state
+
+
+class _Composite(torch.autograd.Function):
+    """Front-to-back compositing of all tiles with an analytic backward.
+
+    The backward walks the chunks again in the same order, recomputes each chunk's alphas (no
+    autograd graph) and applies the closed form of the compositing gradient: with
+    ``w_k = alpha_k T_k``, ``F = sum_k w_k f_k`` and ``T = prod_k (1 - alpha_k)``,
+    ``dL/dalpha_k = T_k gF.f_k - (gF.(F - sum_{j<=k} w_j f_j) + gT T) / (1 - alpha_k)``.
+    Memory stays bounded by one chunk, and no graph of ~30 ops per chunk is built or replayed.
+    """
+
+    @staticmethod
+    def forward(ctx, means, conics, opac, feats, pix, table, counts, chunk, store):
+        A, P = pix.shape[:2]
+        dtype, dev = means.dtype, means.device
+        acc = torch.zeros(A, P, feats.shape[-1], dtype=dtype, device=dev)
+        T = torch.ones(A, P, dtype=dtype, device=dev)
+        stored = []
+        for k0, alive, state in _walk(table, counts, chunk, A, P, dtype, dev):
+            g = table[alive, k0 : k0 + chunk]
+            mask = g >= 0
+            g = g.clamp_min(0)
+            out = _chunk_alphas(pix[alive], T[alive], state["done"][alive], means[g], conics[g], opac[g], mask)
+            _, _, _, alpha, _, T_excl, T_new, dn = out
+            acc.index_add_(0, alive, torch.einsum("apc,acf->apf", alpha * T_excl, feats[g]))
+            T.index_copy_(0, alive, T_new)
+            state["done"].index_copy_(0, alive, dn)
+            if store:
+                stored.append((alive, g, out[:6]))
+        ctx.save_for_backward(means, conics, opac, feats, pix, table, counts, acc, T)
+        ctx.chunk, ctx.stored = chunk, (stored if store else None)
+        return acc, T
+
+    @staticmethod
+    def _chunks(ctx, means, conics, opac, pix, table, counts):
+        """Per chunk ``(alive, g, chunk alphas)``: the stored ones, or recomputed exactly as in forward."""
+        if ctx.stored is not None:
+            yield from ctx.stored
+            return
+        chunk = ctx.chunk
+        A, P = pix.shape[:2]
+        T = torch.ones(A, P, dtype=means.dtype, device=means.device)
+        for k0, alive, state in _walk(table, counts, chunk, A, P, means.dtype, means.device):
+            g = table[alive, k0 : k0 + chunk]
+            mask = g >= 0
+            g = g.clamp_min(0)
+            out = _chunk_alphas(pix[alive], T[alive], state["done"][alive], means[g], conics[g], opac[g], mask)
+            T.index_copy_(0, alive, out[6])
+            state["done"].index_copy_(0, alive, out[7])
+            yield alive, g, out[:6]
+
+    @staticmethod
+    def backward(ctx, g_acc, g_T):
+        means, conics, opac, feats, pix, table, counts, acc, T_final = ctx.saved_tensors
+        if g_acc is None:
+            g_acc = torch.zeros_like(acc)
+        if g_T is None:
+            g_T = torch.zeros_like(T_final)
+        gm, gc, go, gf = (torch.zeros_like(x) for x in (means, conics, opac, feats))
+        # gF.(F - prefix) before the first chunk, plus the transmittance term; both per pixel.
+        rest = (g_acc * acc).sum(-1) + g_T * T_final  # A P
+        for alive, g, (d, e, raw, alpha, live, T_excl) in _Composite._chunks(ctx, means, conics, opac, pix, table, counts):
+            f = feats[g]  # a C F
+            conic = conics[g]
+            gF = g_acc[alive]  # a P F
+            w = alpha * T_excl  # a P C
+            gfk = torch.einsum("apf,acf->apc", gF, f)  # gF.f_k
+            wg = w * gfk
+            after = rest[alive][..., None] - torch.cumsum(wg, -1)  # gF.(F - sum_{j<=k} w_j f_j) + gT T
+            rest.index_copy_(0, alive, after[..., -1])
+            g_alpha = T_excl * gfk - after / (1 - alpha)
+            g_raw = torch.where(live, g_alpha, torch.zeros_like(raw))
+            g_sigma = -g_raw * raw  # d raw / d sigma = -raw
+            g_opac = (g_raw * e).sum(1)  # d raw / d opac = exp(-sigma)
+            dx, dy = d
+            gsx, gsy = g_sigma * dx, g_sigma * dy
+            g_conic = torch.stack([0.5 * (gsx * dx).sum(1), (gsx * dy).sum(1), 0.5 * (gsy * dy).sum(1)], -1)  # a C 3
+            ca, cb, cc = conic[:, None, :, 0], conic[:, None, :, 1], conic[:, None, :, 2]
+            g_mean = torch.stack([(gsx * ca + gsy * cb).sum(1), (gsx * cb + gsy * cc).sum(1)], -1)  # a C 2
+            g_feat = torch.einsum("apc,apf->acf", w, gF)
+            gi = g.reshape(-1)
+            gm.index_add_(0, gi, g_mean.reshape(-1, 2))
+            gc.index_add_(0, gi, g_conic.reshape(-1, 3))
+            go.index_add_(0, gi, g_opac.reshape(-1))
+            gf.index_add_(0, gi, g_feat.reshape(-1, gf.shape[-1]))
+        ctx.stored = None
+        return gm, gc, go, gf, None, None, None, None, None
 
 
 class TorchGaussianRasterizer(nn.Module):
@@ -167,7 +272,7 @@ class TorchGaussianRasterizer(nn.Module):
         near, far: z-range in which Gaussians are kept.
         background: ``"white" | "black" | "random"``, a float or an RGB tensor.
         chunk: Gaussians per tile composited together (memory/speed trade-off).
-        checkpoint_chunks: recompute each chunk in backward instead of storing it.
+        checkpoint_chunks: recompute each chunk's alphas in backward instead of storing them.
     """
 
     def __init__(self, tile_size: int = 8, eps2d: float = 0.3, near: float = 0.01, far: float = 1e10, background="black", chunk: int = 16, checkpoint_chunks: bool = True):
@@ -199,31 +304,17 @@ class TorchGaussianRasterizer(nn.Module):
         binned = _bin_tiles(proj["means2d"], proj["radii"], proj["depths"], proj["valid"], W, H, ts)
         if binned is not None:
             tiles, counts, table = binned
-            A = tiles.numel()
             ty = (tiles // tw) % th
             tx = tiles % tw
             local = torch.stack(torch.meshgrid(torch.arange(ts, device=dev), torch.arange(ts, device=dev), indexing="xy"), -1).reshape(P, 2)
             pix = torch.stack([tx, ty], -1)[:, None].to(dtype) * ts + local.to(dtype) + 0.5  # A P 2
             flat = lambda v: v.reshape(n_img * N, *v.shape[2:])
             means, conics, opac, depths, feats = flat(proj["means2d"]), flat(proj["conics"]), flat(proj["opacities"]), flat(proj["depths"]), flat(colors)
-            acc_f = torch.zeros(A, P, 3, dtype=dtype, device=dev)
-            acc_d = torch.zeros(A, P, dtype=dtype, device=dev)
-            T = torch.ones(A, P, dtype=dtype, device=dev)
-            done = torch.zeros(A, P, dtype=torch.bool, device=dev)
-            use_ckpt = self.checkpoint_chunks and torch.is_grad_enabled()
-            for k0 in range(0, table.shape[1], self.chunk):
-                alive = ((counts > k0) & ~done.all(-1)).nonzero()[:, 0]
-                if alive.numel() == 0:
-                    break
-                g = table[alive, k0 : k0 + self.chunk]
-                mask = g >= 0
-                g = g.clamp_min(0)
-                args = (pix[alive], T[alive], done[alive], means[g], conics[g], opac[g], feats[g], depths[g], mask)
-                f, d, t_new, dn = checkpoint(_chunk, *args, use_reentrant=False) if use_ckpt else _chunk(*args)
-                acc_f = acc_f.index_add(0, alive, f)
-                acc_d = acc_d.index_add(0, alive, d)
-                T = T.index_copy(0, alive, t_new)
-                done = done.index_copy(0, alive, dn)
+            # Analytic backward; checkpoint_chunks recomputes each chunk's alphas in backward
+            # (memory bounded by one chunk) instead of storing them (same values either way).
+            store = not self.checkpoint_chunks and torch.is_grad_enabled()
+            acc, T = _Composite.apply(means, conics, opac, torch.cat([feats, depths[:, None]], -1), pix, table, counts, self.chunk, store)
+            acc_f, acc_d = acc[..., :3], acc[..., 3]
             feat_img = feat_img.index_copy(0, tiles, acc_f)
             depth_img = depth_img.index_copy(0, tiles, acc_d)
             T_img = T_img.index_copy(0, tiles, T)

@@ -33,7 +33,9 @@ def _build(variant: str, num_objects: int, num_test: int, device: str):
             ["-c", "configs/m3d_cpu.yaml", "-c", f"configs/m3d/{variant}.yaml",
              "--data.dataset.init_args.num_objects", str(num_objects), "--data.num_val_objects", "0",
              "--data.num_test_objects", str(num_test), "--model.init_args.stage", "sdf",
-             "--model.init_args.evaluation.init_args.num_points", "2048"],
+             "--model.init_args.evaluation.init_args.num_points", "2048"]
+            # the SSR deep encoder at the CPU config's scale (its default width 64 is the paper's)
+            + ([] if variant == "m3d" else ["--model.init_args.deep.init_args.width", "16"]),
             run=False,
         )
     return cli.model.to(device), cli.datamodule
@@ -60,8 +62,8 @@ def _train(model, dm, steps: int, device: str) -> tuple[float, float, float]:
         terms["loss"].backward()
         opt.step()
         if step == 0:
-            first = float(terms["sdf"])
-        last = float(terms["sdf"])
+            first = float(terms["sdf"].detach())
+        last = float(terms["sdf"].detach())
         step += 1
     return time.perf_counter() - t0, first, last
 
@@ -82,8 +84,8 @@ def _evaluate(model, dm, device: str) -> dict[str, float]:
 
 def main(quick: bool = False, device: str = "cpu", steps: int | None = None) -> None:
     """Train ``m3d`` and ``baseline`` for the same steps and print CD / F-score / NC on held-out objects."""
-    steps = steps or (40 if quick else 200)
-    num_objects, num_test = (10, 3) if quick else (24, 6)
+    steps = steps or (40 if quick else 150)
+    num_objects, num_test = (10, 3) if quick else (16, 4)
     print(f"bench_m3d: synthetic single-view, {num_objects - num_test} train / {num_test} test objects, {steps} steps "
           f"(stage 2 from step {int(0.7 * steps)}), device {device}, torch threads {torch.get_num_threads()}")
     rows = []
@@ -104,7 +106,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40 steps, 10 objects")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default 200; quick 40)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default 150; quick 40)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
     if a.threads:

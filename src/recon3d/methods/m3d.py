@@ -430,6 +430,7 @@ class M3DModule(ReconModule):
                 vals.append(torch.zeros(sp.shape[:2], device=sp.device, dtype=sp.dtype))
         if not pts:
             batch.require("geometry.sdf_points", "geometry.sdf_values", who="M3D's L3D (eq. 9)")
+            raise ConfigError("model: num_sdf_samples and num_surface_rays are both 0; L3D (eq. 9) has no points")
         return torch.cat(pts, 1), torch.cat(vals, 1)
 
     def _surface_ray_points(self, batch: Batch) -> torch.Tensor | None:
@@ -578,11 +579,16 @@ class M3DModule(ReconModule):
     def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
         """Write ``mesh.glb`` and ``mesh.obj`` (vertex colours from the colour head) of object ``index``."""
         from recon3d.render.export import save_mesh
+        from recon3d.render.isosurface import EmptySurfaceError
 
         out_dir = Path(out_dir)
         with torch.no_grad():
             enc = self.encode(batch)
-            verts, faces = self.mesh(batch, enc, index, self.export_resolution)
+            try:
+                verts, faces = self.mesh(batch, enc, index, self.export_resolution)
+            except EmptySurfaceError:
+                log.warning("M3D: %s has no SDF zero level set in its box; nothing exported", batch.object_ids[index])
+                return {}
             colors = torch.cat([self._decode(batch, enc, verts[None, i : i + self.eval_chunk].to(self.device), slice(index, index + 1))["rgb"][0]
                                 for i in range(0, verts.shape[0], self.eval_chunk)]) if verts.shape[0] else verts
         files = {}

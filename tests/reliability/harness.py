@@ -52,7 +52,12 @@ CONFIGS = [
         ddp_args=("--data.batch_size", "1", "--model.init_args.jitter", "false"),
         single_args=("--model.init_args.jitter", "false"),
     ),
-    # ConfigCase("gtr", "configs/gtr_tiny.yaml", args=(...)),  # one line per method
+    ConfigCase(
+        "gtr", "configs/gtr_cpu.yaml",
+        args=("-c", str(REPO / "configs/gtr/reliability.yaml"), "--data.dataset.init_args.cache_dir", "{cache}"),
+        ddp_args=("--data.batch_size", "1", "--model.init_args.stratified_jitter", "false"),
+        single_args=("--model.init_args.stratified_jitter", "false"),
+    ),
 ]
 
 

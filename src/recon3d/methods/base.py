@@ -105,6 +105,27 @@ class ReconModule(L.LightningModule):
             self._init_weights_loaded = True
             log.info("initialised weights from %s", self.init_weights)
 
+    # ------------------------------------------------------------------ learning-rate schedule
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of every param group's initial learning rate at optimizer step ``step``.
+
+        The schedule is a pure function of ``global_step`` (applied in ``on_train_batch_start``)
+        rather than a stateful ``LRScheduler``: Lightning saves mid-epoch checkpoints in
+        ``on_train_batch_end``, *before* it steps step-interval schedulers, so a scheduler restored
+        from such a checkpoint runs one step behind and resume is no longer bit-identical.
+        ``global_step`` is restored exactly.
+        """
+        return 1.0
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        factor = self.lr_factor(int(self.global_step))
+        for opt in self.trainer.optimizers if self.trainer is not None else []:
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
     # ------------------------------------------------------------------ training
     def _record_skips(self, batch: Batch) -> bool:
         if batch.skipped:

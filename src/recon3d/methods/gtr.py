@@ -80,6 +80,8 @@ class GTRModule(ReconModule):
         n_samples: stratified samples per ray in the NeRF stage (paper: 256).
         patch_size: NeRF-stage supervision on random square crops of this size (paper: 128), or
             None for whole views.
+        stratified_jitter: jitter the ray samples while training (standard stratified sampling);
+            off makes training deterministic given the data (used to compare DDP with 1 process).
         eval_chunk: rays per volume-rendering chunk (bounds memory).
         lambda_lpips: λ_p (paper: 0.5). Needs the LPIPS weights (``lpips_weights_dir``); set 0
             where they are not available.
@@ -108,6 +110,7 @@ class GTRModule(ReconModule):
         warmup_steps: int = 0,
         n_samples: int = 256,
         patch_size: int | None = 128,
+        stratified_jitter: bool = True,
         eval_chunk: int = 8192,
         lambda_lpips: float = 0.5,
         lambda_mask: float = 0.0,
@@ -134,7 +137,8 @@ class GTRModule(ReconModule):
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.patch_size = patch_size
         self.lambda_lpips, self.lambda_mask = lambda_lpips, lambda_mask
-        self.volume = VolumeRenderer(aabb=field.aabb, n_samples=n_samples, background="white", chunk=eval_chunk)
+        self.volume = VolumeRenderer(aabb=field.aabb, n_samples=n_samples, background="white", chunk=eval_chunk,
+                                     perturb=None if stratified_jitter else False)
         self.mesh_resolution, self.mesh_density_level = mesh_resolution, mesh_density_level
         weights = dict(PAPER_MESH_LOSS)
         if mesh_loss_weights:
@@ -307,17 +311,15 @@ class GTRModule(ReconModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up for ``warmup_steps``, then cosine decay to 0 at the last step (§4.1)."""
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
         warm = self.warmup_steps
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
     # ------------------------------------------------------------------ geometry and export
     @torch.no_grad()

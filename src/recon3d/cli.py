@@ -194,8 +194,17 @@ def _config_error_line(e: BaseException) -> str:
 
 
 def run_lightning_cli(argv: list[str] | None = None, run: bool = True):
-    """Build (and by default run) :class:`Recon3DCLI` on ``argv``; returns the CLI object."""
-    return _lightning_cli_class()(args=argv, run=run)
+    """Build (and by default run) :class:`Recon3DCLI` on ``argv``; returns the CLI object.
+
+    With an explicit ``argv`` (programs, tests, ``recon3d demo``), ``sys.argv`` is not read.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # LightningCLI warns whenever `args` is given while sys.argv holds anything (e.g. the
+        # `recon3d demo ...` or pytest arguments); `args` is what is parsed, so it is noise.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        return _lightning_cli_class()(args=argv, run=run)
 
 
 def main(argv: list[str] | None = None) -> int:

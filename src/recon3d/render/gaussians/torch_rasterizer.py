@@ -24,6 +24,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from recon3d.data.cameras import Cameras
 from recon3d.errors import ConfigError, ShapeError
@@ -139,7 +140,7 @@ def _bin_tiles(means2d, radii, depths, valid, width, height, tile):
     return tiles, counts, table
 
 
-def _chunk_alphas(pix, T0, done, mean, conic, opac, mask):
+def _chunk_alphas(pix, T0, done, mean, conic, opac, mask, want_live=True):
     """Alphas of one chunk (gsplat's rules) and what the analytic backward needs.
 
     Returns ``(dx, dy)`` (each ``A,P,C``), ``e = exp(-sigma)``, ``raw = o e``, masked ``alpha``, ``live`` (alpha
@@ -159,12 +160,13 @@ def _chunk_alphas(pix, T0, done, mean, conic, opac, mask):
     one_minus = 1 - alpha
     T_excl = T0[..., None] * torch.cumprod(torch.cat([torch.ones_like(one_minus[..., :1]), one_minus[..., :-1]], -1), -1)
     T_new = T_excl[..., -1] * one_minus[..., -1]
-    live = keep & ~stop & (raw <= ALPHA_MAX)
+    live = keep & ~stop & (raw <= ALPHA_MAX) if want_live else None  # only the backward needs it
     return (dx, dy), e, raw, alpha, live, T_excl, T_new, done | stop.any(-1)
 
 
 def _walk(table, counts, chunk, A, P, dtype, dev):
-    """Chunks of each tile's depth-sorted list, front to back: yields ``(k0, alive)``; the caller updates ``done``."""
+    """Chunks of each tile's depth-sorted list, front to back: yields ``(k0, alive, state)``;
+    the caller updates ``state["done"]`` (pixels that stopped) before asking for the next chunk."""
     done = torch.zeros(A, P, dtype=torch.bool, device=dev)
     state = {"done": done}
     for k0 in range(0, table.shape[1], chunk):
@@ -195,7 +197,7 @@ class _Composite(torch.autograd.Function):
             g = table[alive, k0 : k0 + chunk]
             mask = g >= 0
             g = g.clamp_min(0)
-            out = _chunk_alphas(pix[alive], T[alive], state["done"][alive], means[g], conics[g], opac[g], mask)
+            out = _chunk_alphas(pix[alive], T[alive], state["done"][alive], means[g], conics[g], opac[g], mask, want_live=store)
             _, _, _, alpha, _, T_excl, T_new, dn = out
             acc.index_add_(0, alive, torch.einsum("apc,acf->apf", alpha * T_excl, feats[g]))
             T.index_copy_(0, alive, T_new)
@@ -225,6 +227,7 @@ class _Composite(torch.autograd.Function):
             yield alive, g, out[:6]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_acc, g_T):
         means, conics, opac, feats, pix, table, counts, acc, T_final = ctx.saved_tensors
         if g_acc is None:

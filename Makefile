@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Passive OpenMP waiting: spin-waiting threads make torch 10-25x slower on shared cores.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test test-slow test-ddp test-gpu lint bench clean
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (see recon3d/__init__.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two cores: keep every test process to a fixed, small thread count so runs are comparable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -7,14 +7,17 @@ eq. 3's generalised addition, and an implicit SDF + colour decoder (eq. 4). Each
 part chosen by ``class_path`` in the YAML, so the §V-A ablation is one override file each
 (``configs/m3d/{baseline,exp1,exp2,m3d}.yaml``):
 
-==========  ===========================  ==================================  ============
-ablation    ``shallow``                   ``deep``                            ``depth_encoder``
-==========  ===========================  ==================================  ============
+==========  ===========================  ==================================  =================
+ablation    ``shallow``                  ``deep``                            ``depth_encoder``
+==========  ===========================  ==================================  =================
 baseline    ResNetShallowEncoder basic   ResNet18DeepEncoder (SSR)           null
 exp1        ResNetShallowEncoder enh.    ResNet18DeepEncoder                 null
 exp2        ResNetShallowEncoder enh.    ResNet18DeepEncoder                 DepthEncoder
 m3d         ResNetShallowEncoder enh.    SelectiveAttentionDeepEncoder       DepthEncoder
-==========  ===========================  ==================================  ============
+==========  ===========================  ==================================  =================
+
+The override files swap only classes; sizes (``in_channels``, ``roi_size``, ``out_dim``) carry over
+from the base config (jsonargparse keeps the init_args the new class accepts).
 
 Supervision (paper §III-D) in two stages, switched by a curriculum in the config:
 
@@ -62,7 +65,14 @@ Paper vs official code (Dual-S3D) and vs this implementation:
   plain L2 to the true depth, implemented as written;
 - SSR's ray points query the ground-truth SDF grid along the rays; the loader gives uniform +
   near-surface samples (SSR's other set) and the surface points on the input rays stand in where the
-  depth map is object-only (``num_surface_rays``; 0 for 3D-FRONT, where depth shows the whole scene).
+  depth map is object-only (``num_surface_rays``; 0 for 3D-FRONT, where depth shows the whole scene);
+- 3D-FRONT inputs: ``ReconDataModule`` composites each view on the background with its mask, so the
+  network sees the object cut out of the scene (amodal mask), where SSR feeds the whole image;
+- 3D-FRONT geometry metrics compare against the marching-cubes surface of SSR's 64^3 SDF grid
+  (``Front3DDataset(num_surface_points=...)``), not the 3D-FUTURE mesh SSR's evaluation reads.
+
+Building in Python: the ``lazy_instance`` defaults are one object per process; pass the parts
+explicitly when constructing several modules in one process (the CLI builds fresh ones).
 """
 
 from __future__ import annotations

@@ -39,14 +39,14 @@ EXTRA_COMMANDS = {
 
 
 def _lightning_cli_class():
-    from jsonargparse import set_docstring_parse_options
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningCLI
 
     from recon3d.data.datamodule import ReconDataModule
     from recon3d.errors import CheckpointError
     from recon3d.methods.base import ReconModule
 
-    set_docstring_parse_options(attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     class Recon3DCLI(LightningCLI):
         """LightningCLI over :class:`~recon3d.methods.base.ReconModule` subclasses and the shared

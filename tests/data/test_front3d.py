@@ -116,7 +116,7 @@ def test_front3d_sample_camera_sdf_and_extras(tmp_path):
 def test_front3d_bad_inputs(tmp_path):
     write_front3d(tmp_path)
     ds = Front3DDataset(str(tmp_path), "split.json", depth_dir=str(tmp_path / "cache"))
-    with pytest.raises(DataError, match=r"000751_rgb_003848\.npy.*python -m recon3d\.models\.depth_prior"):
+    with pytest.raises(DataError, match=r"000751_rgb_003848\.npy.*recon3d data depth --model-dir"):
         ds.load_extras(0)
     with pytest.raises(DataError, match="depth_dir is required"):
         Front3DDataset(str(tmp_path), "split.json")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from recon3d.data.synthetic import SyntheticDataset, render_sdf_views, sample_object
 from recon3d.data.cameras import orbit_cameras
 from recon3d.data.rays import camera_rays
+from recon3d.data.synthetic import SyntheticDataset, render_sdf_views, sample_object
 from recon3d.data.synthetic.shapes import FAMILIES, Primitive, SyntheticObject
 from recon3d.data.synthetic.textures import sample_texture
 from recon3d.errors import ConfigError

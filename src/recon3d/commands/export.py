@@ -32,6 +32,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--views", default=None, help="folder of posed views to reconstruct")
     p.add_argument("--format", default="gtr", choices=sorted(FORMATS), help="format of --views")
     p.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickled code")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="LightningCLI overrides after --, e.g. -- --model.init_args.export_resolution 128")
     a = p.parse_args(argv)
 
     from recon3d.cli import run_lightning_cli
@@ -45,13 +46,10 @@ def main(argv: list[str]) -> int:
     if a.views:
         args += ["--data.test_dataset", json.dumps({"class_path": FORMATS[a.format], "init_args": {"root": a.views}}),
                  "--data.num_target_views", "0", "--data.supervise_inputs", "true", "--data.eval_view_sampling", "fixed"]
+    args += [x for x in a.overrides if x != "--"]
     cli = run_lightning_cli(args, run=False)
-    from recon3d.utils.checkpoint import load_state_dict_file
-
-    state = load_state_dict_file(a.ckpt, allow_pickle=a.allow_pickle)
     from recon3d.utils.checkpoint import load_weights_into
 
-    del state
     load_weights_into(cli.model, a.ckpt, strict=False, allow_pickle=a.allow_pickle)
     cli.model._export_root = out
     results = cli.trainer.predict(cli.model, datamodule=cli.datamodule)

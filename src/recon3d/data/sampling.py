@@ -70,12 +70,16 @@ class ObjectSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over an :class:`ObjectSampler` that can resume mid-epoch."""
+    """A ``DataLoader`` over an :class:`ObjectSampler` that can resume mid-epoch.
+
+    Lightning re-instantiates loaders in some loops (``predict`` wraps the batch sampler to track
+    indices); a copy built around another sampler behaves as a plain ``DataLoader`` (its order
+    still comes from the wrapped :class:`ObjectSampler`), and only the training loader, whose
+    sampler is the :class:`ObjectSampler` itself, carries resume state.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, ObjectSampler):
-            raise TypeError("ResumableDataLoader needs an ObjectSampler")
         self._yielded = 0
         self._resume_batches = 0
         self._resume_epoch = -1
@@ -84,6 +88,9 @@ class ResumableDataLoader(DataLoader):
         # Skip only within the epoch the state was saved in: a checkpoint taken after the last
         # batch of an epoch resumes at the next epoch (Lightning sets the new epoch first),
         # where nothing must be skipped.
+        if not isinstance(self.sampler, ObjectSampler):
+            yield from super().__iter__()
+            return
         skip = self._resume_batches if int(self.sampler.epoch) == self._resume_epoch else 0
         self._resume_batches = 0
         self.sampler.skip = skip * (self.batch_size or 1)
@@ -93,9 +100,13 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, ObjectSampler):
+            return {}
         return {"epoch": int(self.sampler.epoch), "batches": int(self._yielded)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if not state or not isinstance(self.sampler, ObjectSampler):
+            return
         self.sampler.set_epoch(int(state["epoch"]))
         self._resume_epoch = int(state["epoch"])
         self._resume_batches = int(state["batches"])

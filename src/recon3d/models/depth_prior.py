@@ -35,7 +35,7 @@ from recon3d.utils.io import atomic_write_bytes
 __all__ = ["compute_depth_cache", "depth_cache_path", "load_cached_depth", "DEPTH_CACHE_COMMAND"]
 
 #: The command named in errors about a missing cached depth.
-DEPTH_CACHE_COMMAND = "python -m recon3d.models.depth_prior --model-dir <depth-anything dir> --out {out_dir} ..."
+DEPTH_CACHE_COMMAND = "recon3d data depth --model-dir <depth-anything dir> --out {out_dir} ..."
 
 
 def depth_cache_path(out_dir: str | os.PathLike, key: str) -> Path:

@@ -327,10 +327,9 @@ class Front3DDataset(ObjectDataset):
                     raise DataError(dp, f"cached depth prior: expected finite values of shape {(height, width)}, got {arr.shape}; recompute it")
                 out["depth_prior"] = torch.from_numpy(arr.astype(np.float32))[None]
             elif self.require_depth:
-                raise DataError(dp, "cached depth prior is missing; make it with: recon3d data depth --model-dir "
-                                    f"<depth-anything dir> --out {self.depth_dir} --front3d-root {self.root} --split <split.json> "
-                                    "(or: " + DEPTH_CACHE_COMMAND.format(out_dir=self.depth_dir)
-                                    + f" --front3d-root {self.root} --split <split.json>)")
+                raise DataError(dp, "cached depth prior is missing; make it with: "
+                                    + DEPTH_CACHE_COMMAND.format(out_dir=self.depth_dir).replace(" ...", "")
+                                    + f" --front3d-root {self.root} --split <split.json>")
         if self.load_normals:
             npath = self._paths(it, "normal", ".npy.gz")
             n = _load_gz_npy(npath, "normal")

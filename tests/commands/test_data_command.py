@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tests.data.test_front3d import H, W, _tiny_depth_anything, write_front3d
 
 from recon3d.cli import main as cli_main
 from recon3d.data.formats.front3d import Front3DDataset
+from tests.data.test_front3d import H, W, _tiny_depth_anything, write_front3d
 
 
 @pytest.fixture(scope="module")

@@ -122,25 +122,15 @@ def _lightning_cli_class():
             ckpt_path = sub.get("ckpt_path") if hasattr(sub, "get") else None
             if not ckpt_path or not Path(ckpt_path).is_file() or self.model is None:
                 return
-            from recon3d.utils.checkpoint import load_state_dict_file
+            from recon3d.utils.checkpoint import load_state_dict_file, state_dict_mismatch
 
             sd = load_state_dict_file(ckpt_path, allow_pickle=self._allow_pickle()).get("state_dict", {})
             own = self.model.state_dict()
             if not own:  # built lazily (configure_model): Lightning checks after setup
                 return
-            missing = sorted(set(own) - set(sd))
-            unexpected = sorted(set(sd) - set(own))
-            shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & sd.keys())
-                      if hasattr(sd[k], "shape") and sd[k].shape != own[k].shape]
-            if missing or unexpected or shapes:
-                parts = []
-                if missing:
-                    parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-                if unexpected:
-                    parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-                if shapes:
-                    parts.append(f"{len(shapes)} with other shapes (checkpoint vs model, e.g. {shapes[:2]})")
-                raise CheckpointError(f"{ckpt_path}: weights do not match {type(self.model).__name__}: " + "; ".join(parts))
+            problem = state_dict_mismatch(own, sd)
+            if problem:
+                raise CheckpointError(f"{ckpt_path}: weights do not match {type(self.model).__name__}: {problem}")
 
         def before_fit(self) -> None:
             self._check_ckpt_matches_model()

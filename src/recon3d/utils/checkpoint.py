@@ -15,7 +15,7 @@ import torch
 
 from recon3d.errors import CheckpointError
 
-__all__ = ["load_state_dict_file", "load_weights_into", "extract_state_dict"]
+__all__ = ["load_state_dict_file", "load_weights_into", "extract_state_dict", "state_dict_mismatch"]
 
 
 def load_state_dict_file(path: str | Path, allow_pickle: bool = False) -> dict:
@@ -60,20 +60,29 @@ def extract_state_dict(obj: dict, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+def state_dict_mismatch(own: dict, loaded: dict, strict: bool = True) -> str | None:
+    """One line describing how ``loaded`` differs from ``own`` (missing / unexpected keys, other
+    shapes), or None when it fits. Shape differences always count; key differences only if ``strict``."""
+    missing = sorted(set(own) - set(loaded))
+    unexpected = sorted(set(loaded) - set(own))
+    shapes = [f"{k} {tuple(loaded[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & loaded.keys())
+              if hasattr(loaded[k], "shape") and loaded[k].shape != own[k].shape]
+    if not shapes and not (strict and (missing or unexpected)):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if shapes:
+        parts.append(f"{len(shapes)} with other shapes (checkpoint vs model, e.g. {shapes[:2]})")
+    return "; ".join(parts)
+
+
 def load_weights_into(module: torch.nn.Module, path: str | Path, prefix: str = "", strict: bool = True, allow_pickle: bool = False) -> None:
     """Load weights from ``path`` into ``module`` with a one-line error listing mismatches."""
     sd = extract_state_dict(load_state_dict_file(path, allow_pickle), prefix)
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & sd.keys() if sd[k].shape != own[k].shape]
-    if shapes or (strict and (missing or unexpected)):
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:2]})")
-        raise CheckpointError(f"{path}: weights do not match {type(module).__name__}: " + "; ".join(parts))
+    problem = state_dict_mismatch(module.state_dict(), sd, strict)
+    if problem:
+        raise CheckpointError(f"{path}: weights do not match {type(module).__name__}: {problem}")
     module.load_state_dict(sd, strict=strict)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -29,7 +27,7 @@ def _loss(net, images, masks, cams, points):
     return out["density"].mean() + out["rgb"].square().mean() + out["planes"].square().mean()
 
 
-def test_tiny_forward_backward_shapes_and_speed():
+def test_tiny_forward_backward_shapes():
     torch.manual_seed(0)
     net = gtr_tiny()
     images, masks, cams, points = inputs()
@@ -38,13 +36,9 @@ def test_tiny_forward_backward_shapes_and_speed():
     out = net.field(planes, points)
     assert out["density"].shape == (B, 2048) and out["rgb"].shape == (B, 2048, 3)
     assert (out["density"] >= 0).all() and (out["rgb"] >= -1e-3).all() and (out["rgb"] <= 1 + 1e-3).all()
-    _loss(net, images, masks, cams, points).backward()  # warm-up
-    net.zero_grad()
-    t0 = time.perf_counter()
+    # Speed is measured in benchmarks/bench_gtr.py, never asserted in a unit test (shared machines).
     _loss(net, images, masks, cams, points).backward()
-    elapsed = time.perf_counter() - t0
-    assert all(p.grad is not None for p in net.parameters())
-    assert elapsed < 1.0, f"tiny GTR forward+backward took {elapsed:.3f}s"
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
 def test_gradient_checkpointing_gives_identical_gradients():

@@ -130,7 +130,8 @@ def test_mesh_stage_needs_masks_and_depth(batch):
 
 def test_predict_exports(batch, tmp_path):
     model = _with_surface(_module("nerf", refine=TextureRefiner(iterations=3)), batch)
-    files = model.export_object(batch, 0, tmp_path / "obj")
+    with torch.inference_mode():  # as Lightning's predict loop runs it
+        files = model.export_object(batch, 0, tmp_path / "obj")
     for name in ("mesh.glb", "mesh.obj", "turntable.gif", "mesh_refined.glb", "mesh_refined.obj"):
         assert (tmp_path / "obj" / name).stat().st_size > 0, name
     import trimesh

@@ -93,6 +93,14 @@ class TextureRefiner:
         """
         check_shape(planes, "1 3 C R R2", "planes")
         check_shape(views.images, "1 V 3 H W", "views.images")
+        # Predict loops run under torch.inference_mode(); optimisation needs autograd, and
+        # inference tensors cannot be saved for backward, so leave it and copy the inputs.
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._refine(planes.clone(), color_fn, color_net, verts.clone(), faces.clone(),
+                                Views(views.images.clone(), views.cameras.to(views.images.device),
+                                      None if views.masks is None else views.masks.clone()))
+
+    def _refine(self, planes, color_fn, color_net, verts, faces, views: Views) -> RefinementResult:
         pts, target = self._surface_samples(verts.detach(), faces, views)
         if pts.shape[0] == 0:
             raise ConfigError("TextureRefiner: the mesh covers no pixel of the input views (check cameras and mesh)")

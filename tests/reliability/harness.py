@@ -43,6 +43,7 @@ class ConfigCase:
     steps_per_epoch: int = 3
     max_epochs: int = 2
     extra: dict = field(default_factory=dict)
+    ddp: bool = True  # False: per-rank random sampling makes DDP curves differ from 1 process by design
 
 
 CONFIGS = [
@@ -57,6 +58,11 @@ CONFIGS = [
         args=("-c", str(REPO / "configs/gtr/reliability.yaml"), "--data.dataset.init_args.cache_dir", "{cache}"),
         ddp_args=("--data.batch_size", "1", "--model.init_args.stratified_jitter", "false"),
         single_args=("--model.init_args.stratified_jitter", "false"),
+    ),
+    ConfigCase(
+        "m3d", "configs/m3d_cpu.yaml",
+        args=("-c", str(REPO / "configs/m3d/reliability.yaml"), "--data.dataset.init_args.cache_dir", "{cache}"),
+        ddp=False,
     ),
 ]
 

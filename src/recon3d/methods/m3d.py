@@ -533,9 +533,14 @@ class M3DModule(ReconModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         cls = torch.optim.Adam if self.optimizer_name == "adam" else torch.optim.AdamW
-        opt = cls(params, lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, self.lr_decay_at), gamma=self.lr_after_decay / self.lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.lr_decay_unit}}
+        return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def lr_factor(self, step: int) -> float:
+        """Step decay (§IV-A: 6e-5 → 1e-5 at epoch 110): ``lr_after_decay / lr`` from ``lr_decay_at``
+        on, counted in epochs or steps (``lr_decay_unit``); a pure function of the restored loop
+        counters, so resume stays bit-identical (see ``ReconModule.lr_factor``)."""
+        now = step if self.lr_decay_unit == "step" else int(self.current_epoch)
+        return self.lr_after_decay / self.lr if now >= self.lr_decay_at else 1.0
 
     # ------------------------------------------------------------------ geometry and export
     @torch.no_grad()

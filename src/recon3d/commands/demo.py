@@ -39,6 +39,13 @@ def main(argv: list[str]) -> int:
     from recon3d.cli import run_lightning_cli
 
     out = Path(a.out)
+    run_dir = out / "gtr" / "demo"
+    if run_dir.exists():
+        # The demo's own previous run: replaced so the checkpoint is `last.ckpt`, not `last-v1.ckpt`.
+        import shutil
+
+        print(f"recon3d demo: replacing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
     t0 = time.time()
     cli = run_lightning_cli(_cli_args(a.config, out, a.steps, a.overrides), run=False)
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
@@ -50,7 +57,8 @@ def main(argv: list[str]) -> int:
     predictions = trainer.predict(model, dataloaders=dm.predict_dataloader())
     log_dir = Path(trainer.logger.log_dir)
     ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
-    files = [f for batch in predictions for obj in batch for f in obj.values()]
+    exported = [obj for batch in predictions for obj in batch]
+    ids = [i for batch in dm.predict_dataloader() for i in batch.object_ids]
     summary = {
         "wall_seconds": round(time.time() - t0, 1),
         "data_seconds": round(t_data, 1),
@@ -62,7 +70,7 @@ def main(argv: list[str]) -> int:
         "metrics_csv": str(log_dir / "metrics.csv"),
         "test_metrics_csv": str(log_dir / "test" / "metrics.csv"),
         "grids": sorted(str(x) for x in log_dir.glob("*_grid_*.png")),
-        "exports": files,
+        "exports": dict(zip(ids, exported)),
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -39,5 +39,5 @@ def test_compute_depth_cache_from_image_paths(tmp_path):
     a, b = load_cached_depth(tmp_path / "cache", "a", (20, 30)), load_cached_depth(tmp_path / "cache", "b", (33, 17))
     assert a.dtype == np.float32 and np.isfinite(a).all() and np.isfinite(b).all()
     assert not list((tmp_path / "cache").glob(".*"))  # no temporary files left behind
-    with pytest.raises(DataError, match=r"c\.npy.*python -m recon3d\.models\.depth_prior"):
+    with pytest.raises(DataError, match=r"c\.npy.*recon3d data depth --model-dir"):
         load_cached_depth(tmp_path / "cache", "c")

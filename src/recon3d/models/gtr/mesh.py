@@ -53,7 +53,7 @@ def extract_mesh(
             return (extractor or marching_cubes)(sdf, aabb, 0.0)
         return marching_cubes_fast(sdf.detach(), aabb, 0.0)
     except EmptySurfaceError:
-        lo, hi = float(-sdf.max() + density_level), float(-sdf.min() + density_level)
+        lo, hi = float(-sdf.max().detach() + density_level), float(-sdf.min().detach() + density_level)
         raise EmptySurfaceError(
             f"object {object_id}: the density field ({lo:.3g}..{hi:.3g}) never crosses the level {density_level} on the "
             f"{resolution}^3 grid, so there is no surface to extract (under-trained model, or lower mesh_density_level)"

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from recon3d.errors import BackendUnavailableError, ShapeError
-from recon3d.models.ssm import cross_merge, cross_scan, mamba_ssm_available, selective_scan
+from recon3d.models.ssm import cpu_kernel, cross_merge, cross_scan, mamba_ssm_available, selective_scan
+from recon3d.models.ssm.cpu_kernel import cpu_kernel_available
+
+needs_cpu_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason="the fused CPU scan kernel does not build here (no C compiler)")
 
 
 def loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -90,11 +93,15 @@ def test_scan_shape_errors_and_backend_choice():
         selective_scan(**{**inp, "A": inp["A"][:, :2].T}, backend="torch")
     with pytest.raises(ShapeError, match="B: expected shape"):
         selective_scan(**{**inp, "B": inp["B"][..., :-1]}, backend="torch")
+    with pytest.raises(BackendUnavailableError, match="expected one of 'auto', 'torch', 'fused_cpu', 'mamba_ssm'"):
+        selective_scan(**inp, backend="cuda")
     if not mamba_ssm_available():
         with pytest.raises(BackendUnavailableError, match="mamba_ssm"):
             selective_scan(**inp, backend="mamba_ssm")
-        # auto falls back to the torch scan
-        torch.testing.assert_close(selective_scan(**inp, backend="auto"), selective_scan(**inp, backend="torch"))
+    # on CPU tensors auto takes the fused kernel when it builds, else the torch scan; same numbers
+    torch.testing.assert_close(selective_scan(**inp, backend="auto"), selective_scan(**inp, backend="torch"), atol=1e-10, rtol=1e-10)
+    if cpu_kernel_available():
+        assert torch.equal(selective_scan(**inp, backend="auto"), selective_scan(**inp, backend="fused_cpu"))
 
 
 @pytest.mark.gpu
@@ -136,3 +143,124 @@ def test_chunk_size_does_not_change_result():
     for y in ys[1:]:
         torch.testing.assert_close(y, ys[0], atol=1e-10, rtol=1e-10)
     assert math.isfinite(float(ys[0].sum()))
+
+
+# --- fused CPU kernel ---------------------------------------------------------------------------
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("groups", [None, 3])
+def test_fused_cpu_matches_loop_forward_and_grad(groups):
+    inp = {k: v.requires_grad_() for k, v in _inputs(d=6, groups=groups, L=41).items()}
+    y, last = selective_scan(**inp, delta_softplus=True, return_last_state=True, backend="fused_cpu")
+    y_ref, last_ref = loop_scan(**inp, delta_softplus=True)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(last, last_ref, atol=1e-10, rtol=1e-10)
+    w, wl = torch.randn_like(y), torch.randn_like(last)
+    grads = torch.autograd.grad((y * w).sum() + (last * wl).sum(), list(inp.values()))
+    grads_ref = torch.autograd.grad((y_ref * w).sum() + (last_ref * wl).sum(), list(inp.values()))
+    for name, a, b in zip(inp, grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@needs_cpu_kernel
+def test_fused_cpu_gradcheck_core():
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    u, dt = r(2, 4, 9), F.softplus(r(2, 4, 9))
+    A, B, C = -torch.exp(r(4, 3)), r(2, 2, 3, 9), r(2, 2, 3, 9)
+    args = [t.requires_grad_() for t in (u, dt, A, B, C)]
+    assert torch.autograd.gradcheck(lambda *a: cpu_kernel.fused_scan_core(*a), args)
+
+
+@needs_cpu_kernel
+def test_fused_cpu_one_output_used():
+    """Backward with only ``y`` or only the last state in the loss (the other gradient is absent)."""
+    inp = {k: v.requires_grad_() for k, v in _inputs(L=20).items()}
+    y, last = selective_scan(**inp, return_last_state=True, backend="fused_cpu")
+    y_ref, last_ref = loop_scan(**inp)
+    for out, ref in ((last, last_ref), (y, y_ref)):
+        ga = torch.autograd.grad(out.sum(), [inp["u"], inp["A"], inp["B"]], retain_graph=True)
+        gb = torch.autograd.grad(ref.sum(), [inp["u"], inp["A"], inp["B"]], retain_graph=True)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@needs_cpu_kernel
+def test_fused_cpu_threaded_split_is_the_same(monkeypatch):
+    """Channel ranges over several threads (uneven split, gB/gC summed across workers) equal one thread."""
+    inp = {k: v.float().requires_grad_() for k, v in _inputs(b=2, d=7, groups=None, L=33).items()}
+
+    def run():
+        y = selective_scan(**inp, delta_softplus=True, backend="fused_cpu")
+        return (y, *torch.autograd.grad((y * y).sum(), list(inp.values())))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+        monkeypatch.setattr(cpu_kernel, "MIN_PARALLEL_WORK", 0)
+        torch.set_num_threads(3)
+        assert len(cpu_kernel._ranges(7, 10)) == 3
+        split = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, split):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_kernel
+def test_fused_cpu_float32_low_precision_and_strong_decay():
+    inp = _inputs(scale=8.0, L=60)
+    inp["delta"] = inp["delta"].abs()
+    y_ref, _ = loop_scan(**inp)
+    y32 = selective_scan(**{k: v.float() for k, v in inp.items()}, backend="fused_cpu")
+    assert y32.dtype == torch.float32 and torch.isfinite(y32).all()
+    torch.testing.assert_close(y32.double(), y_ref, atol=1e-4, rtol=1e-4)
+    y16 = selective_scan(**{k: v.bfloat16() for k, v in inp.items()}, backend="fused_cpu")
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.double(), y_ref, atol=0.2, rtol=0.05)
+
+
+@needs_cpu_kernel
+def test_fused_cpu_matches_torch_scan_at_benchmark_shape():
+    """float32 at a long sequence: the kernel and the chunked scan agree (catches layout bugs at scale)."""
+    g = torch.Generator().manual_seed(1)
+    d, n, L = 32, 16, 2048
+    u, delta = torch.randn(1, d, L, generator=g), F.softplus(torch.randn(1, d, L, generator=g) - 3)
+    A = -torch.exp(torch.rand(d, n, generator=g) * math.log(16))
+    B, C = torch.randn(1, n, L, generator=g), torch.randn(1, n, L, generator=g)
+    torch.testing.assert_close(selective_scan(u, delta, A, B, C, backend="fused_cpu"),
+                               selective_scan(u, delta, A, B, C, backend="torch"), atol=2e-4, rtol=1e-4)
+
+
+def test_fused_cpu_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    if not cpu_kernel_available():
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("RECON3D_CACHE", str(tmp_path))
+    first = cpu_kernel._build()
+    assert first.parent == tmp_path / "kernels" and first.suffix == ".so"
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel._build() == first and first.stat().st_mtime_ns == stamp  # no rebuild
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no temp files left
+
+
+def test_fused_cpu_build_errors_name_the_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECON3D_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with pytest.raises(BackendUnavailableError, match="CC='no-such-compiler-xyz' is not an executable"):
+        cpu_kernel._build()
+    failing = tmp_path / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'fatal: planted failure' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    with pytest.raises(BackendUnavailableError, match="did not compile.*planted failure"):
+        cpu_kernel._build()
+    assert not any(p.suffix == ".so" for p in (tmp_path / "kernels").iterdir())
+
+
+def test_fused_cpu_rejects_non_cpu_inputs():
+    inp = _inputs()
+    meta = {k: v.to("meta") for k, v in inp.items()}
+    with pytest.raises(BackendUnavailableError, match="must be on the CPU"):
+        cpu_kernel.fused_scan_core(meta["u"], meta["delta"], meta["A"], meta["B"][:, None], meta["C"][:, None])

@@ -152,8 +152,13 @@ class Front3DDataset(ObjectDataset):
         num_surface_points: also return this many ground-truth surface points with normals
             (``Geometry.surface_points/surface_normals``, object frame) for the geometry metrics,
             sampled area-weighted on the marching-cubes zero level set of the SDF grid (0: none).
-            SSR evaluates against the 3D-FUTURE mesh; this is the same surface up to the 64^3
-            grid's resolution.
+            This is SSR's reference surface: its evaluation (``eval/evaluate_front3d.py``) scores
+            ``pred_cube.ply`` against ``label_cube.ply``, which ``inference.py`` extracts from the
+            ground-truth SDF grid (``get_surface_sliding(eval_gt=True)``: the 64^3 grid read
+            trilinearly at 256^3, then marching cubes), not against the 3D-FUTURE mesh.
+        surface_upsample: trilinear upsampling of the grid before marching cubes: 1 extracts on
+            the 64^3 grid; 4 reads it at ``4 (R - 1) + 1`` points a side, SSR's 256^3 extraction
+            (sub-voxel differences only; costs ~64x the memory and time per object).
         seed: base seed for SDF sampling (``load_geometry`` also takes a generator).
     """
 
@@ -174,6 +179,7 @@ class Front3DDataset(ObjectDataset):
         grid_resolution: int = 64,
         load_normals: bool = False,
         num_surface_points: int = 0,
+        surface_upsample: int = 1,
         seed: int = 0,
     ):
         self.root = Path(root)
@@ -188,6 +194,9 @@ class Front3DDataset(ObjectDataset):
         self.sdf_units, self.bbox_source = sdf_units, bbox_source
         self.grid_resolution, self.load_normals, self.seed = grid_resolution, load_normals, seed
         self.num_surface_points = int(num_surface_points)
+        if int(surface_upsample) < 1:
+            raise DataError(self.root, f"surface_upsample: expected an integer >= 1, got {surface_upsample!r}")
+        self.surface_upsample = int(surface_upsample)
         self.items: list[_Item] = []
         for sp in [split] if isinstance(split, str) else list(split):
             path = Path(sp) if Path(sp).is_absolute() else self.root / sp
@@ -396,6 +405,10 @@ class Front3DDataset(ObjectDataset):
         r = voxels.shape[-1]
         # sample_sdf_grid reads voxel i at cube coordinate -1 + i * spacing * R / (R - 1)
         hi = (sp * r - 1.0).tolist()
+        if self.surface_upsample > 1:
+            # align_corners=True keeps the original voxels as grid points: exact trilinear reads
+            side = self.surface_upsample * (r - 1) + 1
+            voxels = F.interpolate(voxels[None, None].float(), size=(side,) * 3, mode="trilinear", align_corners=True)[0, 0]
         try:
             verts, faces = marching_cubes_fast(voxels, torch.tensor([[-1.0, -1.0, -1.0], hi]))
         except EmptySurfaceError:

@@ -244,7 +244,7 @@ class SelectiveAttentionDeepEncoder(nn.Module):
         scan_directions: int = 4,
         conv: Literal["2d", "1d"] = "2d",
         mlp_ratio: float = 4.0,
-        backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
+        backend: Literal["auto", "torch", "fused_cpu", "mamba_ssm"] = "auto",
     ):
         super().__init__()
         if roi_size % patch:

@@ -47,7 +47,7 @@ class SelectiveSSM2d(nn.Module):
         dt_rank: int | None = None,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
-        backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
+        backend: Literal["auto", "torch", "fused_cpu", "mamba_ssm"] = "auto",
     ):
         super().__init__()
         self.dim, self.d_state, self.k, self.backend = dim, d_state, directions, backend
@@ -84,7 +84,7 @@ class MixerBlock(nn.Module):
     """
 
     def __init__(self, dim: int, d_state: int = 8, directions: int = 4, conv: Literal["2d", "1d"] = "2d",
-                 mlp_ratio: float = 4.0, backend: Literal["auto", "torch", "mamba_ssm"] = "auto"):
+                 mlp_ratio: float = 4.0, backend: Literal["auto", "torch", "fused_cpu", "mamba_ssm"] = "auto"):
         super().__init__()
         if dim % 2:
             raise ConfigError(f"MixerBlock: dim must be even to split channels in half, got {dim}")
@@ -178,7 +178,7 @@ class SelectiveAttentionModule(nn.Module):
         scan_directions: int = 4,
         conv: Literal["2d", "1d"] = "2d",
         mlp_ratio: float = 4.0,
-        backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
+        backend: Literal["auto", "torch", "fused_cpu", "mamba_ssm"] = "auto",
     ):
         super().__init__()
         self.dim = dim

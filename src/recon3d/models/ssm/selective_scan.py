@@ -27,9 +27,18 @@ plain recurrence) until that bound is below :data:`EXP_LIMIT` for the dtype; a o
 end (``exp(delta*A) <= 1`` for negative ``A``), so the result never overflows, whatever ``delta``
 and ``A`` are (steep decays only cost speed). All operations are differentiable by autograd.
 
-Backends: ``"torch"`` (this file), ``"mamba_ssm"`` (the CUDA kernel, imported lazily, CUDA tensors
-only), ``"auto"`` (the kernel when importable and the inputs are on CUDA, else torch). The choice
-is logged once per backend.
+Backends
+--------
+- ``"torch"``: the chunked scan above; any device, autograd through plain tensor ops. The
+  reference the other backends are tested against.
+- ``"fused_cpu"``: a C kernel (forward and backward, :mod:`recon3d.models.ssm.cpu_kernel`) that
+  keeps each channel's state in registers and walks the sequence once, vectorised over ``N`` and
+  threaded over channels; CPU tensors only; compiled on first use with the system C compiler.
+  The chunked torch scan must write the ``(B, D, N, L)`` state to memory several times; the
+  kernel never materialises it, which is what makes it an order of magnitude faster on a CPU.
+- ``"mamba_ssm"``: the CUDA kernel, imported lazily, CUDA tensors only.
+- ``"auto"``: ``mamba_ssm`` for CUDA inputs when it imports, ``fused_cpu`` for CPU inputs when it
+  builds, else ``torch``. The choice is logged once per backend.
 """
 
 from __future__ import annotations
@@ -43,7 +52,13 @@ import torch.nn.functional as F
 
 from recon3d.errors import BackendUnavailableError, ShapeError
 
-__all__ = ["selective_scan", "selective_scan_torch", "mamba_ssm_available", "EXP_LIMIT"]
+__all__ = [
+    "selective_scan", "selective_scan_torch", "selective_scan_fused_cpu", "mamba_ssm_available", "EXP_LIMIT", "BACKENDS",
+]
+
+#: Names accepted by :func:`selective_scan`'s ``backend`` argument.
+BACKENDS = ("auto", "torch", "fused_cpu", "mamba_ssm")
+BackendName = Literal["auto", "torch", "fused_cpu", "mamba_ssm"]
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +165,7 @@ def selective_scan_torch(
         ``y (B, D, L)`` in ``u``'s dtype, or ``(y, last_state)``.
     """
     b, d, L, n, g = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    dtype_in = u.dtype
-    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u_, dt = u.to(compute), delta.to(compute)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(compute)[None, :, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    A_ = A.to(compute)
-    Bg = (B if B.ndim == 4 else B[:, None]).to(compute)  # (B, G, N, L)
-    Cg = (C if C.ndim == 4 else C[:, None]).to(compute)
+    u_, dt, A_, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     dg = d // g
 
     T = _chunk_size(dt, A_, chunk_size)
@@ -189,14 +195,71 @@ def selective_scan_torch(
         ys.append(torch.einsum("bgdnt,bgnt->bgdt", hc, Cg[..., s : s + T]))
         h = hc[..., -1:]
     y = torch.cat(ys, -1).reshape(b, d, Lp)[..., :L]
+    return _finish(y, h.reshape(b, d, n), u, u_, D, z, return_last_state)
+
+
+def selective_scan_fused_cpu(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """The same scan as :func:`selective_scan_torch` through the fused C kernel (CPU tensors).
+
+    Arguments, shapes and returns as :func:`selective_scan_torch`. Bias, softplus, ``D`` and the
+    gate stay in torch (cheap ``(B, D, L)`` element-wise ops); only the recurrence runs in C.
+    Raises :class:`BackendUnavailableError` when the kernel cannot be built or inputs are not on
+    the CPU.
+    """
+    from recon3d.models.ssm.cpu_kernel import fused_scan_core
+
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    u_, dt, A_, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    y, h = fused_scan_core(u_, dt, A_, Bg, Cg)
+    return _finish(y, h, u, u_, D, z, return_last_state)
+
+
+def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
+    """Cast to the compute dtype, apply bias/softplus, give B and C a group axis ``(B, G, N, L)``."""
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u_, dt = u.to(compute), delta.to(compute)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(compute)[None, :, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    Bg = (B if B.ndim == 4 else B[:, None]).to(compute)
+    Cg = (C if C.ndim == 4 else C[:, None]).to(compute)
+    return u_, dt, A.to(compute), Bg, Cg
+
+
+def _finish(y, h, u, u_, D, z, return_last_state):
+    """Skip term, gate, cast back to the input dtype; ``h`` is the last state ``(B, D, N)``."""
     if D is not None:
-        y = y + u_ * D.to(compute)[None, :, None]
+        y = y + u_ * D.to(y.dtype)[None, :, None]
     if z is not None:
-        y = y * F.silu(z.to(compute))
-    y = y.to(dtype_in)
+        y = y * F.silu(z.to(y.dtype))
+    y = y.to(u.dtype)
     if return_last_state:
-        return y, h.reshape(b, d, n).to(dtype_in)
+        return y, h.to(u.dtype)
     return y
+
+
+@functools.cache
+def _fused_cpu_status() -> BackendUnavailableError | None:
+    from recon3d.models.ssm.cpu_kernel import load_cpu_kernel
+
+    try:
+        load_cpu_kernel()
+    except BackendUnavailableError as e:
+        log.warning("selective scan: the fused CPU kernel is unavailable (%s); using the torch scan", e)
+        return e
+    return None
 
 
 def selective_scan(
@@ -210,16 +273,29 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
-    backend: Literal["auto", "torch", "mamba_ssm"] = "auto",
+    backend: BackendName = "auto",
     chunk_size: int = 64,
 ):
     """Selective scan with backend choice; arguments and shapes as :func:`selective_scan_torch`.
 
     ``backend="mamba_ssm"`` raises :class:`BackendUnavailableError` when the kernel does not import
-    or the inputs are not on CUDA; ``"auto"`` falls back to the torch scan silently (logged once).
+    or the inputs are not on CUDA; ``"fused_cpu"`` raises it when the C kernel cannot be built or
+    the inputs are not on the CPU; ``"auto"`` picks the fastest usable one for the inputs' device
+    and falls back to the torch scan otherwise (logged once). ``chunk_size`` only affects
+    ``"torch"``.
     """
-    if backend not in ("auto", "torch", "mamba_ssm"):
-        raise BackendUnavailableError(f"selective scan backend: expected 'auto', 'torch' or 'mamba_ssm', got {backend!r}")
+    if backend not in BACKENDS:
+        raise BackendUnavailableError(f"selective scan backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    on_cpu = isinstance(u, torch.Tensor) and u.device.type == "cpu"
+    if backend == "fused_cpu" or (backend == "auto" and on_cpu):
+        err = _fused_cpu_status()
+        if backend == "fused_cpu" and err is not None:
+            raise err
+        if err is None:
+            _log_backend("fused_cpu (C kernel)")
+            return selective_scan_fused_cpu(*args)
+        backend = "torch"
     use_kernel = False
     if backend != "torch":
         fn = _mamba_scan_fn()
@@ -237,4 +313,4 @@ def selective_scan(
             None if delta_bias is None else delta_bias.float().contiguous(), delta_softplus, return_last_state,
         )
     _log_backend("torch (chunked parallel scan)")
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, chunk_size)
+    return selective_scan_torch(*args, chunk_size=chunk_size)

@@ -1,6 +1,6 @@
 """Benchmark: M3D vs the SSR baseline (paper §V-A ablation rows) after the same short training run.
 
-Run: ``.venv/bin/python benchmarks/bench_m3d.py [--quick] [--device cuda] [--steps N]``.
+Run: ``.venv/bin/python benchmarks/bench_m3d.py [--quick] [--device cuda] [--steps N] [--seeds K]``.
 
 Both models are built from ``configs/m3d_cpu.yaml`` plus ``configs/m3d/{m3d,baseline}.yaml``
 (the same ablation override files a user composes), trained with the same seed, data order and
@@ -24,13 +24,13 @@ import warnings
 import torch
 
 
-def _build(variant: str, num_objects: int, num_test: int, device: str):
+def _build(variant: str, num_objects: int, num_test: int, device: str, seed: int = 0):
     from recon3d.cli import run_lightning_cli
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cli = run_lightning_cli(
-            ["-c", "configs/m3d_cpu.yaml", "-c", f"configs/m3d/{variant}.yaml",
+            ["-c", "configs/m3d_cpu.yaml", "-c", f"configs/m3d/{variant}.yaml", "--seed_everything", str(seed),
              "--data.dataset.init_args.num_objects", str(num_objects), "--data.num_val_objects", "0",
              "--data.num_test_objects", str(num_test), "--model.init_args.stage", "sdf",
              "--model.init_args.evaluation.init_args.num_points", "2048", "--model.init_args.num_render_rays", "64"]
@@ -41,11 +41,11 @@ def _build(variant: str, num_objects: int, num_test: int, device: str):
     return cli.model.to(device), cli.datamodule
 
 
-def _train(model, dm, steps: int, device: str) -> tuple[float, float, float]:
-    torch.manual_seed(0)
+def _train(model, dm, steps: int, device: str, seed: int = 0) -> tuple[float, float, float]:
+    torch.manual_seed(seed)
     model.train()
     opt_cfg = model.configure_optimizers()
-    opt = opt_cfg["optimizer"]
+    opt = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
     switch = int(0.7 * steps)
     loader = dm.train_dataloader()
     it, step, t0 = iter(loader), 0, time.perf_counter()
@@ -57,6 +57,8 @@ def _train(model, dm, steps: int, device: str) -> tuple[float, float, float]:
             it = iter(loader)
             continue
         model.stage = "sdf" if step < switch else "full"
+        for group in opt.param_groups:  # the module's step decay, as Lightning's loop applies it
+            group["lr"] = model.lr * model.lr_factor(step)
         terms = model.training_losses(batch.to(device))
         opt.zero_grad()
         terms["loss"].backward()
@@ -82,24 +84,38 @@ def _evaluate(model, dm, device: str) -> dict[str, float]:
     return res
 
 
-def main(quick: bool = False, device: str = "cpu", steps: int | None = None) -> None:
-    """Train ``m3d`` and ``baseline`` for the same steps and print CD / F-score / NC on held-out objects."""
+def main(quick: bool = False, device: str = "cpu", steps: int | None = None, seeds: int = 1) -> None:
+    """Train ``m3d`` and ``baseline`` for the same steps and print CD / F-score / NC on held-out objects.
+
+    With ``seeds > 1`` each variant is trained once per seed (initialisation and sampling differ,
+    the objects do not) and the table adds a mean +- std row per variant: differences smaller than
+    the spread over seeds are noise.
+    """
     steps = steps or (40 if quick else 150)
     num_objects, num_test = (10, 3) if quick else (16, 4)
     print(f"bench_m3d: synthetic single-view, {num_objects - num_test} train / {num_test} test objects, {steps} steps "
-          f"(stage 2 from step {int(0.7 * steps)}), device {device}, torch threads {torch.get_num_threads()}")
+          f"(stage 2 from step {int(0.7 * steps)}), {seeds} seed(s), device {device}, torch threads {torch.get_num_threads()}")
     rows = []
-    for variant in ("m3d", "baseline"):
-        model, dm = _build(variant, num_objects, num_test, device)
-        dm.prepare_data()
-        n_params = sum(p.numel() for p in model.parameters())
-        secs, first, last = _train(model, dm, steps, device)
-        res = _evaluate(model, dm, device)
-        rows.append((variant, n_params, secs, first, last, res))
-    print(f"{'variant':<10} {'params':>8} {'train s':>8} {'L3D first':>10} {'L3D last':>9} {'CD x1000':>9} {'F-score %':>10} {'NC':>6}")
-    for variant, n, secs, first, last, res in rows:
-        print(f"{variant:<10} {n:>8d} {secs:>8.1f} {first:>10.4f} {last:>9.4f} {res.get('cd', float('nan')):>9.3f} "
-              f"{res.get('fscore', float('nan')):>10.2f} {res.get('nc', float('nan')):>6.3f}")
+    for seed in range(seeds):
+        for variant in ("m3d", "baseline"):
+            model, dm = _build(variant, num_objects, num_test, device, seed)
+            dm.prepare_data()
+            n_params = sum(p.numel() for p in model.parameters())
+            secs, first, last = _train(model, dm, steps, device, seed)
+            res = _evaluate(model, dm, device)
+            rows.append((variant, seed, n_params, secs, first, last, res))
+    nan = float("nan")
+    print(f"{'variant':<10} {'seed':>4} {'params':>8} {'train s':>8} {'L3D first':>10} {'L3D last':>9} {'CD x1000':>9} {'F-score %':>10} {'NC':>6}")
+    for variant, seed, n, secs, first, last, res in rows:
+        print(f"{variant:<10} {seed:>4} {n:>8d} {secs:>8.1f} {first:>10.4f} {last:>9.4f} {res.get('cd', nan):>9.3f} "
+              f"{res.get('fscore', nan):>10.2f} {res.get('nc', nan):>6.3f}")
+    if seeds > 1:
+        print("mean +- std over seeds")
+        for variant in ("m3d", "baseline"):
+            vals = {k: torch.tensor([r[6].get(k, nan) for r in rows if r[0] == variant]) for k in ("cd", "fscore", "nc")}
+            last = torch.tensor([r[5] for r in rows if r[0] == variant])
+            print(f"{variant:<10} L3D last {last.mean():.4f} +- {last.std():.4f}   CD {vals['cd'].mean():.3f} +- {vals['cd'].std():.3f}   "
+                  f"F {vals['fscore'].mean():.2f} +- {vals['fscore'].std():.2f}   NC {vals['nc'].mean():.3f} +- {vals['nc'].std():.3f}")
 
 
 if __name__ == "__main__":
@@ -107,8 +123,9 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="40 steps, 10 objects")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default 150; quick 40)")
+    ap.add_argument("--seeds", type=int, default=1, help="repeat each variant over this many seeds (mean +- std)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    main(a.quick, a.device, a.steps)
+    main(a.quick, a.device, a.steps, a.seeds)

@@ -77,7 +77,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _flag_sets(cc: list[str]) -> list[list[str]]:
+def _flag_sets() -> list[list[str]]:
     """Flag sets to try, fastest first."""
     sets = []
     x86 = platform.machine() in ("x86_64", "AMD64")
@@ -107,7 +107,7 @@ def _build() -> Path:
         cache = Path(tempfile.gettempdir()) / "recon3d-kernels"
         cache.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in _flag_sets(cc):
+    for flags in _flag_sets():
         key = hashlib.sha256(source + " ".join([*cc, _compiler_id(cc), *flags]).encode()).hexdigest()[:16]
         target = cache / f"selective_scan_cpu-{key}.so"
         if target.exists():
@@ -232,10 +232,10 @@ class _FusedScan(torch.autograd.Function):
         gBs = [torch.zeros_like(Bt) for _ in ranges]
         gCs = [torch.zeros_like(Ct) for _ in ranges]
         calls = []
-        keep = []
+        scratch = []  # the calls hold raw pointers only: keep the tensors alive until they return
         for (d0, d1), gB, gC in zip(ranges, gBs, gCs):
             hs, carry, gAk = u.new_empty(L, n), u.new_empty(n), u.new_empty(n)
-            keep.append((hs, carry, gAk))
+            scratch.append((hs, carry, gAk))
             ptrs = [_ptr(t) for t in (u, dt, A, Bt, Ct, gy, ghlast, gu, gdt, gA, gB, gC, hs, carry, gAk)]
             calls.append(functools.partial(fn, *ptrs, nb, nd, L, n, ng, d0, d1))
         _run(calls)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,9 @@ __all__ = [
     "selective_scan", "selective_scan_torch", "selective_scan_fused_cpu", "mamba_ssm_available", "EXP_LIMIT", "BACKENDS",
 ]
 
-#: Names accepted by :func:`selective_scan`'s ``backend`` argument.
-BACKENDS = ("auto", "torch", "fused_cpu", "mamba_ssm")
 BackendName = Literal["auto", "torch", "fused_cpu", "mamba_ssm"]
+#: Names accepted by :func:`selective_scan`'s ``backend`` argument.
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 log = logging.getLogger(__name__)
 

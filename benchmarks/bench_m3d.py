@@ -57,8 +57,7 @@ def _train(model, dm, steps: int, device: str, seed: int = 0) -> tuple[float, fl
             it = iter(loader)
             continue
         model.stage = "sdf" if step < switch else "full"
-        for group in opt.param_groups:  # the module's step decay, as Lightning's loop applies it
-            group["lr"] = model.lr * model.lr_factor(step)
+        model.apply_lr_schedule([opt], step)  # the module's step decay, as in Lightning's loop
         terms = model.training_losses(batch.to(device))
         opt.zero_grad()
         terms["loss"].backward()

@@ -117,12 +117,17 @@ class ReconModule(L.LightningModule):
         """
         return 1.0
 
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        factor = self.lr_factor(int(self.global_step))
-        for opt in self.trainer.optimizers if self.trainer is not None else []:
+    def apply_lr_schedule(self, optimizers, step: int) -> None:
+        """Set every param group's lr to its initial lr times :meth:`lr_factor` at ``step``
+        (also for loops outside Lightning, e.g. benchmarks)."""
+        factor = self.lr_factor(step)
+        for opt in optimizers:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = group["initial_lr"] * factor
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.apply_lr_schedule(self.trainer.optimizers if self.trainer is not None else [], int(self.global_step))
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
 

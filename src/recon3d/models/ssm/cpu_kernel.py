@@ -38,7 +38,7 @@ import torch
 
 from recon3d.errors import BackendUnavailableError
 
-__all__ = ["fused_scan_core", "cpu_kernel_available", "load_cpu_kernel", "kernel_cache_dir"]
+__all__ = ["fused_scan_core", "cpu_kernel_available", "kernel_build_error", "load_cpu_kernel", "kernel_cache_dir"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
 _BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno"]
@@ -149,13 +149,19 @@ def load_cpu_kernel() -> ctypes.CDLL:
     return lib
 
 
-def cpu_kernel_available() -> bool:
-    """True when the fused CPU kernel builds (or is already built) and loads here."""
+@functools.cache
+def kernel_build_error() -> BackendUnavailableError | None:
+    """None when the kernel builds and loads here, else the error (computed once per process)."""
     try:
         load_cpu_kernel()
-    except BackendUnavailableError:
-        return False
-    return True
+    except BackendUnavailableError as e:
+        return e
+    return None
+
+
+def cpu_kernel_available() -> bool:
+    """True when the fused CPU kernel builds (or is already built) and loads here."""
+    return kernel_build_error() is None
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)

@@ -252,14 +252,13 @@ def _finish(y, h, u, u_, D, z, return_last_state):
 
 @functools.cache
 def _fused_cpu_status() -> BackendUnavailableError | None:
-    from recon3d.models.ssm.cpu_kernel import load_cpu_kernel
+    """The kernel's build error, warned about once (``auto`` then falls back to torch)."""
+    from recon3d.models.ssm.cpu_kernel import kernel_build_error
 
-    try:
-        load_cpu_kernel()
-    except BackendUnavailableError as e:
-        log.warning("selective scan: the fused CPU kernel is unavailable (%s); using the torch scan", e)
-        return e
-    return None
+    err = kernel_build_error()
+    if err is not None:
+        log.warning("selective scan: the fused CPU kernel is unavailable (%s); using the torch scan", err)
+    return err
 
 
 def selective_scan(

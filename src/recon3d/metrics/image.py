@@ -15,6 +15,12 @@ sigma=1.5, use_sample_covariance=False, data_range=1)``: the SSIM map comes from
 functional SSIM (11x11 Gaussian, sigma 1.5, reflect padding) and is averaged over the interior
 pixels only (a 5-pixel border is cropped). torchmetrics itself averages over the padded border
 too, which differs from scikit-image by ~1e-3; the crop makes both agree to 1e-6.
+
+SSIM's statistics are computed in float64 whatever the input dtype: the local variance is
+``E[x^2] - E[x]^2``, and on a flat white background (x ~ 1) float32 cancels it to ~1e-7 absolute,
+which against ``C2 = 9e-4`` moves the SSIM map by ~1e-4 per pixel and the image mean by up to
+~9e-5 (enough to flip the 4th decimal of a results table). The value is returned in the input's
+dtype (at least float32).
 """
 
 from __future__ import annotations
@@ -98,6 +104,10 @@ def ssim(
     pad = (kernel_size - 1) // 2
     if min(pred.shape[-2:]) <= 2 * pad:
         raise ValueError(f"pred: images of size {list(pred.shape[-2:])} are too small for a {kernel_size}x{kernel_size} SSIM window")
+    out_dtype = torch.promote_types(pred.dtype, torch.float32)
+    # float64 statistics: E[x^2] - E[x]^2 cancels catastrophically in float32 where x ~ 1 (see module doc).
+    pred, target = pred.to(torch.float64), target.to(torch.float64)
+    mask = None if mask is None else mask.to(torch.float64)
     _, full = _tm_ssim(
         pred,
         target,
@@ -117,7 +127,7 @@ def ssim(
         denom = w.flatten(1).sum(1)
         out = (full * w).flatten(1).sum(1) / denom
         out = torch.where(denom > 0, out, torch.full_like(out, float("nan")))
-    return out.reshape(lead)
+    return out.reshape(lead).to(out_dtype)
 
 
 class _MeanOfImages(Metric):

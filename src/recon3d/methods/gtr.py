@@ -83,6 +83,11 @@ class GTRModule(ReconModule):
         stratified_jitter: jitter the ray samples while training (standard stratified sampling);
             off makes training deterministic given the data (used to compare DDP with 1 process).
         eval_chunk: rays per volume-rendering chunk (bounds memory).
+        min_near: rays start at least this far from the camera (official ``base_nerf``: 0.2; the
+            paper is silent).
+        last_delta: segment length of the last sample, ``"bin"`` (the official renderer: every
+            sample gets its bin, so an empty box renders the background) or ``"inf"`` (NeRF's
+            unbounded rule); see :mod:`recon3d.render.volume`.
         lambda_lpips: λ_p (paper: 0.5). Needs the LPIPS weights (``lpips_weights_dir``); set 0
             where they are not available.
         lambda_mask: optional NeRF-stage opacity-vs-mask MSE (not in the paper: 0).
@@ -112,6 +117,8 @@ class GTRModule(ReconModule):
         patch_size: int | None = 128,
         stratified_jitter: bool = True,
         eval_chunk: int = 8192,
+        min_near: float = 0.2,
+        last_delta: Literal["bin", "inf"] = "bin",
         lambda_lpips: float = 0.5,
         lambda_mask: float = 0.0,
         lpips_weights_dir: str | None = None,
@@ -138,7 +145,7 @@ class GTRModule(ReconModule):
         self.patch_size = patch_size
         self.lambda_lpips, self.lambda_mask = lambda_lpips, lambda_mask
         self.volume = VolumeRenderer(aabb=field.aabb, n_samples=n_samples, background="white", chunk=eval_chunk,
-                                     perturb=None if stratified_jitter else False)
+                                     perturb=None if stratified_jitter else False, min_near=min_near, last_delta=last_delta)
         self.mesh_resolution, self.mesh_density_level = mesh_resolution, mesh_density_level
         weights = dict(PAPER_MESH_LOSS)
         if mesh_loss_weights:
@@ -218,10 +225,15 @@ class GTRModule(ReconModule):
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
+        """Evaluation renders; colour clamped to [0, 1] as the official renderer does (the colour
+        head's widened sigmoid reaches slightly outside)."""
         planes = self.triplanes(batch.inputs)
         if self.stage == "nerf":
-            return self.render_volume(planes, cameras)
-        return self.render_mesh(planes, cameras, batch.object_ids, differentiable=False)
+            out = self.render_volume(planes, cameras)
+        else:
+            out = self.render_mesh(planes, cameras, batch.object_ids, differentiable=False)
+        out["rgb"] = out["rgb"].clamp(0, 1)
+        return out
 
     # ------------------------------------------------------------------ losses
     def _random_patches(self, targets: Views) -> tuple[Cameras, torch.Tensor, torch.Tensor | None]:

@@ -142,6 +142,9 @@ class M3DModule(ReconModule):
         num_surface_rays: input-view pixels per object whose depth gives an ``ŝ = 0`` point (0: off).
         num_render_rays: rays per object rendered in stage 2.
         n_samples, n_importance: VolSDF samples per ray (stratified, then importance).
+        last_delta: segment length of the last sample: ``"bin"`` (default: the object box is a
+            bounded scene, segments add up to the chord) or ``"inf"`` (VolSDF's code, written for
+            unbounded scenes with a background model); see :mod:`recon3d.render.volume`.
         eval_max_side: evaluation renders at most this many pixels on the longer side, upsampled
             to the target size (None: full resolution).
         eval_chunk: rays per rendering chunk / points per decoder chunk at evaluation.
@@ -183,6 +186,7 @@ class M3DModule(ReconModule):
         num_render_rays: int = 1024,
         n_samples: int = 64,
         n_importance: int = 32,
+        last_delta: Literal["bin", "inf"] = "bin",
         eval_max_side: int | None = 128,
         eval_chunk: int = 8192,
         depth_source: Literal["prior", "ground_truth", "auto"] = "prior",
@@ -230,7 +234,8 @@ class M3DModule(ReconModule):
                               num_layers, feature_size, sphere_radius)
         self.density = density
         self.renderer = VolumeRenderer(aabb=(-bound, bound), n_samples=n_samples, n_importance=n_importance,
-                                       sdf_to_alpha=density, background="white", chunk=eval_chunk, normals="auto")
+                                       sdf_to_alpha=density, background="white", chunk=eval_chunk, normals="auto",
+                                       last_delta=last_delta)
         self.bound = float(bound)
         self.stage = stage
         self.full_loss_start, self.full_loss_ramp, self.curriculum_unit = full_loss_start, full_loss_ramp, curriculum_unit
@@ -398,7 +403,8 @@ class M3DModule(ReconModule):
         fwd = cams.c2w[..., :3, 2][:, :, None, None, :].expand_as(d)
         o, d, fwd = (x.reshape(B, V * h * w, 3) for x in (o, d, fwd))
         r = self.renderer
-        renderer = VolumeRenderer(r.aabb, r.n_samples, r.n_importance, self.density, "white", self.eval_chunk, "none", perturb=False)
+        renderer = VolumeRenderer(r.aabb, r.n_samples, r.n_importance, self.density, "white", self.eval_chunk, "none",
+                                  perturb=False, min_near=r.min_near, last_delta=r.last_delta)
         out = self._render_rays(batch, enc, o, d, fwd, renderer)
 
         def img(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -8,10 +8,22 @@ or :class:`~recon3d.render.sdf_density.NeuSDensity`).
 Rays are cut to the box (near/far from the slab test); samples are stratified in ``[near, far]``
 and optionally refined by importance sampling of the coarse weights. Depth is z-depth along the
 camera axis (recon3d's depth convention), 0 where the ray misses the box.
+
+Segment lengths (``last_delta``). A bounded scene must let the background through: with
+``"bin"`` (the default) every sample owns the interval between the midpoints to its neighbours,
+the first and last reaching the ray's entry and exit of the box, so the segments add up to the
+chord ``far - near`` exactly. For un-jittered stratified samples these are the equal bins of
+GTR's official renderer, OpenLRM and InstantMesh (the last sample gets the bin width too), and a
+constant density ``sigma`` renders opacity ``1 - exp(-sigma * L)`` for the true chord ``L``.
+``"inf"`` is the original NeRF rule for unbounded scenes: segment ``i`` is ``t[i+1] - t[i]`` and
+the last one is infinite (1e10), which makes every ray that enters the box opaque whenever the
+density is positive anywhere behind it (softplus densities never reach 0) -- the colour of the
+box's far face instead of the background.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +41,7 @@ __all__ = [
     "stratified_samples",
     "importance_samples",
     "composite",
+    "sample_deltas",
     "make_background",
     "VolumeRenderer",
     "RayBundleOutput",
@@ -99,6 +112,27 @@ def importance_samples(bins: torch.Tensor, weights: torch.Tensor, n_samples: int
     return b0 + t * (b1 - b0)
 
 
+LAST_DELTA = ("bin", "inf")
+
+
+def sample_deltas(t: torch.Tensor, near: torch.Tensor, far: torch.Tensor, last_delta: str = "bin") -> torch.Tensor:
+    """Segment length ``(..., S)`` of each sample ``t`` ``(..., S)`` (sorted) on rays cut to ``[near, far]`` ``(...)``.
+
+    ``"bin"``: the interval between the midpoints to the neighbouring samples, the outer two reaching
+    ``near`` and ``far`` (sums to ``far - near``). ``"inf"``: ``t[i+1] - t[i]``, the last one 1e10.
+    Both are in the units of ``t``; multiply by the direction norm for world lengths.
+    """
+    check_shape(t, "*B S", "t")
+    check_shape(near, "*B", "near", {"B": t.shape[:-1]})
+    check_shape(far, "*B", "far", {"B": t.shape[:-1]})
+    if last_delta == "inf":
+        return torch.cat([t[..., 1:] - t[..., :-1], torch.full_like(t[..., :1], 1e10)], -1)
+    if last_delta != "bin":
+        raise ConfigError(f"last_delta: expected one of {list(LAST_DELTA)}, got {last_delta!r}")
+    edges = torch.cat([near[..., None], 0.5 * (t[..., 1:] + t[..., :-1]), far[..., None]], -1)
+    return (edges[..., 1:] - edges[..., :-1]).clamp_min(0)
+
+
 def composite(
     alphas: torch.Tensor,
     values: dict[str, torch.Tensor],
@@ -163,6 +197,9 @@ class VolumeRenderer(nn.Module):
         normals: ``"none" | "auto"``: per-ray normals from the field's gradient (SDF: ``∇f``,
             density: ``-∇sigma``), computed with autograd (``create_graph`` when training).
         perturb: jitter samples; defaults to ``self.training``.
+        min_near: rays start no closer than this to their origin (GTR official: 0.2).
+        last_delta: ``"bin"`` (bounded scenes, default; official GTR/OpenLRM) or ``"inf"``
+            (NeRF's unbounded rule); see the module docstring.
     """
 
     def __init__(
@@ -176,6 +213,7 @@ class VolumeRenderer(nn.Module):
         normals: str = "none",
         perturb: bool | None = None,
         min_near: float = 0.0,
+        last_delta: str = "bin",
     ):
         super().__init__()
         box = torch.as_tensor(aabb, dtype=torch.float32)
@@ -185,24 +223,29 @@ class VolumeRenderer(nn.Module):
             raise ConfigError(f"aabb: expected (lo, hi) or a (2, 3) box with lo < hi, got {box.tolist()}")
         if n_samples < 2 or n_importance < 0 or chunk < 1:
             raise ConfigError(f"VolumeRenderer: expected n_samples >= 2, n_importance >= 0, chunk >= 1, got {n_samples}, {n_importance}, {chunk}")
+        if last_delta not in LAST_DELTA:
+            raise ConfigError(f"last_delta: expected one of {list(LAST_DELTA)}, got {last_delta!r}")
+        if not math.isfinite(min_near) or min_near < 0:
+            raise ConfigError(f"min_near: expected a finite value >= 0, got {min_near}")
         if normals not in ("none", "auto"):
             raise ConfigError(f"normals: expected 'none' or 'auto', got {normals!r}")
         self.register_buffer("aabb", box, persistent=False)
         self.n_samples, self.n_importance, self.chunk = n_samples, n_importance, chunk
         self.sdf_to_alpha = sdf_to_alpha
         self.background, self.normals, self.perturb, self.min_near = background, normals, perturb, min_near
+        self.last_delta = last_delta
 
     # ------------------------------------------------------------------ per-ray core
-    def _alphas(self, out: dict, t: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-        deltas = torch.cat([t[..., 1:] - t[..., :-1], torch.full_like(t[..., :1], 1e10)], -1)
-        deltas = deltas * dirs.norm(dim=-1, keepdim=True)
+    def _alphas(self, out: dict, t: torch.Tensor, dirs: torch.Tensor, near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+        deltas = sample_deltas(t, near, far, self.last_delta) * dirs.norm(dim=-1, keepdim=True)
         if "density" in out:
             return density_to_alpha(out["density"], deltas)
         if "sdf" in out:
             if self.sdf_to_alpha is None:
                 raise ConfigError("VolumeRenderer: the field returns 'sdf' but no sdf_to_alpha model was given")
-            # The last segment is unbounded (1e10); a finite stand-in keeps NeuS's slope finite.
-            deltas = torch.cat([deltas[..., :-1], deltas[..., -2:-1] if t.shape[-1] > 1 else deltas[..., -1:]], -1)
+            if self.last_delta == "inf":
+                # An unbounded last segment (1e10) would make NeuS's slope infinite: use the one before.
+                deltas = torch.cat([deltas[..., :-1], deltas[..., -2:-1] if t.shape[-1] > 1 else deltas[..., -1:]], -1)
             return self.sdf_to_alpha.alphas(out["sdf"], deltas)
         raise ShapeError(f"field output: expected a 'density' or 'sdf' entry, got keys {sorted(out)}")
 
@@ -237,13 +280,13 @@ class VolumeRenderer(nn.Module):
             with torch.no_grad():
                 pts = origins[..., None, :] + t[..., None] * dirs[..., None, :]
                 out, _ = self._eval_field(field, pts, False)
-                w, _ = composite(self._alphas(out, t, dirs), {})
+                w, _ = composite(self._alphas(out, t, dirs, near, far) * hit[..., None], {})
             mids = torch.cat([near[..., None], 0.5 * (t[..., 1:] + t[..., :-1]), far[..., None]], -1)
             t_fine = importance_samples(mids, w, self.n_importance, perturb)
             t, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
         pts = origins[..., None, :] + t[..., None] * dirs[..., None, :]
         out, grad = self._eval_field(field, pts, self.normals == "auto")
-        alphas = self._alphas(out, t, dirs) * hit[..., None]
+        alphas = self._alphas(out, t, dirs, near, far) * hit[..., None]
         values = {"rgb": out["rgb"], "t": t[..., None]}
         if grad is not None:
             values["normal"] = grad

@@ -105,3 +105,33 @@ def test_identical_images_and_shape_errors():
         psnr(x, x[:, :, :8])
     with pytest.raises(ShapeError, match="mask"):
         psnr(x, x, torch.ones(2, 3, 16, 16))
+
+
+def test_mask_iou_against_numpy_sets():
+    import numpy as np
+
+    from recon3d.metrics.image import mask_iou
+
+    g = torch.Generator().manual_seed(0)
+    alpha, mask = torch.rand(2, 3, 1, 17, 19, generator=g), (torch.rand(2, 3, 1, 17, 19, generator=g) > 0.6).float()
+    got = mask_iou(alpha, mask)
+    a, m = alpha.numpy() > 0.5, mask.numpy() > 0.5
+    ref = [[np.logical_and(a[i, j], m[i, j]).sum() / np.logical_or(a[i, j], m[i, j]).sum() for j in range(3)] for i in range(2)]
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32))
+    assert float(mask_iou(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4))) == 1.0  # both empty
+
+
+def test_protocol_reports_mask_iou_only_when_asked_and_fed():
+    from recon3d.metrics import EvaluationProtocol
+
+    pred, target = torch.rand(1, 2, 3, 8, 8), torch.rand(1, 2, 3, 8, 8)
+    mask = torch.zeros(1, 2, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    alpha = torch.zeros_like(mask)
+    alpha[..., 2:6, 2:4] = 1  # half of the true silhouette
+    ev = EvaluationProtocol(image_metrics=["psnr", "mask_iou"], geometry_preset="raw")
+    ev.update_views(["a"], pred, target, mask, alpha)
+    assert abs(ev.compute()["mask_iou"] - 0.5) < 1e-9
+    ev = EvaluationProtocol(image_metrics=["psnr"], geometry_preset="raw")
+    ev.update_views(["a"], pred, target, mask, alpha)
+    assert "mask_iou" not in ev.compute()

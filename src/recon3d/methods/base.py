@@ -208,7 +208,8 @@ class ReconModule(L.LightningModule):
         out = self.render_views(batch, batch.targets.cameras)
         pred = out["rgb"].clamp(0, 1)
         if self.evaluation is not None:
-            self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks)
+            alpha = out.get("opacity", out.get("mask"))
+            self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks, alpha)
             geo = self.predict_geometry(batch)
             if geo is not None and batch.geometry.surface_points is not None:
                 self.evaluation.update_geometry(

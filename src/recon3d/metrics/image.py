@@ -32,7 +32,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure as
 
 from recon3d.utils.checks import check_shape
 
-__all__ = ["psnr", "ssim", "PSNR", "SSIM"]
+__all__ = ["psnr", "ssim", "mask_iou", "PSNR", "SSIM"]
 
 #: MSE floor: identical images give 10*log10(1/1e-12) = 120 dB instead of inf.
 MSE_FLOOR = 1e-12
@@ -128,6 +128,26 @@ def ssim(
         out = (full * w).flatten(1).sum(1) / denom
         out = torch.where(denom > 0, out, torch.full_like(out, float("nan")))
     return out.reshape(lead).to(out_dtype)
+
+
+def mask_iou(pred_alpha: Tensor, target_mask: Tensor, threshold: float = 0.5) -> Tensor:
+    """Silhouette IoU of each image: rendered opacity against the true mask, both binarised at ``threshold``.
+
+    Args:
+        pred_alpha: ``(*B, 1, H, W)`` rendered opacity (accumulated alpha) in ``[0, 1]``.
+        target_mask: ``(*B, 1, H, W)`` ground-truth mask.
+
+    Returns:
+        ``(*B)`` intersection over union; 1 where both silhouettes are empty.
+    """
+    dims: dict = {}
+    check_shape(pred_alpha, "*B 1 H W", "pred_alpha", dims)
+    check_shape(target_mask, "*B 1 H W", "target_mask", dims)
+    p = pred_alpha > threshold
+    t = target_mask.to(pred_alpha.device) > threshold
+    inter = (p & t).flatten(-3).sum(-1).double()
+    union = (p | t).flatten(-3).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).to(torch.promote_types(pred_alpha.dtype, torch.float32))
 
 
 class _MeanOfImages(Metric):

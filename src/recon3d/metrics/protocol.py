@@ -20,7 +20,8 @@ its state and the LPIPS network to the right device), feeds it from ``validation
 ``sync_dist=False``.
 
 **Names** (only those that were fed appear): ``psnr``, ``ssim``, ``lpips`` (full images), plus
-``psnr_masked``, ``ssim_masked``, ``lpips_masked`` when masks are given; ``cd``, ``fscore``,
+``psnr_masked``, ``ssim_masked``, ``lpips_masked`` when masks are given, ``mask_iou`` (rendered
+opacity vs the true mask, binarised at 0.5) when asked for and both are given; ``cd``, ``fscore``,
 ``precision``, ``recall``, ``nc`` (when normals are given), ``iou`` (meshes or occupancies);
 ``rre``, ``te``, ``acc@15``, ``acc@30`` (poses).
 
@@ -63,7 +64,7 @@ from recon3d.metrics.geometry import (
     occupancy_iou,
     sample_surface,
 )
-from recon3d.metrics.image import psnr, ssim
+from recon3d.metrics.image import mask_iou, psnr, ssim
 from recon3d.metrics.lpips import LPIPSNet, LPIPSWeightsNotFoundError
 from recon3d.metrics.pose import relative_rotation_errors, translation_errors
 from recon3d.utils.checks import check_shape
@@ -73,11 +74,13 @@ __all__ = ["EvaluationProtocol", "PerObjectTable", "METRIC_NAMES"]
 
 #: Every name the protocol can report, in column order.
 METRIC_NAMES: tuple[str, ...] = (
-    "psnr", "ssim", "lpips", "psnr_masked", "ssim_masked", "lpips_masked",
+    "psnr", "ssim", "lpips", "psnr_masked", "ssim_masked", "lpips_masked", "mask_iou",
     "cd", "fscore", "precision", "recall", "nc", "iou",
     "rre", "te", "acc@15", "acc@30",
 )  # fmt: skip
 _INDEX = {n: i for i, n in enumerate(METRIC_NAMES)}
+#: The image metrics a protocol can be asked for.
+IMAGE_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "mask_iou")
 _ID_BYTES = 128
 
 
@@ -154,7 +157,8 @@ class EvaluationProtocol(nn.Module):
     """The shared evaluation protocol (see the module docstring for names and aggregation).
 
     Args:
-        image_metrics: subset of ``("psnr", "ssim", "lpips")``.
+        image_metrics: subset of ``("psnr", "ssim", "lpips", "mask_iou")``; ``mask_iou`` is the
+            silhouette IoU of the rendered opacity against the true mask (needs both).
         geometry_preset: a preset name (``gtr``, ``ssr``, ``m3d``, ``mvboost``, ``reconviagen``,
             ``raw``) or a :class:`~recon3d.metrics.geometry.GeometryProtocol`.
         lpips_net: ``"vgg"`` or ``"alex"``.
@@ -182,9 +186,9 @@ class EvaluationProtocol(nn.Module):
         lpips_chunk: int = 8,
     ) -> None:
         super().__init__()
-        bad = set(image_metrics) - {"psnr", "ssim", "lpips"}
+        bad = set(image_metrics) - set(IMAGE_METRICS)
         if bad:
-            raise ValueError(f"image_metrics: unknown {sorted(bad)}; expected a subset of ('psnr', 'ssim', 'lpips')")
+            raise ValueError(f"image_metrics: unknown {sorted(bad)}; expected a subset of {IMAGE_METRICS}")
         self.geometry = get_preset(geometry_preset)
         self.num_points = int(num_points) if num_points is not None else self.geometry.num_points
         self.seed = int(seed)
@@ -215,15 +219,21 @@ class EvaluationProtocol(nn.Module):
         return g
 
     @torch.no_grad()
-    def update_views(self, object_ids: Sequence[str], pred: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
+    def update_views(self, object_ids: Sequence[str], pred: Tensor, target: Tensor, mask: Tensor | None = None,
+                     pred_alpha: Tensor | None = None) -> None:
         """Rendered views vs targets: ``pred``, ``target`` ``(B, V, 3, H, W)`` in ``[0, 1]``;
-        optional ``mask`` ``(B, V, 1, H, W)`` adds the ``*_masked`` (object-only) metrics."""
+        optional ``mask`` ``(B, V, 1, H, W)`` adds the ``*_masked`` (object-only) metrics, and with
+        the rendered opacity ``pred_alpha`` ``(B, V, 1, H, W)`` the silhouette ``mask_iou``."""
         dims: dict = {}
         check_shape(pred, "B V 3 H W", "pred", dims)
         check_shape(target, "B V 3 H W", "target", dims)
         if mask is not None:
             check_shape(mask, "B V 1 H W", "mask", dims)
+        if pred_alpha is not None:
+            check_shape(pred_alpha, "B V 1 H W", "pred_alpha", dims)
         ids = self._check_ids(object_ids, dims["B"])
+        if "mask_iou" in self.image_metrics and mask is not None and pred_alpha is not None:
+            self._add_view_rows(ids, "mask_iou", mask_iou(pred_alpha.float(), mask))
         pred, target = pred.float(), target.to(pred.device).float()
         masks = [None] if mask is None else [None, mask.to(pred.device).float()]
         for m in masks:

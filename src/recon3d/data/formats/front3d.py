@@ -22,9 +22,24 @@ axes**: SSR flips camera y and z before applying it), ``camera_intrinsics`` (pix
 
 Coordinate chain (SSR): ``p_obj = world_to_obj(p_world)`` (inverse of ``[obj_rot | obj_tran]``),
 ``p_model = p_obj / obj_scale``, ``p_cube = (p_model - centroid) * none_equal_scale``; the grid is
-sampled with ``grid_sample(align_corners=True)`` at ``((p_cube + 1) / spacing / R - 0.5) * 2``
-in ``(z, y, x)`` order. (SSR's own mapping sends voxel index ``R`` rather than ``R - 1`` to +1;
-it is reproduced as is, since it defines the ground truth the published numbers used.)
+sampled with ``grid_sample(align_corners=True)`` in ``(z, y, x)`` order.
+
+Voxel-to-cube mapping, ``grid_mapping`` (see ``docs/front3d.md``). SSR's generator
+(``mesh_to_voxels_padding``, spacing ``(extent + padding) / (R - 1)``) stores voxel ``j`` at cube
+coordinate ``-1 + j * spacing`` with ``spacing = 2 / (R - 1)``: the grid spans the cube end to end,
+and SSR's ``voxel_index2obj_coordinate`` maps indices to points the same way. SSR's lookup
+(``voxel_index2grid_sample``) divides the index by ``R`` instead of ``R - 1``, so it reads voxel
+``j`` at ``-1 + j * spacing * R / (R - 1)``: the field is stretched by ``R / (R - 1)`` away from
+the cube's ``(-1, -1, -1)`` corner and the last voxel lands one step past the box. A surface point
+at cube ``q`` appears at ``-1 + (q + 1) * R / (R - 1)`` (up to ``2 / (R - 1)`` ≈ 3 % of the cube
+half-width, several cm for a bed), while the image, mask and depth show it at ``q``.
+
+- ``"ssr"`` (default): SSR's lookup, reproduced as is: it defines the ground-truth SDF targets and
+  the reference surfaces (``label_cube.ply``) behind the published numbers.
+- ``"exact"``: voxel ``j`` read at ``-1 + j * spacing``: the SDF targets and surface agree with the
+  RGB/mask/depth of the same sample (M3D's stage-2 losses), but not with SSR's evaluation surfaces.
+
+SSR's near-surface samples are taken at ``-1 + j * spacing`` in both modes (as SSR does).
 
 What a sample is in recon3d's conventions:
 
@@ -61,9 +76,9 @@ import torch.nn.functional as F
 from recon3d.data.base import ObjectDataset, RawViews, load_image, resolve_inside
 from recon3d.data.batch import Geometry
 from recon3d.data.cameras import OPENGL_TO_OPENCV, Cameras
-from recon3d.errors import DataError, ShapeError
+from recon3d.errors import ConfigError, DataError, ShapeError
 
-__all__ = ["Front3DDataset", "FRONT3D_CLASSES", "sample_sdf_grid", "MASK_PADDING"]
+__all__ = ["Front3DDataset", "FRONT3D_CLASSES", "GRID_MAPPINGS", "sample_sdf_grid", "voxel_step", "MASK_PADDING"]
 
 #: SSR's class order (``category_label_mapping``).
 FRONT3D_CLASSES = ("table", "sofa", "cabinet", "night_stand", "chair", "bookshelf", "bed", "desk", "dresser")
@@ -112,15 +127,35 @@ def _mat(obj: dict, key: str, shape: tuple[int, ...], path: Path) -> np.ndarray:
     return arr
 
 
-def sample_sdf_grid(voxels: torch.Tensor, cube_points: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
-    """SSR's trilinear lookup: ``voxels (R, R, R)`` indexed ``[x, y, z]``, ``cube_points (S, 3)`` -> ``(S,)``.
+#: Voxel-to-cube mappings of the SDF grid (module docstring).
+GRID_MAPPINGS = ("ssr", "exact")
 
-    Grid coordinate ``((p + 1) / spacing / R - 0.5) * 2`` in ``(z, y, x)`` order, border padding,
-    ``align_corners=True`` (``utils/sdf_util.py``: ``obj_coordinate2voxel_index`` and
-    ``voxel_index2grid_sample``).
+
+def voxel_step(spacing: torch.Tensor, resolution: int, mapping: str = "ssr") -> torch.Tensor:
+    """Cube-coordinate distance between neighbouring voxels as ``mapping`` reads the grid.
+
+    Voxel ``j`` sits at ``-1 + j * voxel_step``: ``spacing * R / (R - 1)`` for ``"ssr"``,
+    ``spacing`` for ``"exact"``; ``spacing`` a scalar or ``(3,)`` tensor, same shape out.
     """
+    if mapping not in GRID_MAPPINGS:
+        raise ConfigError(f"grid mapping: expected one of {GRID_MAPPINGS}, got {mapping!r}")
+    return spacing * resolution / (resolution - 1) if mapping == "ssr" else spacing
+
+
+def sample_sdf_grid(voxels: torch.Tensor, cube_points: torch.Tensor, spacing: torch.Tensor, mapping: str = "ssr") -> torch.Tensor:
+    """Trilinear lookup: ``voxels (R, R, R)`` indexed ``[x, y, z]``, ``cube_points (S, 3)`` -> ``(S,)``.
+
+    ``"ssr"``: SSR's grid coordinate ``((p + 1) / spacing / R - 0.5) * 2`` (``utils/sdf_util.py``:
+    ``obj_coordinate2voxel_index`` and ``voxel_index2grid_sample``), which reads voxel ``j`` at
+    ``-1 + j * spacing * R / (R - 1)``. ``"exact"``: ``((p + 1) / spacing / (R - 1) - 0.5) * 2``,
+    voxel ``j`` at ``-1 + j * spacing``, where SSR's generator put it (module docstring).
+    Both: ``(z, y, x)`` order, border padding, ``align_corners=True``.
+    """
+    if mapping not in GRID_MAPPINGS:
+        raise ConfigError(f"grid mapping: expected one of {GRID_MAPPINGS}, got {mapping!r}")
     r = voxels.shape[-1]
-    g = ((cube_points + 1.0) / spacing / r - 0.5) * 2
+    # "ssr" keeps SSR's arithmetic operation for operation (index / R); "exact" divides by R - 1
+    g = ((cube_points + 1.0) / spacing / (r if mapping == "ssr" else r - 1) - 0.5) * 2
     grid = g[:, [2, 1, 0]].view(1, 1, 1, -1, 3).to(voxels.dtype)
     out = F.grid_sample(voxels[None, None], grid, mode="bilinear", padding_mode="border", align_corners=True)
     return out.view(-1)
@@ -159,6 +194,12 @@ class Front3DDataset(ObjectDataset):
         surface_upsample: trilinear upsampling of the grid before marching cubes: 1 extracts on
             the 64^3 grid; 4 reads it at ``4 (R - 1) + 1`` points a side, SSR's 256^3 extraction
             (sub-voxel differences only; costs ~64x the memory and time per object).
+        grid_mapping: how voxel indices map to cube coordinates, for the SDF targets and the
+            surface samples alike (module docstring, ``docs/front3d.md``): ``"ssr"`` (default:
+            SSR's lookup, the reference surfaces of the published numbers; the last voxel sits
+            one step past the box, so the surface is up to ``2 / (R - 1)`` of the cube half-width
+            off the image/mask/depth) or ``"exact"`` (voxel ``j`` at ``-1 + j * spacing``,
+            consistent with the rendered views; not SSR's evaluation protocol).
         seed: base seed for SDF sampling (``load_geometry`` also takes a generator).
     """
 
@@ -180,6 +221,7 @@ class Front3DDataset(ObjectDataset):
         load_normals: bool = False,
         num_surface_points: int = 0,
         surface_upsample: int = 1,
+        grid_mapping: Literal["ssr", "exact"] = "ssr",
         seed: int = 0,
     ):
         self.root = Path(root)
@@ -197,6 +239,9 @@ class Front3DDataset(ObjectDataset):
         if int(surface_upsample) < 1:
             raise DataError(self.root, f"surface_upsample: expected an integer >= 1, got {surface_upsample!r}")
         self.surface_upsample = int(surface_upsample)
+        if grid_mapping not in GRID_MAPPINGS:
+            raise ConfigError(f"Front3DDataset grid_mapping: expected one of {GRID_MAPPINGS}, got {grid_mapping!r}")
+        self.grid_mapping = grid_mapping
         self.items: list[_Item] = []
         for sp in [split] if isinstance(split, str) else list(split):
             path = Path(sp) if Path(sp).is_absolute() else self.root / sp
@@ -386,10 +431,11 @@ class Front3DDataset(ObjectDataset):
             if len(idx) == 0:
                 raise DataError(vpath, "SDF grid has no voxel with |sdf| < 0.1 (no surface); expected an object inside the grid")
             pick = idx[torch.randint(len(idx), (n_near,), generator=g)]
-            cube = pick * sp - 1.0  # SSR voxel_index2obj_coordinate with voxel_range 1
+            # SSR's voxel_index2obj_coordinate (voxel_range 1): where the generator put voxel j, in both mappings
+            cube = pick * sp - 1.0
             obj_pts.append((cube / ne + cen) * sc + torch.randn(n_near, 3, generator=g) * self.surface_noise)
         pts = torch.cat(obj_pts)
-        sdf = sample_sdf_grid(voxels, (pts / sc - cen) * ne, sp)
+        sdf = sample_sdf_grid(voxels, (pts / sc - cen) * ne, sp, self.grid_mapping)
         if self.sdf_units == "object":
             sdf = sdf / ne.mean() * sc.mean()
         geo = Geometry(sdf_points=pts, sdf_values=sdf)
@@ -398,13 +444,13 @@ class Front3DDataset(ObjectDataset):
         return geo
 
     def _surface_samples(self, voxels, sp, cen, ne, sc, vpath: Path, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Area-weighted samples (object frame) on the grid's zero level set, in the grid lookup's frame."""
+        """Area-weighted samples (object frame) on the grid's zero level set, where ``grid_mapping`` reads it."""
         from recon3d.metrics.geometry import sample_surface
         from recon3d.render.isosurface import EmptySurfaceError, marching_cubes_fast
 
         r = voxels.shape[-1]
-        # sample_sdf_grid reads voxel i at cube coordinate -1 + i * spacing * R / (R - 1)
-        hi = (sp * r - 1.0).tolist()
+        # the box spanned by voxels 0 .. R-1 as sample_sdf_grid reads them (ssr: one step past +1)
+        hi = (voxel_step(sp, r, self.grid_mapping) * (r - 1) - 1.0).tolist()
         if self.surface_upsample > 1:
             # align_corners=True keeps the original voxels as grid points: exact trilinear reads
             side = self.surface_upsample * (r - 1) + 1

@@ -1,6 +1,6 @@
 """3D-FRONT ``grid_mapping``: where SSR's and the exact voxel mapping put a bed, and M3D's stage-2 losses.
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/front3d_grid_mapping.py [--small] [--rays N] [--draws K]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/front3d_grid_mapping.py [--small] [--rays N] [--draws K]
 
 The sample is ``tests/data/front3d_box.py``'s bed-sized box in SSR's layout at 3D-FRONT's camera
 (484 x 648, f = 584; ``--small``: 1/8 of it). Printed:

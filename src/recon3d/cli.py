@@ -15,6 +15,13 @@ a *new* stage from an earlier checkpoint, pass the weights with ``--model.init_w
 (weights only) instead. Run-control settings (steps, devices, callbacks, logging) live in
 ``trainer``, never in the model's hyper-parameters, so they always come from the command line.
 
+Changing a part's class (``class_path`` in a later ``-c`` file or on the command line, e.g.
+``--data.dataset.class_path recon3d.data.formats.BlenderDataset``) starts that part from the new
+class's defaults: the init_args given for the previous class are dropped, also those the new class
+happens to accept. jsonargparse alone keeps every init_arg the new class accepts (its documented
+rule, jsonargparse #460 / Lightning #15796), so a synthetic set's ``num_surface_points: 2048``
+would silently reach a 3D-FRONT dataset. Give init_args after the class_path that they belong to.
+
 Reliability defaults (:mod:`recon3d.utils.ckpt_io`): checkpoints are written atomically
 (:class:`~recon3d.utils.ckpt_io.AtomicCheckpointIO`, unless the config names another
 ``CheckpointIO`` plugin) and read weights-only; a checkpoint that needs pickled code is refused
@@ -25,6 +32,7 @@ unless ``--allow_pickle true`` is given; every rank's RNG state travels in the c
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from pathlib import Path
@@ -36,6 +44,45 @@ EXTRA_COMMANDS = {
     "export": "recon3d.commands.export",
     "bench": "recon3d.commands.bench",
 }
+
+
+def _drop_init_args_on_class_change(parser_or_action, prev_val, value) -> None:
+    """jsonargparse's hook for a class_path change, made to drop *all* previous init_args.
+
+    ``prev_val`` / ``value``: the previous and the new subclass spec (``class_path`` +
+    ``init_args``); ``prev_val`` is edited in place, as jsonargparse's own hook does.
+    """
+    if prev_val and "init_args" in prev_val and "class_path" in value and prev_val["class_path"] != value["class_path"]:
+        prev_val.pop("init_args")
+
+
+@contextlib.contextmanager
+def class_change_resets_init_args():
+    """While active, a class_path change discards the previous class's init_args (module docstring).
+
+    jsonargparse has no setting for this; its one hook (``discard_init_args_on_class_path_change``
+    in ``jsonargparse._typehints``, used for config-file merges and command-line values alike) is
+    swapped for the duration of a parse. A jsonargparse without that hook is refused with one
+    line rather than silently leaking init_args (``tests/test_cli_class_change.py`` pins it).
+    """
+    from jsonargparse import _typehints
+
+    from recon3d.errors import ConfigError
+
+    name = "discard_init_args_on_class_path_change"
+    original = getattr(_typehints, name, None)
+    if not callable(original):  # pragma: no cover - guards a jsonargparse refactor
+        import jsonargparse
+
+        raise ConfigError(
+            f"jsonargparse {jsonargparse.__version__} has no {name} hook; recon3d cannot keep init_args from leaking "
+            "across a class_path change (pin jsonargparse to a version with it)"
+        )
+    setattr(_typehints, name, _drop_init_args_on_class_change)
+    try:
+        yield
+    finally:
+        setattr(_typehints, name, original)
 
 
 def _lightning_cli_class():
@@ -72,6 +119,10 @@ def _lightning_cli_class():
             # with a usage dump; applies to the main parser and every subcommand parser.
             kwargs.setdefault("exit_on_error", False)
             return super().init_parser(**kwargs)
+
+        def parse_arguments(self, parser, args) -> None:
+            with class_change_resets_init_args():
+                super().parse_arguments(parser, args)
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument(

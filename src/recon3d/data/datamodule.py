@@ -11,6 +11,14 @@ View sampling per split:
 - ``"fixed"``: inputs evenly spaced around the view list, targets the next evenly spaced
   views among the rest — identical every epoch, for comparable evaluation.
 
+Non-square views (photos): ``square="error"`` (default) refuses to resize them to a square
+resolution (it would distort them); ``"center_crop"`` keeps the central ``min(H, W)`` square,
+``"pad"`` pads to ``max(H, W)`` with the background colour (alpha 0, depth 0). Both shift the
+principal point by the integer offset, so every 3D point projects onto the same image content;
+then the resize scales ``K`` about pixel edges. Padding suits masked captures (the band is
+background); for full-frame photos without masks it would be supervised as background colour,
+so prefer ``center_crop`` there.
+
 Bad items: with ``on_bad_sample="raise"`` (default) a :class:`~recon3d.errors.DataError` stops
 the run with its one-line message; with ``"skip"`` the object is dropped from its batch, counted,
 and reported at the end of the epoch (``Batch.skipped``; ``ReconModule`` logs it).
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 
 Background = Literal["white", "black", "random"] | tuple[float, float, float]
 Split = Literal["train", "val", "test", "predict"]
+Square = Literal["error", "center_crop", "pad"]
 
 
 def _background_color(background, g: torch.Generator) -> tuple[float, float, float]:
@@ -59,6 +68,25 @@ def _resize(x: torch.Tensor | None, size: int | None, mode: str) -> torch.Tensor
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def _square_offsets(width: int, height: int, mode: str) -> tuple[int, int, int]:
+    """``(left, top, side)`` of the square window in image coordinates (negative: padding)."""
+    side = min(width, height) if mode == "center_crop" else max(width, height)
+    return (width - side) // 2, (height - side) // 2, side
+
+
+def _to_square(x: torch.Tensor | None, left: int, top: int, side: int, fill: tuple[float, ...] | float = 0.0) -> torch.Tensor | None:
+    """Window ``x (V, C, H, W)`` to ``[top:top+side, left:left+side]``, filling outside with ``fill`` per channel."""
+    if x is None:
+        return None
+    V, C, H, W = x.shape
+    out = torch.as_tensor(fill, dtype=x.dtype).reshape(1, -1, 1, 1).expand(V, C, side, side).clone()
+    # Overlap of the source rows/cols [0, H) x [0, W) with the window, in both frames.
+    y0, x0 = max(0, top), max(0, left)
+    y1, x1 = min(H, top + side), min(W, left + side)
+    out[:, :, y0 - top : y1 - top, x0 - left : x1 - left] = x[:, :, y0:y1, x0:x1]
+    return out
+
+
 class ViewSamplingDataset(Dataset):
     """Map-style dataset of ``(object_index, epoch)`` → :class:`Sample` (``None`` if skipped)."""
 
@@ -75,8 +103,10 @@ class ViewSamplingDataset(Dataset):
         with_geometry: bool,
         seed: int,
         on_bad_sample: Literal["raise", "skip"],
+        square: Square = "error",
     ):
         self.source = source
+        self.square = square
         self.n_in, self.n_tgt = num_input_views, num_target_views
         self.view_sampling = view_sampling
         self.supervise_inputs = supervise_inputs
@@ -119,16 +149,29 @@ class ViewSamplingDataset(Dataset):
                 raise DataError(self.source.name, f"mask size {tuple(alpha.shape[-2:])} differs from image size {tuple(rgb.shape[-2:])}")
             rgb = rgb * alpha + torch.tensor(bg).view(1, 3, 1, 1) * (1 - alpha)
         cams = raw.cameras
+        depths, normals = raw.depths, raw.normals
+        if cams.width != cams.height and self.square != "error":
+            # Integer window: K shifts by whole pixels, so the content under every projected
+            # point is unchanged (no resampling here; the resize below is the only one).
+            left, top, side = _square_offsets(cams.width, cams.height, self.square)
+            rgb = _to_square(rgb, left, top, side, bg)
+            alpha = _to_square(alpha, left, top, side, 0.0)
+            depths = _to_square(depths, left, top, side, 0.0)
+            normals = _to_square(normals, left, top, side, 0.0)
+            cams = cams.cropped(left, top, side, side)
         if size is not None and (cams.width, cams.height) != (size, size):
             if cams.width != cams.height:
-                raise ConfigError(f"resolution: resizing non-square images ({cams.width}x{cams.height}) to {size}x{size} would distort them")
+                raise ConfigError(
+                    f"resolution: resizing non-square images ({cams.width}x{cams.height}) to {size}x{size} would distort "
+                    "them; set data.square: center_crop or pad"
+                )
             cams = cams.resized(size, size)
         return Views(
             images=_resize(rgb, size, "bilinear").clamp(0, 1),
             cameras=cams,
             masks=None if alpha is None else _resize(alpha, size, "bilinear").clamp(0, 1),
-            depths=_resize(raw.depths, size, "nearest"),
-            normals=_resize(raw.normals, size, "nearest"),
+            depths=_resize(depths, size, "nearest"),
+            normals=_resize(normals, size, "nearest"),
         )
 
     def __getitem__(self, item: tuple[int, int] | int) -> Sample | tuple[str, str]:
@@ -182,6 +225,9 @@ class ReconDataModule(L.LightningDataModule):
         eval_view_sampling: ``"random"`` or ``"fixed"`` for val/test/predict.
         input_resolution: resize input views to this square size (None: keep).
         target_resolution: resize supervision views to this square size (None: keep).
+        square: non-square views: ``"error"`` (refuse a resize that would distort them; kept
+            as they are when no resize is asked), ``"center_crop"`` or ``"pad"`` (to a square
+            first, ``K`` shifted exactly; see the module docstring).
         background: ``"white"``, ``"black"``, ``"random"`` or ``[r, g, b]``.
         with_geometry: load ground-truth geometry (surface points, SDF samples, mesh path).
         batch_size: objects per batch (per process).
@@ -212,6 +258,7 @@ class ReconDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         on_bad_sample: Literal["raise", "skip"] = "raise",
+        square: Square = "error",
     ):
         super().__init__()
         if num_input_views < 1 or num_target_views < 0 or batch_size < 1:
@@ -221,6 +268,9 @@ class ReconDataModule(L.LightningDataModule):
             )
         if on_bad_sample not in ("raise", "skip"):
             raise ConfigError(f"data.on_bad_sample: expected 'raise' or 'skip', got {on_bad_sample!r}")
+        if square not in ("error", "center_crop", "pad"):
+            raise ConfigError(f"data.square: expected 'error', 'center_crop' or 'pad', got {square!r}")
+        self.square = square
         self.dataset, self.val_dataset, self.test_dataset = dataset, val_dataset, test_dataset
         self.num_val_objects, self.num_test_objects = num_val_objects, num_test_objects
         self.num_input_views, self.num_target_views = num_input_views, num_target_views
@@ -281,6 +331,7 @@ class ReconDataModule(L.LightningDataModule):
             self.with_geometry,
             self.seed,
             self.on_bad_sample,
+            self.square,
         )
 
     def _world(self) -> tuple[int, int]:

@@ -17,13 +17,22 @@ Conversion: ``c2w_cv = transform_matrix @ diag(1, -1, -1, 1)``; ``fx = fl_x`` or
 A root that holds a transforms file is one object; otherwise each sub-folder that holds one is
 an object. Image and mask paths in the JSON must stay inside their object folder (``..`` or
 absolute paths that leave it are refused); the object folder itself may be a symlink.
+
+Real captures (nerfstudio ``ns-process-data``, instant-ngp ``colmap2nerf``) add lens keys
+(``k1 k2 k3 k4 p1 p2``, ``camera_model``, ``is_fisheye``; see :mod:`._lens`): by default the
+images are undistorted with OpenCV at load time onto the same pinhole ``K`` (``distortion:
+undistort``), or refused with the keys named (``distortion: error``); never ignored. Published
+scenes often list frames whose files were pruned: ``missing_frames: skip`` drops them (one
+warning with the count), the default ``error`` stops at the first one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,6 +50,7 @@ from recon3d.data.formats._common import (
     to_uint8,
     write_json,
 )
+from recon3d.data.formats._lens import LENS_KEYS, Lens, parse_lens, undistort
 from recon3d.errors import DataError
 
 __all__ = ["BlenderDataset", "write_blender"]
@@ -55,12 +65,15 @@ class _Frame:
     mask: Path | None
     c2w_gl: np.ndarray  # (4, 4) or (3, 4)
     intr: dict
+    lens: Lens | None = None
 
 
 @dataclass
 class _Meta:
     json_path: Path
     frames: list[_Frame]
+    #: frames listed in the manifest whose image (or mask) file is absent (``missing_frames: skip``)
+    skipped: list[Path] = field(default_factory=list)
 
 
 class BlenderDataset(FolderDataset):
@@ -72,6 +85,14 @@ class BlenderDataset(FolderDataset):
             with only ``transforms.json`` uses it for every split.
         scale: multiplies camera positions (to bring a scene into ``[-1, 1]^3``; NeRF-synthetic
             scenes span about ``[-1.5, 1.5]^3``, so ``scale: 0.67`` normalises them).
+        missing_frames: ``"error"`` (default): a listed frame whose image (or mask) file is
+            absent stops the load naming the file; ``"skip"``: such frames are dropped from the
+            object's views and counted in one warning when the dataset is built (every manifest
+            is read then, instead of lazily).
+        distortion: ``"undistort"`` (default): frames with lens distortion keys are resampled
+            with OpenCV onto the same pinhole ``K`` at load time (maps cached per camera);
+            ``"error"``: such frames are refused, naming the keys. Unsupported lens models are
+            refused either way.
 
     ``load_views`` returns ``rgb (V, 3, H, W)``, ``alpha (V, 1, H, W)`` (from RGBA files or
     ``mask_path``; None for RGB files without masks) and OpenCV cameras ``(V,)``.
@@ -79,12 +100,24 @@ class BlenderDataset(FolderDataset):
 
     name = "Blender transforms.json dataset"
 
-    def __init__(self, root: str, split: str = "train", scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        scale: float = 1.0,
+        missing_frames: Literal["error", "skip"] = "error",
+        distortion: Literal["undistort", "error"] = "undistort",
+    ) -> None:
         super().__init__(root)
         self.split = str(split)
         self.scale = float(scale)
         if not math.isfinite(self.scale) or self.scale <= 0:
             raise DataError(self.root, f"scale: expected a positive number, got {scale!r}")
+        if missing_frames not in ("error", "skip"):
+            raise DataError(self.root, f"missing_frames: expected 'error' or 'skip', got {missing_frames!r}")
+        if distortion not in ("undistort", "error"):
+            raise DataError(self.root, f"distortion: expected 'undistort' or 'error', got {distortion!r}")
+        self.missing_frames, self.distortion = missing_frames, distortion
         if self._find_json(self.root) is not None:
             dirs = [self.root]
         else:
@@ -92,6 +125,21 @@ class BlenderDataset(FolderDataset):
         self._set_objects(
             dirs, [d.name for d in dirs], f"transforms_{self.split}.json or transforms.json in it or in its sub-folders"
         )
+        if self.missing_frames == "skip":
+            self._report_skipped()
+
+    def _report_skipped(self) -> None:
+        # Read every manifest now so the count is known once, here, and not per object and
+        # per worker as views are loaded.
+        metas = [self._meta(i) for i in range(len(self))]
+        skipped = [p for m in metas for p in m.skipped]
+        if skipped:
+            listed = sum(len(m.frames) + len(m.skipped) for m in metas)
+            warnings.warn(
+                f"{self.root}: skipped {len(skipped)} of {listed} frames listed in the transforms files "
+                f"(image or mask file missing; missing_frames: skip), e.g. {skipped[0]}",
+                stacklevel=3,
+            )
 
     def _find_json(self, folder: Path) -> Path | None:
         for name in (f"transforms_{self.split}.json", "transforms.json"):
@@ -113,8 +161,8 @@ class BlenderDataset(FolderDataset):
             raise DataError(path, "expected a 'frames' list of {file_path, transform_matrix}")
         if not frames:
             raise DataError(path, "'frames' is empty; expected at least one view")
-        top = {k: data[k] for k in _INTRINSIC_KEYS if k in data}
-        out = []
+        top = {k: data[k] for k in _INTRINSIC_KEYS + LENS_KEYS if k in data}
+        out, skipped = [], []
         for i, fr in enumerate(frames):
             if not isinstance(fr, dict):
                 raise DataError(path, f"frames[{i}]: expected an object with file_path and transform_matrix")
@@ -138,14 +186,25 @@ class BlenderDataset(FolderDataset):
             if not np.isfinite(c2w).all():
                 raise DataError(path, f"frames[{i}].transform_matrix contains NaN or inf values")
             intr = dict(top)
-            intr.update({k: fr[k] for k in _INTRINSIC_KEYS if k in fr})
-            for k, v in intr.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            intr.update({k: fr[k] for k in _INTRINSIC_KEYS + LENS_KEYS if k in fr})
+            for k in _INTRINSIC_KEYS:
+                v = intr.get(k)
+                if k in intr and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                     raise DataError(path, f"{k} (frame {i}): expected a finite number, got {v!r}")
             if "fl_x" not in intr and "camera_angle_x" not in intr:
                 raise DataError(path, f"frame {i}: expected 'camera_angle_x' or 'fl_x' (focal length) at top level or in the frame")
-            out.append(_Frame(image, mask, c2w, intr))
-        return _Meta(path, out)
+            lens = parse_lens(intr, path, i)
+            if lens is not None and self.distortion == "error":
+                raise DataError(
+                    path, f"frame {i}: lens distortion {lens.describe()}; set distortion: undistort to correct it at load time"
+                )
+            if self.missing_frames == "skip" and not (image.is_file() and (mask is None or mask.is_file())):
+                skipped.append(image if not image.is_file() else mask)
+                continue
+            out.append(_Frame(image, mask, c2w, {k: intr[k] for k in _INTRINSIC_KEYS if k in intr}, lens))
+        if not out:
+            raise DataError(path, f"none of the {len(frames)} listed frames has its image file on disk (missing_frames: skip)")
+        return _Meta(path, out, skipped)
 
     def _image_path(self, json_path: Path, folder: Path, fp: str, i: int) -> Path:
         what = f"frames[{i}].file_path in {json_path.name}"
@@ -170,6 +229,9 @@ class BlenderDataset(FolderDataset):
         size = None
         if frames and "w" in frames[0].intr and "h" in frames[0].intr:
             size = (int(frames[0].intr["h"]), int(frames[0].intr["w"]))
+        for f in frames:
+            if not f.image.is_file():
+                raise DataError(f.image, f"image file not found (listed in {meta.json_path.name}; missing_frames: skip drops such frames)")
         rgb, alpha = load_view_images([f.image for f in frames], size)
         H, W = rgb.shape[-2:]
         if any(f.mask is not None for f in frames):
@@ -196,6 +258,16 @@ class BlenderDataset(FolderDataset):
             c2w = f.c2w_gl.copy()
             c2w[:3, 3] *= self.scale
             c2ws.append(c2w if c2w.shape == (4, 4) else np.concatenate([c2w, [[0.0, 0.0, 0.0, 1.0]]], 0))
+        if any(f.lens is not None for f in frames):
+            # Undistort after the mask is attached so colour and alpha stay registered.
+            rgb, alpha = rgb.clone(), None if alpha is None else alpha.clone()
+            for i, f in enumerate(frames):
+                if f.lens is not None:
+                    both = rgb[i] if alpha is None else torch.cat([rgb[i], alpha[i]], 0)
+                    both = undistort(both, np.asarray(Ks[i]), f.lens)
+                    rgb[i] = both[:3]
+                    if alpha is not None:
+                        alpha[i] = both[3:]
         c2w_t = torch.from_numpy(np.stack(c2ws) if c2ws else np.zeros((0, 4, 4))).float()
         K_t = torch.tensor(Ks, dtype=torch.float32).reshape(-1, 3, 3)
         cams = build_cameras(meta.json_path, lambda: Cameras.from_opengl(c2w_t, K_t, W, H))

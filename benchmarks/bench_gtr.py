@@ -5,8 +5,9 @@
 (b) held-out PSNR / SSIM of a trained checkpoint (the demo's, if present) against the same model
     untrained and against a constant-colour silhouette baseline (ground-truth mask filled with the
     mean input colour — an oracle-silhouette lower bar);
-(c) training-step time and achieved FLOP/s of ``configs/gtr_cpu.yaml`` divided by this machine's
-    measured fp32 matmul throughput (a CPU "MFU");
+(c) training-step time and achieved FLOP/s of ``configs/gtr_cpu.yaml`` (FLOPs from
+    ``recon3d.models.flops``, which adds the CPU attention torch's FlopCounterMode counts as 0)
+    divided by this machine's measured fp32 matmul throughput (a CPU "MFU");
 (d) the paper-scale config in bf16 on a GPU (skipped without CUDA).
 
     python -m benchmarks.bench_gtr [--quick] [--ckpt outputs/demo/gtr/demo/checkpoints/last.ckpt]
@@ -30,20 +31,11 @@ def _cli(args: list[str]):
     return run_lightning_cli(["-c", str(ROOT / "configs/gtr_cpu.yaml"), "--trainer.logger", "false", *args], run=False)
 
 
-def matmul_peak(n: int = 1024, reps: int = 10) -> float:
-    """Measured fp32 matmul FLOP/s of this machine (best of ``reps``)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def bench_step_flops(quick: bool) -> None:
-    from torch.utils.flop_counter import FlopCounterMode
+    """(c): FLOPs of one training step (``recon3d.models.flops.flop_counter``: FlopCounterMode plus
+    the CPU attention formulas it lacks; torch's count alone is printed too), its median wall time,
+    and the ratio to the fp32 matmul peak measured in the same run."""
+    from recon3d.models.flops import flop_counter, matmul_peak
 
     cli = _cli([])
     model, dm = cli.model, cli.datamodule
@@ -51,9 +43,12 @@ def bench_step_flops(quick: bool) -> None:
     batch = next(iter(dm.train_dataloader()))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
-    with FlopCounterMode(display=False) as fc:
-        model.training_losses(batch)["loss"].backward()
-    flops = fc.get_total_flops()
+    counts = {}
+    for name, formulas in (("torch", {}), ("recon3d", None)):
+        with flop_counter(formulas=formulas) as fc:
+            model.training_losses(batch)["loss"].backward()
+        counts[name] = fc.get_total_flops()
+    flops = counts["recon3d"]
     times = []
     for _ in range(3 if quick else 8):
         t = time.perf_counter()
@@ -64,7 +59,8 @@ def bench_step_flops(quick: bool) -> None:
         times.append(time.perf_counter() - t)
     step = sorted(times)[len(times) // 2]
     peak = matmul_peak()
-    print(f"(c) gtr_cpu training step: {step * 1e3:.0f} ms median, {flops / 1e9:.2f} GFLOP/step, "
+    print(f"(c) gtr_cpu training step: {step * 1e3:.0f} ms median, {flops / 1e9:.2f} GFLOP/step "
+          f"(torch FlopCounterMode alone: {counts['torch'] / 1e9:.2f}, no CPU attention), "
           f"{flops / step / 1e9:.2f} GFLOP/s achieved; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
           f"ratio (CPU MFU) {flops / step / peak:.3f}  [{torch.get_num_threads()} threads]")
 

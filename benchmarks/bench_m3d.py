@@ -13,6 +13,9 @@ CD x1000 on squared distances, F-score at τ = 0.002 on squared distances (in %)
 A tiny model trained for minutes on a procedural set says nothing about the paper's 3D-FRONT
 numbers; the table shows that both variants train and evaluate through the same code path and how
 far each gets in the same budget.
+
+Last, the FLOPs of one training step per stage (forward + backward, ``recon3d.models.flops``),
+its time, and their ratio to the fp32 matmul peak measured in the same run (a CPU "MFU").
 """
 
 from __future__ import annotations
@@ -83,6 +86,43 @@ def _evaluate(model, dm, device: str) -> dict[str, float]:
     return res
 
 
+def bench_step_flops(quick: bool, device: str = "cpu", num_objects: int = 10, num_test: int = 3) -> None:
+    """FLOPs per training step of the ``m3d`` variant in each stage (``recon3d.models.flops``:
+    FlopCounterMode plus CPU attention and the fused scan kernel; torch's count alone printed too),
+    median step time, and the ratio to the fp32 matmul peak measured in the same run (CPU "MFU")."""
+    from recon3d.models.flops import flop_counter, matmul_peak
+
+    model, dm = _build("m3d", num_objects, num_test, device)
+    dm.prepare_data()
+    batch = next(iter(dm.train_dataloader())).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    model.train()
+    rows = []
+    for stage in ("sdf", "full"):
+        model.stage = stage
+        counts = {}
+        for name, formulas in (("torch", {}), ("recon3d", None)):
+            with flop_counter(formulas=formulas) as fc:
+                model.training_losses(batch)["loss"].backward()
+            counts[name] = fc.get_total_flops()
+        times = []
+        for _ in range(1 if quick else 5):
+            model.zero_grad(set_to_none=True)
+            sync()
+            t = time.perf_counter()
+            model.training_losses(batch)["loss"].backward()
+            sync()
+            times.append(time.perf_counter() - t)
+        rows.append((stage, counts, sorted(times)[len(times) // 2]))
+    peak = matmul_peak(device=device)
+    print(f"MFU, m3d_cpu training step (forward + backward), fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
+          f"torch threads {torch.get_num_threads()}:")
+    for stage, counts, step in rows:
+        f = counts["recon3d"]
+        print(f"  stage {stage:<4}: {step * 1e3:6.0f} ms, {f / 1e9:.3f} GFLOP (torch FlopCounterMode alone {counts['torch'] / 1e9:.3f}), "
+              f"{f / step / 1e9:.2f} GFLOP/s, MFU {f / step / peak:.3f}")
+
+
 def main(quick: bool = False, device: str = "cpu", steps: int | None = None, seeds: int = 1) -> None:
     """Train ``m3d`` and ``baseline`` for the same steps and print CD / F-score / NC on held-out objects.
 
@@ -115,6 +155,7 @@ def main(quick: bool = False, device: str = "cpu", steps: int | None = None, see
             last = torch.tensor([r[5] for r in rows if r[0] == variant])
             print(f"{variant:<10} L3D last {last.mean():.4f} +- {last.std():.4f}   CD {vals['cd'].mean():.3f} +- {vals['cd'].std():.3f}   "
                   f"F {vals['fscore'].mean():.2f} +- {vals['fscore'].std():.2f}   NC {vals['nc'].mean():.3f} +- {vals['nc'].std():.3f}")
+    bench_step_flops(quick, device, num_objects, num_test)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ Run: ``.venv/bin/python benchmarks/bench_ssm.py [--quick]`` (CPU; the thread cou
    output says. Then forward + backward of the fast backend against the torch scan.
 2. Cost of one MixerBlock (4-direction SSM + conv) vs one self-attention block (sdpa) as the
    token count grows x4 per row: a linear cost grows ~x4, a quadratic one towards ~x16.
+3. The paper-scale Selective Attention Module, forward + backward, torch scan vs ``auto``; FLOPs
+   per step (``recon3d.models.flops``, which counts CPU attention and the fused kernel) and their
+   ratio to the fp32 matmul peak measured in the same run (a CPU "MFU").
 """
 
 from __future__ import annotations
@@ -140,7 +143,9 @@ def bench_deep_encoder(quick: bool, device: str = "cpu") -> None:
     print(f"\n[3] paper-scale SelectiveAttentionModule (dim 256, depths [8, 4], 16x16 tokens), batch {b}, "
           f"forward + backward on {device}")
     x = torch.randn(b, 256, 16, 16, device=device)
-    times = {}
+    from recon3d.models.flops import flop_counter, matmul_peak
+
+    times, counts = {}, {}
     for backend in ("torch", "auto"):
         torch.manual_seed(0)
         sam = SelectiveAttentionModule(256, depths=[8, 4], num_heads=8, d_state=8, backend=backend).to(device)
@@ -150,8 +155,18 @@ def bench_deep_encoder(quick: bool, device: str = "cpu") -> None:
             sam(x).square().mean().backward()
 
         times[backend] = _time(step, 1 if quick else 2)
+        if backend == "auto":
+            for name, formulas in (("torch", {}), ("recon3d", None)):
+                with flop_counter(formulas=formulas) as fc:
+                    step()
+                counts[name] = fc.get_total_flops()
     print(f"scan torch {times['torch'] * 1e3:.0f} ms, scan auto {times['auto'] * 1e3:.0f} ms: "
           f"x{times['torch'] / times['auto']:.2f} for the whole module")
+    peak = matmul_peak(device=device)
+    f = counts["recon3d"]
+    print(f"scan auto: {f / 1e9:.2f} GFLOP per step (recon3d.models.flops; torch FlopCounterMode alone "
+          f"{counts['torch'] / 1e9:.2f}: no CPU attention, no scan kernel), {f / times['auto'] / 1e9:.1f} GFLOP/s; "
+          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; MFU {f / times['auto'] / peak:.3f}")
 
 
 def main(quick: bool = False, device: str = "cpu") -> None:

@@ -191,7 +191,10 @@ def _lightning_cli_class():
         def instantiate_trainer(self, **kwargs):
             from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
+            from lightning.pytorch.callbacks import ProgressBar
+
             from recon3d.utils.ckpt_io import AtomicCheckpointIO, RNGStateCallback
+            from recon3d.utils.progress import Recon3DProgressBar
 
             cfg = self._get(self.config_init, "trainer", default={}) or {}
             plugins = cfg.get("plugins") or []
@@ -208,6 +211,10 @@ def _lightning_cli_class():
             callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
             if not any(isinstance(c, RNGStateCallback) for c in callbacks):
                 callbacks.append(RNGStateCallback())
+            if cfg.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+                # A tqdm bar with loss and ETA in a terminal, one plain line per N steps in a log file.
+                every = cfg.get("log_every_n_steps") or 50
+                callbacks.append(Recon3DProgressBar(log_every_n_steps=max(int(every) * 5, 1)))
             kwargs["callbacks"] = callbacks
             return super().instantiate_trainer(**kwargs)
 

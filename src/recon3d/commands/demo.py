@@ -72,6 +72,53 @@ def main(argv: list[str]) -> int:
         "grids": sorted(str(x) for x in log_dir.glob("*_grid_*.png")),
         "exports": dict(zip(ids, exported)),
     }
+    summary["held_out_objects"] = len({r["object_id"] for r in _per_object_rows(log_dir / "test" / "per_object.csv")}) or None
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    print(summary_table(summary, out))
     return 0
+
+
+def _per_object_rows(path: Path) -> list[dict]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+#: Test metrics shown by the summary table, in order, with their direction.
+_TABLE = (("psnr", "PSNR (dB)", "higher"), ("ssim", "SSIM", "higher"), ("mask_iou", "silhouette IoU", "higher"),
+          ("cd", "Chamfer x100 (gtr preset)", "lower"), ("fscore", "F-score", "higher"), ("nc", "normal consistency", "higher"),
+          ("psnr_masked", "PSNR on the object (dB)", "higher"))
+
+
+def summary_table(summary: dict, out: Path) -> str:
+    """The demo's result as a small plain-text table (``summary.json`` has everything)."""
+    from recon3d.utils.progress import format_duration
+
+    m = {k.split("/", 1)[-1]: v for k, v in summary["test_metrics"].items()}
+    lines = [
+        f"recon3d demo: done in {format_duration(summary['wall_seconds'])} (data {format_duration(summary['data_seconds'])}, "
+        f"training {format_duration(summary['fit_seconds'])} for {summary['steps']} steps on {summary['threads']} threads)",
+        f"held-out objects: {summary.get('held_out_objects') or '?'}",
+        "",
+        f"  {'metric':<28}{'value':>9}",
+        f"  {'-' * 28}{'-' * 9}",
+    ]
+    for key, label, better in _TABLE:
+        if key in m:
+            lines.append(f"  {label + (' ↑' if better == 'higher' else ' ↓'):<28}{m[key]:>9.4g}")
+    missing = [label for key, label, _ in _TABLE[:4] if key not in m]
+    if missing:
+        lines.append(f"  (not measured: {', '.join(missing)}; see test/metrics.json)")
+    n_files = sum(len(v) for v in summary["exports"].values() if isinstance(v, dict))
+    lines += [
+        "",
+        f"checkpoint   {summary['checkpoint'] or '-'}",
+        f"metrics      {summary['test_metrics_csv']} (per object: per_object.csv beside it)",
+        f"grids        {summary['grids'][-1] if summary['grids'] else '-'}" + (f" (+{len(summary['grids']) - 1} more)" if len(summary["grids"]) > 1 else ""),
+        f"exports      {len(summary['exports'])} objects, {n_files} files under {Path(summary['checkpoint']).parents[1] / 'predict' if summary['checkpoint'] else out}",
+        f"summary      {out / 'summary.json'}",
+    ]
+    return "\n".join(lines)

@@ -9,7 +9,9 @@ View sampling per split:
 
 - ``"random"``: a fresh random choice per object and epoch (seeded; see :mod:`.sampling`);
 - ``"fixed"``: inputs evenly spaced around the view list, targets the next evenly spaced
-  views among the rest — identical every epoch, for comparable evaluation.
+  views among the rest — identical every epoch, for comparable evaluation;
+- ``"fixed_inputs"``: inputs as ``"fixed"``, targets random among the other views (training
+  with a fixed input-camera layout, e.g. ``SyntheticDataset(camera_layout="fixed")``).
 
 Non-square views (photos): ``square="error"`` (default) refuses to resize them to a square
 resolution (it would distort them); ``"center_crop"`` keeps the central ``min(H, W)`` square,
@@ -95,7 +97,7 @@ class ViewSamplingDataset(Dataset):
         source: ObjectDataset,
         num_input_views: int,
         num_target_views: int,
-        view_sampling: Literal["random", "fixed"],
+        view_sampling: Literal["random", "fixed", "fixed_inputs"],
         supervise_inputs: bool,
         input_resolution: int | None,
         target_resolution: int | None,
@@ -133,6 +135,12 @@ class ViewSamplingDataset(Dataset):
             rest = [v for v in range(V) if v not in inputs]
             step = max(1, len(rest) // max(1, self.n_tgt))
             targets = rest[::step][: self.n_tgt]
+        elif self.view_sampling == "fixed_inputs":
+            # Fixed inputs (as "fixed"), targets drawn afresh each epoch from the other views.
+            inputs = sorted({round(k * V / self.n_in) % V for k in range(self.n_in)})
+            rest = [v for v in range(V) if v not in inputs]
+            perm = torch.randperm(len(rest), generator=item_generator(self.seed, epoch, index)).tolist()
+            targets = [rest[perm[i % len(rest)]] for i in range(self.n_tgt)] if rest else []
         else:
             perm = torch.randperm(V, generator=item_generator(self.seed, epoch, index)).tolist()
             inputs = perm[: self.n_in]
@@ -221,8 +229,8 @@ class ReconDataModule(L.LightningDataModule):
         num_input_views: input views per object.
         num_target_views: supervision views per object (besides the inputs).
         supervise_inputs: also supervise on the input views (targets = inputs + others).
-        train_view_sampling: ``"random"`` or ``"fixed"`` for training.
-        eval_view_sampling: ``"random"`` or ``"fixed"`` for val/test/predict.
+        train_view_sampling: ``"random"``, ``"fixed"`` or ``"fixed_inputs"`` for training.
+        eval_view_sampling: ``"random"``, ``"fixed"`` or ``"fixed_inputs"`` for val/test/predict.
         input_resolution: resize input views to this square size (None: keep).
         target_resolution: resize supervision views to this square size (None: keep).
         square: non-square views: ``"error"`` (refuse a resize that would distort them; kept
@@ -247,8 +255,8 @@ class ReconDataModule(L.LightningDataModule):
         num_input_views: int = 4,
         num_target_views: int = 4,
         supervise_inputs: bool = True,
-        train_view_sampling: Literal["random", "fixed"] = "random",
-        eval_view_sampling: Literal["random", "fixed"] = "fixed",
+        train_view_sampling: Literal["random", "fixed", "fixed_inputs"] = "random",
+        eval_view_sampling: Literal["random", "fixed", "fixed_inputs"] = "fixed",
         input_resolution: int | None = None,
         target_resolution: int | None = None,
         background: Background = "white",

@@ -165,7 +165,7 @@ class ReconModule(L.LightningModule):
         B = len(batch)
         for k, v in terms.items():
             # sync_dist: the logged curve is the mean over ranks (= the global batch's loss).
-            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", batch_size=B, sync_dist=world > 1)
+            self.log(f"train/{k}", v.detach(), prog_bar=k in ("loss", "psnr"), batch_size=B, sync_dist=world > 1)
         return terms["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -271,4 +271,4 @@ class ReconModule(L.LightningModule):
 
         k = min(self.vis_views, pred.shape[1])
         path = self._out_dir() / f"{split}_grid_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png"
-        save_view_grid(path, batch.inputs.images, pred[:, :k], batch.targets.images[:, :k])
+        save_view_grid(path, batch.inputs.images, pred[:, :k], batch.targets.images[:, :k], object_ids=list(batch.object_ids))

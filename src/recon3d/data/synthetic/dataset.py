@@ -51,6 +51,14 @@ class SyntheticDataset(ObjectDataset):
         num_surface_points: surface samples with normals per object (0 to skip).
         num_sdf_points: SDF samples per object (0 to skip).
         mesh_resolution: marching-cubes grid for the ground-truth mesh (0 to skip).
+        camera_layout: ``"random"`` (default): each object's orbit starts at a random azimuth, with
+            random elevations and distances in the ranges; ``"fixed"``: every object has the same
+            cameras -- azimuths ``i * 360 / V`` from 0, elevations cycling through the low, middle
+            and high end of ``elevation_range``, distance the middle of ``radius_range``. With
+            ``"fixed"`` the evenly spaced input views of ``view_sampling: fixed_inputs`` have the
+            same poses for every object, as when the inputs come from a multi-view generator with
+            fixed output poses (Zero123++, Era3D: GTR's text/image-to-3D use); the objects keep
+            their random orientation, so nothing about the shapes is made easier.
         cache_dir: where generated objects are cached (default ``$RECON3D_CACHE`` or
             ``~/.cache/recon3d/synthetic``); a sub-folder per argument set.
     """
@@ -72,6 +80,7 @@ class SyntheticDataset(ObjectDataset):
         num_surface_points: int = 4096,
         num_sdf_points: int = 4096,
         mesh_resolution: int = 64,
+        camera_layout: str = "random",
         cache_dir: str | None = None,
     ):
         if num_objects < 1 or views_per_object < 1 or resolution < 8:
@@ -81,6 +90,9 @@ class SyntheticDataset(ObjectDataset):
             )
         if radius_range[0] <= 1.5 or radius_range[1] < radius_range[0]:
             raise ConfigError(f"radius_range: expected 1.5 < lo <= hi (cameras outside the object), got {tuple(radius_range)}")
+        if camera_layout not in ("random", "fixed"):
+            raise ConfigError(f"camera_layout: expected 'random' or 'fixed', got {camera_layout!r}")
+        self.camera_layout = camera_layout
         self.num_objects = int(num_objects)
         self.views_per_object = int(views_per_object)
         self.resolution = int(resolution)
@@ -98,7 +110,7 @@ class SyntheticDataset(ObjectDataset):
         key = json.dumps(
             [_FORMAT_VERSION, self.views_per_object, self.resolution, self.seed, self.fov_deg, self.radius_range,
              self.elevation_range, self.families, self.max_parts, self.up_axis, self.num_surface_points,
-             self.num_sdf_points, self.mesh_resolution],
+             self.num_sdf_points, self.mesh_resolution] + ([self.camera_layout] if self.camera_layout != "random" else []),
         )
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.cache_dir = self.cache_root / hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -145,8 +157,14 @@ class SyntheticDataset(ObjectDataset):
 
     def cameras(self, index: int) -> Cameras:
         """The ``views_per_object`` orbit cameras of object ``index``."""
-        g = torch.Generator().manual_seed(self._object_seed(index) + 1)
         V = self.views_per_object
+        lo, hi = self.elevation_range
+        rlo, rhi = self.radius_range
+        if self.camera_layout == "fixed":
+            az = torch.arange(V) / V * 360.0
+            el = torch.tensor([lo, 0.5 * (lo + hi), hi])[torch.arange(V) % 3]
+            return orbit_cameras(az, el, torch.full((V,), 0.5 * (rlo + rhi)), self.fov_deg, self.resolution, self.resolution, self.up_axis)
+        g = torch.Generator().manual_seed(self._object_seed(index) + 1)
         az = (torch.arange(V) / V * 360.0 + torch.rand((), generator=g) * 360.0) % 360.0
         lo, hi = self.elevation_range
         el = lo + (hi - lo) * torch.rand(V, generator=g)

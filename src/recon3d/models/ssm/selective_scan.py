@@ -22,15 +22,33 @@ the chunk's ``Gamma`` range::
 
 so a chunk costs one ``exp``, one ``cumsum`` and a few multiplies over ``(B, D, N, T)``, and a
 sequential carry runs over the ``L / T`` chunks only. Centring on ``m`` bounds every exponent by
-``max|A| * sum(delta over the chunk) / 2``; the chunk length is halved (down to 1, which is the
-plain recurrence) until that bound is below :data:`EXP_LIMIT` for the dtype; a one-step chunk is anchored at its
+``K = max|A| * sum(delta over the chunk) / 2``; the chunk length is halved (down to 1, which is the
+plain recurrence) until ``K`` is below :data:`EXP_LIMIT` for the dtype; a one-step chunk is anchored at its
 end (``exp(delta*A) <= 1`` for negative ``A``), so the result never overflows, whatever ``delta``
-and ``A`` are (steep decays only cost speed). All operations are differentiable by autograd.
+and ``A`` are (steep decays only cost speed).
+
+Gradients: an explicit backward, not autograd through the chunks
+-----------------------------------------------------------------
+Autograd through the rescaled chunks fails in float32 in two ways: the backward of ``x / E`` is
+``-g * (x / E) / E``, a factor ``exp(2K)`` that overflows (or ``E**2`` underflows) once ``K``
+passes ~44, giving non-finite ``delta``/``A`` gradients; and the ``A`` gradient comes out as the
+difference of two terms of size ``K * |h|`` whose true difference can be many orders smaller
+(strong decay), so its relative error grows without bound. :class:`_ChunkedScan` instead runs the
+adjoint recurrence ``lam_t = dL/dh_t + exp(delta_{t+1} A) lam_{t+1}`` (the same chunked scan, on
+the reversed sequence) and forms every gradient as a product of well-scaled factors::
+
+    dA      = sum_t delta_t * lam_t * exp(delta_t A) * h_{t-1}
+    ddelta_t = sum_n lam_t * (A exp(delta_t A) h_{t-1} + B_t u_t)
+    du_t    = delta_t * sum_n lam_t B_t,   dB_t = sum_d lam_t delta_t u_t,   dC_t = sum_d dL/dy_t h_t
+
+as mamba's own kernels do. Forward and adjoint scans only ever hold a quantity of the problem's own
+scale times ``exp(+-K)``, which is what :data:`EXP_LIMIT` budgets for. The backward is
+``once_differentiable`` (like the CUDA and C kernels): double backward through it raises.
 
 Backends
 --------
-- ``"torch"``: the chunked scan above; any device, autograd through plain tensor ops. The
-  reference the other backends are tested against.
+- ``"torch"``: the chunked scan above, forward and adjoint backward in plain tensor ops; any
+  device. The reference the other backends are tested against.
 - ``"fused_cpu"``: a C kernel (forward and backward, :mod:`recon3d.models.ssm.cpu_kernel`) that
   keeps each channel's state in registers and walks the sequence once, vectorised over ``N`` and
   threaded over channels; CPU tensors only; compiled on first use with the system C compiler.
@@ -62,9 +80,13 @@ BACKENDS: tuple[str, ...] = get_args(BackendName)
 
 log = logging.getLogger(__name__)
 
-#: Largest exponent magnitude allowed inside a chunk, per dtype (exp(60) ~ 1e26 fits float32 with
-#: room for the sums; float64 allows much longer chunks).
-EXP_LIMIT = {torch.float16: 8.0, torch.bfloat16: 40.0, torch.float32: 60.0, torch.float64: 300.0}
+#: Largest exponent magnitude ``K`` allowed inside a chunk, per compute dtype. A rescaled value is a
+#: value of the problem's own scale (a state, an input, a gradient) times ``exp(+-K)``, so ``K`` takes
+#: half of the dtype's normal exponent range and leaves the other half to that scale: float32 spans
+#: ``exp(+-87)``, so ``K = 43`` keeps states and gradients between ~1e-19 and ~1e19 exact to float32
+#: rounding (the former 60 left ~1e-12..5e11); float64 (``exp(+-708)``) keeps ``exp(408)``. Every
+#: dtype below float64 is computed in float32, so that entry covers them.
+EXP_LIMIT = {torch.float32: 43.0, torch.float64: 300.0}
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,7 +141,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, i
 
 def _chunk_size(delta: torch.Tensor, A: torch.Tensor, want: int) -> int:
     """Largest power-of-two chunk ``<= want`` whose exponents stay under :data:`EXP_LIMIT`."""
-    limit = EXP_LIMIT.get(delta.dtype, 40.0)
+    limit = EXP_LIMIT.get(delta.dtype, EXP_LIMIT[torch.float32])
     a_max = A.detach().abs().amax(-1)  # (D,)
     d = delta.detach()
     L = d.shape[-1]
@@ -164,38 +186,158 @@ def selective_scan_torch(
     Returns:
         ``y (B, D, L)`` in ``u``'s dtype, or ``(y, last_state)``.
     """
-    b, d, L, n, g = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     u_, dt, A_, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    dg = d // g
-
-    T = _chunk_size(dt, A_, chunk_size)
-    pad = (-L) % T
-    if pad:  # delta = 0 and x = 0 leave the state untouched, so padding is exact
-        u_p, dt_p = F.pad(u_, (0, pad)), F.pad(dt, (0, pad))
-        Bg, Cg = F.pad(Bg, (0, pad)), F.pad(Cg, (0, pad))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u_, dt, A_, Bg, Cg)):
+        y, h = _ChunkedScan.apply(u_, dt, A_, Bg, Cg, chunk_size)
     else:
-        u_p, dt_p = u_, dt
+        y, h, _ = _scan_core(u_, dt, A_, Bg, Cg, chunk_size, keep_states=False)
+    return _finish(y, h, u, u_, D, z, return_last_state)
+
+
+def _grouped(t: torch.Tensor, g: int) -> torch.Tensor:
+    """``(B, D, ...) -> (B, G, D // G, ...)``: channel ``d`` meets its group's ``B``/``C`` rows."""
+    return t.reshape(t.shape[0], g, t.shape[1] // g, *t.shape[2:])
+
+
+def _sum_over_states(X: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``sum_n X[..., n, t] * v[..., n, t]``: ``X (B, G, Dg, N, T)``, ``v (B, G, N, T)`` -> ``(B, G, Dg, T)``.
+
+    A loop of ``N`` fused multiply-adds: einsum routes this through a batched matmul over ``t``
+    that first copies ``X`` into a permuted layout, several times slower on the CPU.
+    """
+    out = X[..., 0, :] * v[:, :, None, 0]
+    for k in range(1, X.shape[-2]):
+        out.addcmul_(X[..., k, :], v[:, :, None, k])
+    return out
+
+
+def _sum_over_channels(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_d X[:, :, d, n, t] * w[:, :, d, t]``: ``X (B, G, Dg, N, T)``, ``w (B, G, Dg, T)`` -> ``(B, G, N, T)``.
+
+    One state ``n`` at a time, so the temporary is ``(B, G, Dg, T)`` rather than the size of ``X``.
+    """
+    return torch.stack([(X[..., k, :] * w).sum(2) for k in range(X.shape[-2])], 2)
+
+
+def _chunked_recurrence(x_scale, dt, A, Bg, Cg, h0, T: int, keep_states: bool):
+    """``h_t = exp(dt_t A) h_{t-1} + x_scale_t * Bg_t`` by chunks of ``T`` steps (module docstring).
+
+    Args:
+        x_scale: ``(B, G, Dg, L)`` per-channel input factor (``delta * u``; ``dL/dy`` for the adjoint).
+        dt: ``(B, G, Dg, L)`` non-negative step sizes.
+        A: ``(G, Dg, N)``.
+        Bg: ``(B, G, N, L)`` per-state input factor.
+        Cg: ``(B, G, N, L)`` output projection, or None for no output.
+        h0: ``(B, G, Dg, N)`` state before step 0, or None for zeros.
+        T: chunk length, from :func:`_chunk_size` for this ``dt``.
+        keep_states: also return every state ``h_t``.
+
+    Returns:
+        ``y (B, G, Dg, L)`` or None, the states ``(B, G, Dg, N, L)`` or None, the last state
+        ``(B, G, Dg, N)``.
+    """
+    b, g, dg, L = x_scale.shape
+    n = A.shape[-1]
+    pad = (-L) % T
+    if pad:  # delta = 0 and x = 0 leave the state untouched, so padding at the end is exact
+        x_scale, dt, Bg = F.pad(x_scale, (0, pad)), F.pad(dt, (0, pad)), F.pad(Bg, (0, pad))
+        Cg = None if Cg is None else F.pad(Cg, (0, pad))
     Lp = L + pad
-    # (B, G, Dg, 1, Lp) views so that channel d meets its group's B/C rows.
-    du = (dt_p * u_p).view(b, g, dg, 1, Lp)
-    gam = dt_p.view(b, g, dg, Lp // T, T).cumsum(-1).view(b, g, dg, 1, Lp)
-    An = A_.view(g, dg, n, 1)
+    xs = x_scale[:, :, :, None]  # (B, G, Dg, 1, Lp)
+    gam = dt.reshape(b, g, dg, Lp // T, T).cumsum(-1).view(b, g, dg, 1, Lp)
+    An = A[..., None]  # (G, Dg, N, 1)
     Bx = Bg[:, :, None]  # (B, G, 1, N, Lp)
-    h = u_.new_zeros(b, g, dg, n, 1)
+    h = x_scale.new_zeros(b, g, dg, n, 1) if h0 is None else h0[..., None]
     ys = []
+    states = x_scale.new_empty(b, g, dg, n, Lp) if keep_states else None
     for s in range(0, Lp, T):
         gm = gam[..., s : s + T]  # (B, G, Dg, 1, T) cumulative delta inside the chunk
         # Centre the exponents on the chunk's middle; a one-step chunk anchors at its end instead,
         # where E = 1 and the carry factor exp(delta * A) <= 1, so no delta*A can overflow.
         mid = gm[..., -1:] if T == 1 else 0.5 * gm[..., -1:]
         E = torch.exp((gm - mid) * An)  # (B, G, Dg, N, T), every exponent within +-EXP_LIMIT
-        x = du[..., s : s + T] * Bx[..., s : s + T]
+        x = xs[..., s : s + T] * Bx[..., s : s + T]
         acc = torch.cumsum(x / E, -1) + torch.exp(mid * An) * h
-        hc = E * acc  # states h_t of the chunk
-        ys.append(torch.einsum("bgdnt,bgnt->bgdt", hc, Cg[..., s : s + T]))
+        # states h_t of the chunk, written straight into the kept states when there are any
+        hc = E * acc if states is None else torch.mul(E, acc, out=states[..., s : s + T])
+        if Cg is not None:
+            ys.append(_sum_over_states(hc, Cg[..., s : s + T]))
         h = hc[..., -1:]
-    y = torch.cat(ys, -1).reshape(b, d, Lp)[..., :L]
-    return _finish(y, h.reshape(b, d, n), u, u_, D, z, return_last_state)
+    y = None if Cg is None else torch.cat(ys, -1)[..., :L]
+    return y, None if states is None else states[..., :L], h[..., 0]
+
+
+def _scan_core(u, dt, A, Bg, Cg, chunk_size: int, keep_states: bool):
+    """The forward scan on prepared tensors: ``u, dt (B, D, L)``, ``A (D, N)``, ``Bg, Cg (B, G, N, L)``.
+
+    Returns ``y (B, D, L)``, the last state ``(B, D, N)`` and, with ``keep_states``, every state
+    ``(B, G, D // G, N, L)`` (else None).
+    """
+    b, d, L = u.shape
+    g = Bg.shape[1]
+    T = _chunk_size(dt, A, chunk_size)
+    y, states, last = _chunked_recurrence(
+        _grouped(dt * u, g), _grouped(dt, g), A.reshape(g, d // g, -1), Bg, Cg, None, T, keep_states
+    )
+    return y.reshape(b, d, L), last.reshape(b, d, -1), states
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """``y, h_last = scan(u, dt, A, Bg, Cg)`` with the chunked forward and the adjoint-scan backward.
+
+    Shapes as :func:`_scan_core`; see the module docstring for the backward's formulas and why
+    it is not left to autograd.
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt, A, Bg, Cg, chunk_size: int):
+        y, last, states = _scan_core(u, dt, A, Bg, Cg, chunk_size, keep_states=True)
+        ctx.save_for_backward(u, dt, A, Bg, Cg, states)
+        ctx.chunk_size = chunk_size
+        ctx.set_materialize_grads(False)
+        return y, last.clone()  # not a view of the saved states, which it could otherwise overwrite
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, glast):
+        u, dt, A, Bg, Cg, states = ctx.saved_tensors
+        need_u, need_dt, need_A, need_B, need_C = ctx.needs_input_grad[:5]
+        b, d, L = u.shape
+        g = Bg.shape[1]
+        Ag = A.reshape(g, d // g, -1)  # (G, Dg, N)
+        gyg = _grouped(gy, g) if gy is not None else u.new_zeros(b, g, d // g, L)
+        gu = gdt = gA = gB = gC = None
+        if need_C:
+            gC = _sum_over_channels(states, gyg)
+        if need_u or need_dt or need_A or need_B:
+            # Adjoint lam_t = dL/dh_t + exp(dt_{t+1} A) lam_{t+1}: the forward recurrence on the
+            # reversed sequence, input dL/dy * C, step t+1's decay at step t (the first one unused),
+            # dL/dh_last as the state before the first reversed step.
+            dt_rev = F.pad(_grouped(dt, g).flip(-1)[..., :-1], (1, 0))
+            h0 = None if glast is None else _grouped(glast, g)
+            T = _chunk_size(dt_rev.reshape(b, d, L), A, ctx.chunk_size)
+            _, lam, _ = _chunked_recurrence(gyg.flip(-1), dt_rev, Ag, Cg.flip(-1), None, h0, T, keep_states=True)
+            lam = lam.flip(-1)  # (B, G, Dg, N, L)
+            dtg, ug = _grouped(dt, g), _grouped(u, g)
+            if need_B:
+                gB = _sum_over_channels(lam, dtg * ug)
+            if need_u or need_dt:
+                gdu = _sum_over_states(lam, Bg)  # dL/d(delta_t u_t)
+                gu = (gdu * dtg).reshape(b, d, L) if need_u else None
+            if need_dt or need_A:
+                # P_t = lam_t * exp(dt_t A) * h_{t-1} (h_{-1} = 0): a product, so it keeps its
+                # relative precision however small the decay makes it.
+                P = torch.exp(dtg[:, :, :, None] * Ag[..., None])
+                P.mul_(lam)
+                P[..., 1:].mul_(states[..., :-1])
+                P[..., 0] = 0
+                if need_A:
+                    # contractions over the last axis of the contiguous P: matmuls without copies
+                    gA = torch.matmul(P, dtg[..., None]).sum(0).reshape(A.shape)
+                if need_dt:
+                    gdt = (gdu * ug + torch.matmul(Ag[:, :, None], P)[..., 0, :]).reshape(b, d, L)
+        return gu, gdt, gA, gB, gC, None
 
 
 def selective_scan_fused_cpu(

@@ -37,8 +37,10 @@ def _build(variant: str, num_objects: int, num_test: int, device: str, seed: int
              "--data.dataset.init_args.num_objects", str(num_objects), "--data.num_val_objects", "0",
              "--data.num_test_objects", str(num_test), "--model.init_args.stage", "sdf",
              "--model.init_args.evaluation.init_args.num_points", "2048", "--model.init_args.num_render_rays", "64"]
-            # the SSR deep encoder at the CPU config's scale (its default width 64 is the paper's)
-            + ([] if variant == "m3d" else ["--model.init_args.deep.init_args.width", "16"]),
+            # the SSR deep encoder at the CPU config's scale (its default width 64 is the paper's); a new
+            # class_path starts from that class's defaults, so the CPU shallow encoder's 128 channels are given
+            + ([] if variant == "m3d" else ["--model.init_args.deep.init_args.width", "16",
+                                            "--model.init_args.deep.init_args.in_channels", "128"]),
             run=False,
         )
     return cli.model.to(device), cli.datamodule

@@ -53,3 +53,50 @@ def test_export_from_views_folder(setup, tmp_path):
     assert code == 0
     assert (out / "my_object" / "mesh.glb").stat().st_size > 0
     assert (out / "exports.json").exists()
+
+
+def _export(args, ckpt, views, out, *extra):
+    level = args[args.index("--model.init_args.mesh_density_level") + 1]
+    return main(["export", "-c", BASE[1], "-c", BASE[3], "--ckpt", str(ckpt), "--views", str(views), "--format", "gtr",
+                 "--out", str(out), "--", "--model.init_args.mesh_density_level", level,
+                 "--model.init_args.export_resolution", "24", "--model.init_args.turntable_frames", "3", *extra])
+
+
+def test_export_counts_the_files_it_wrote(setup, tmp_path, capsys):
+    """Issue 13: the count was of distinct file *names* over all objects (3 for 2 objects)."""
+    from recon3d.data.formats import write_gtr_views
+
+    args, cli, batch = setup
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": cli.model.state_dict()}, ckpt)
+    v = batch.inputs
+    for name in ("obj_a", "obj_b"):
+        write_gtr_views(tmp_path / "views", name, v.images[0], v.masks[0], v.cameras[0])
+    out = tmp_path / "out"
+    assert _export(args, ckpt, tmp_path / "views", out) == 0
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    per_object = [f"{o}/{f}" for o in ("obj_a", "obj_b") for f in ("mesh.glb", "mesh.obj", "turntable.gif")]
+    assert set(per_object) | {"exports.json"} <= set(on_disk)  # (+ Lightning's config.yaml)
+    assert f"exported 2 objects to {out} ({len(on_disk)} files written)" in capsys.readouterr().out
+    # a second export over the same folder rewrites them all: the same count, not 0
+    assert _export(args, ckpt, tmp_path / "views", out) == 0
+    assert f"({len(on_disk)} files written)" in capsys.readouterr().out
+
+
+def test_export_refuses_a_checkpoint_of_another_method(setup, tmp_path, capsys):
+    """Issue 13: an M3D checkpoint on a GTR config exported an untrained model with exit status 0."""
+    from recon3d.data.formats import write_gtr_views
+
+    args, cli, batch = setup
+    ckpt = tmp_path / "m3d.ckpt"
+    torch.save({"state_dict": {"net.shallow.stem.0.weight": torch.zeros(64, 3, 7, 7), "density.beta": torch.zeros(())},
+                "hyper_parameters": {"_class_path": "recon3d.methods.m3d.M3DModule"}}, ckpt)
+    v = batch.inputs
+    write_gtr_views(tmp_path / "views", "obj", v.images[0], v.masks[0], v.cameras[0])
+    out = tmp_path / "out"
+    assert _export(args, ckpt, tmp_path / "views", out) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("recon3d: error:")]
+    n = len(cli.model.state_dict())
+    assert len(err) == 1 and "this checkpoint is an M3DModule, the config is a GTRModule" in err[0]
+    assert f"0 of {n} model keys found" in err[0]
+    assert not (out / "exports.json").exists()

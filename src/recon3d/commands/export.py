@@ -8,6 +8,13 @@ Without ``--views`` the held-out test objects of the config's dataset are export
 ``--views DIR`` the folder is read with the given format (``gtr``: ``rgb_XXX.png`` +
 ``cam_XXX.txt``; ``blender``: ``transforms.json``; ``openlrm``; ``instantmesh``) and every object in
 it is reconstructed from all of its views (up to ``data.num_input_views``).
+
+The checkpoint is loaded strictly (:func:`recon3d.utils.checkpoint.load_weights_into`): weights
+that do not fit the config's model, or a checkpoint of another method ("this checkpoint is an
+M3DModule, the config is a GTRModule"), stop the export with one error line; keys that may differ
+are named in ``model.init_args.init_weights_ignore``. The closing line counts the files actually
+written under ``--out`` (new or changed: every mesh, turntable and texture of every object,
+``exports.json`` and the ``config.yaml`` Lightning saves).
 """
 
 from __future__ import annotations
@@ -47,13 +54,43 @@ def main(argv: list[str]) -> int:
         args += ["--data.test_dataset", json.dumps({"class_path": FORMATS[a.format], "init_args": {"root": a.views}}),
                  "--data.num_target_views", "0", "--data.supervise_inputs", "true", "--data.eval_view_sampling", "fixed"]
     args += [x for x in a.overrides if x != "--"]
+    before = _snapshot(out)
     cli = run_lightning_cli(args, run=False)
     from recon3d.utils.checkpoint import load_weights_into
 
-    load_weights_into(cli.model, a.ckpt, strict=False, allow_pickle=a.allow_pickle)
+    load_weights_into(cli.model, a.ckpt, strict=True, allow_pickle=a.allow_pickle, ignore=getattr(cli.model, "init_weights_ignore", None))
     cli.model._export_root = out
     results = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
-    files = {k: v for batch in results for obj in batch for k, v in obj.items()}
-    atomic_write_text(out / "exports.json", json.dumps([obj for batch in results for obj in batch], indent=2))
-    print(f"exported {sum(len(b) for b in results)} objects to {out} ({len(files)} files)")
+    objects = [obj for batch in results for obj in batch]
+    atomic_write_text(out / "exports.json", json.dumps(objects, indent=2))
+    after = _snapshot(out)
+    written = [p for p, sig in after.items() if before.get(p) != sig]
+    empty = sum(1 for obj in objects if not written_files([obj]))
+    note = f"; {empty} object(s) gave nothing to export (see the log)" if empty else ""
+    print(f"exported {len(objects)} objects to {out} ({len(written)} files written{note})")
     return 0
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """``path -> (inode, mtime_ns, size)`` of every file under ``folder``: the files an export
+    wrote are those new or changed between two snapshots (meshes, turntables, textures,
+    ``exports.json``, the ``config.yaml`` Lightning saves)."""
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            out[str(p)] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return out
+
+
+def written_files(objects: list[dict[str, str]]) -> set[str]:
+    """The distinct files on disk named by the objects' export dicts (``{name: path}``; values
+    that are not paths of existing files, such as ``refine_psnr``, are not counted)."""
+    out = set()
+    for obj in objects:
+        for v in obj.values():
+            if isinstance(v, str) and v and Path(v).is_file():
+                out.add(str(Path(v).resolve()))
+    return out

@@ -6,13 +6,17 @@ A method subclasses it and implements
 - :meth:`render_views` ``(batch, cameras) -> dict`` with ``"rgb" (B,V,3,H,W)`` (and optionally
   ``"mask"``, ``"depth"``) for the given target cameras;
 - optionally :meth:`predict_geometry` ``(batch) -> dict`` with ``"points" (B,P,3)`` (and
-  ``"normals"``) for geometry metrics, and :meth:`export_object` for ``predict``.
+  ``"normals"``; optionally ``"valid" (B,)`` bool and ``"invalid_reason"`` str for objects that
+  have no geometry to score) for geometry metrics, and :meth:`export_object` for ``predict``.
 
 The base class then gives every method the same validation/test loop (one
 :class:`~recon3d.metrics.EvaluationProtocol`, one set of metric names, PNG grids of inputs /
 predictions / targets, per-object CSV), a non-finite guard (skip or halt on NaN/inf losses and
 gradients, naming the step, the objects and the terms), reporting of skipped bad samples, and
-weights-only initialisation from an earlier stage (``init_weights``).
+weights-only initialisation from an earlier stage (``init_weights``, strict unless
+``init_weights_ignore`` names the keys that may differ). Geometry metrics that cannot be computed
+for an object (no surface yet, no ``predict_geometry``) are recorded with the reason, which the
+protocol writes to ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from recon3d.data.batch import Batch
 from recon3d.data.cameras import Cameras
-from recon3d.errors import Recon3DError
+from recon3d.errors import ConfigError, Recon3DError
 
 __all__ = ["ReconModule", "NonFiniteGuard", "NonFiniteLossError"]
 
@@ -60,6 +64,10 @@ class ReconModule(L.LightningModule):
         evaluation: the evaluation protocol fed by validation/test (None: losses only).
         init_weights: weights-only initialisation from a checkpoint or safetensors file (the
             previous stage); unlike ``--ckpt_path`` it restores no optimizer, step or config.
+            Strict: every key must match (one error line with the first missing / unexpected keys).
+        init_weights_ignore: glob patterns of keys that may be missing from ``init_weights``,
+            extra in it or of another shape (e.g. ``["lpips.*"]`` when the previous stage had no
+            LPIPS loss); those keys keep their initial values.
         nonfinite: non-finite loss/gradient policy.
         vis_views: how many target views per object the PNG grids show.
     """
@@ -70,10 +78,16 @@ class ReconModule(L.LightningModule):
         init_weights: str | None = None,
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
+        init_weights_ignore: list[str] | None = None,
     ):
         super().__init__()
         self.evaluation = evaluation
         self.init_weights = init_weights
+        if init_weights_ignore is not None and (
+            isinstance(init_weights_ignore, str) or not all(isinstance(p, str) and p for p in init_weights_ignore)
+        ):
+            raise ConfigError(f"model.init_weights_ignore: expected a list of glob patterns (e.g. ['lpips.*']), got {init_weights_ignore!r}")
+        self.init_weights_ignore = list(init_weights_ignore or [])
         self.nonfinite = nonfinite or NonFiniteGuard()
         self.vis_views = vis_views
         self.nonfinite_steps = 0
@@ -101,7 +115,7 @@ class ReconModule(L.LightningModule):
         if self.init_weights and stage == "fit" and not getattr(self, "_init_weights_loaded", False):
             from recon3d.utils.checkpoint import load_weights_into
 
-            load_weights_into(self, self.init_weights, strict=False)
+            load_weights_into(self, self.init_weights, strict=True, ignore=self.init_weights_ignore)
             self._init_weights_loaded = True
             log.info("initialised weights from %s", self.init_weights)
 
@@ -210,15 +224,41 @@ class ReconModule(L.LightningModule):
         if self.evaluation is not None:
             alpha = out.get("opacity", out.get("mask"))
             self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks, alpha)
-            geo = self.predict_geometry(batch)
-            if geo is not None and batch.geometry.surface_points is not None:
-                self.evaluation.update_geometry(
-                    batch.object_ids, geo["points"], batch.geometry.surface_points,
-                    geo.get("normals"), batch.geometry.surface_normals,
-                )
+            if batch.geometry.surface_points is not None:
+                self._eval_geometry(batch)
         if not self._vis_done:
             self._save_grid(batch, pred, split)
             self._vis_done = True
+
+    #: the metrics :meth:`EvaluationProtocol.update_geometry` reports (named when they are missing)
+    GEOMETRY_METRICS = ("cd", "fscore", "precision", "recall", "nc")
+
+    def _eval_geometry(self, batch: Batch) -> None:
+        """Feed :meth:`predict_geometry` to the protocol; objects it gives no geometry for are
+        recorded with the reason (``metrics.json``) instead of silently leaving the mean."""
+        geo = self.predict_geometry(batch)
+        ids = list(batch.object_ids)
+        if geo is None:
+            self.evaluation.note(ids, self.GEOMETRY_METRICS[:4], f"{type(self).__name__} predicts no geometry")
+            return
+        # nc exists only where both sides have normals; a note on it otherwise would mislead
+        names = self.GEOMETRY_METRICS if geo.get("normals") is not None and batch.geometry.surface_normals is not None else self.GEOMETRY_METRICS[:4]
+        valid = geo.get("valid")
+        keep = list(range(len(ids))) if valid is None else [i for i, v in enumerate(valid.tolist()) if v]
+        dropped = [ids[i] for i in range(len(ids)) if i not in keep]
+        if dropped:
+            self.evaluation.note(dropped, names, str(geo.get("invalid_reason") or "no geometry"))
+        if not keep:
+            return
+        sel = torch.tensor(keep, device=geo["points"].device)
+
+        def pick(x):
+            return None if x is None else x.index_select(0, sel.to(x.device))
+
+        self.evaluation.update_geometry(
+            [ids[i] for i in keep], pick(geo["points"]), pick(batch.geometry.surface_points),
+            pick(geo.get("normals")), pick(batch.geometry.surface_normals),
+        )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -56,6 +56,7 @@ from recon3d.models.texture_refiner import TextureRefiner
 from recon3d.render.isosurface import IsoSurfaceExtractor
 from recon3d.render.mesh import MeshRasterizer
 from recon3d.render.volume import VolumeRenderer, ray_aabb
+from recon3d.utils.checks import check_option, check_weights
 
 __all__ = ["GTRModule", "PAPER_MESH_LOSS", "OFFICIAL_MESH_LOSS"]
 
@@ -63,6 +64,31 @@ __all__ = ["GTRModule", "PAPER_MESH_LOSS", "OFFICIAL_MESH_LOSS"]
 PAPER_MESH_LOSS = {"rgb": 1.0, "lpips": 0.5, "depth": 0.5, "mask": 1.0, "opacity": 0.5}
 #: Mesh-stage loss weights of the official code (snap_gtr MeshRenderLoss).
 OFFICIAL_MESH_LOSS = {"rgb": 1.0, "lpips": 0.5, "depth": 0.2, "mask": 1.0, "opacity": 0.5}
+
+
+def _check_options(a: dict) -> None:
+    """One :class:`ConfigError` naming ``model.<key>`` for a value that would silently train wrong
+    (a NaN or negative loss weight or learning rate, no ray samples)."""
+    check_option("model.lr", a["lr"], 0.0, strict=True)
+    check_option("model.weight_decay", a["weight_decay"], 0.0)
+    for i, b in enumerate(a["betas"]):
+        check_option(f"model.betas[{i}]", b, 0.0)
+        if b >= 1:
+            raise ConfigError(f"model.betas[{i}]: expected a number in [0, 1), got {b!r}")
+    check_option("model.warmup_steps", a["warmup_steps"], 0, integer=True)
+    check_option("model.n_samples", a["n_samples"], 1, integer=True)
+    check_option("model.patch_size", a["patch_size"], 1, integer=True, allow_none=True)
+    check_option("model.eval_chunk", a["eval_chunk"], 1, integer=True)
+    check_option("model.min_near", a["min_near"], 0.0)
+    check_option("model.lambda_lpips", a["lambda_lpips"], 0.0)
+    check_option("model.lambda_mask", a["lambda_mask"], 0.0)
+    check_option("model.mesh_resolution", a["mesh_resolution"], 2, integer=True)
+    check_option("model.mesh_density_level", a["mesh_density_level"])
+    check_option("model.mesh_soft_sigma", a["mesh_soft_sigma"], 0.0)
+    check_option("model.export_resolution", a["export_resolution"], 2, integer=True)
+    check_option("model.turntable_frames", a["turntable_frames"], 0, integer=True)
+    if a["mesh_loss_weights"]:
+        check_weights("model.mesh_loss_weights", a["mesh_loss_weights"])
 
 
 class GTRModule(ReconModule):
@@ -101,6 +127,8 @@ class GTRModule(ReconModule):
         refine: texture refinement at predict time (None: off).
         export_resolution: marching-cubes grid for exported meshes.
         turntable_frames: frames of the exported turntable (0: none).
+        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
+            :class:`~recon3d.methods.base.ReconModule`.
     """
 
     def __init__(
@@ -134,10 +162,13 @@ class GTRModule(ReconModule):
         init_weights: str | None = None,
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
+        init_weights_ignore: list[str] | None = None,
     ):
-        super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views)
+        super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
+                         init_weights_ignore=init_weights_ignore)
         if stage not in ("nerf", "mesh"):
             raise ConfigError(f"model.stage: expected 'nerf' or 'mesh', got {stage!r}")
+        _check_options(locals())
         self.save_hyperparameters(ignore=["encoder", "generator", "field", "refine", "evaluation"])
         self.net = GTRNetwork(encoder, generator, field)
         self.stage = stage
@@ -336,23 +367,34 @@ class GTRModule(ReconModule):
     # ------------------------------------------------------------------ geometry and export
     @torch.no_grad()
     def predict_geometry(self, batch: Batch) -> dict[str, torch.Tensor] | None:
-        """Surface samples of each object's mesh for the geometry metrics (``(B, P, 3)``)."""
+        """Surface samples of each object's mesh for the geometry metrics: ``points``, ``normals``
+        ``(B, P, 3)`` and ``valid (B,)`` (False where the mesh is empty; those rows are zeros and
+        ``invalid_reason`` says why)."""
         from recon3d.metrics.geometry import sample_surface
         from recon3d.render.isosurface import EmptySurfaceError
 
         planes = self.triplanes(batch.inputs)
-        pts, nrm = [], []
+        pts, nrm, valid = [], [], []
         n = batch.geometry.surface_points.shape[1] if batch.geometry.surface_points is not None else 4096
         for b in range(planes.shape[0]):
             try:
                 verts, faces = self.mesh(planes[b : b + 1], batch.object_ids[b], differentiable=False, resolution=self.export_resolution)
+                if faces.shape[0] == 0:
+                    raise EmptySurfaceError("no faces")
             except EmptySurfaceError:
-                return None  # an untrained model has no surface yet; image metrics still run
+                # An untrained model has no surface yet: the object gets no geometry metric (the
+                # reason goes to metrics.json); its image metrics still run.
+                pts.append(torch.zeros(n, 3).to(planes))
+                nrm.append(torch.zeros(n, 3).to(planes))
+                valid.append(False)
+                continue
             g = torch.Generator().manual_seed(b)
             p, q = sample_surface(verts.float().cpu(), faces.cpu(), n, generator=g)
             pts.append(p.to(planes))
             nrm.append(q.to(planes))
-        return {"points": torch.stack(pts), "normals": torch.stack(nrm)}
+            valid.append(True)
+        return {"points": torch.stack(pts), "normals": torch.stack(nrm), "valid": torch.tensor(valid),
+                "invalid_reason": f"empty surface: the density never reaches mesh_density_level {self.mesh_density_level:g}"}
 
     def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
         """Write ``mesh.glb``, ``mesh.obj`` (vertex colours), a turntable GIF and, with

@@ -99,6 +99,7 @@ from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.m3d import DepthEncoder, M3DNetwork, ResNetShallowEncoder, SelectiveAttentionDeepEncoder
 from recon3d.render.sdf_density import LaplaceDensity
 from recon3d.render.volume import VolumeRenderer
+from recon3d.utils.checks import check_option, check_weights
 from recon3d.utils.io import atomic_path
 
 __all__ = ["M3DModule", "PAPER_LOSS_WEIGHTS", "FRONT3D_CLASSES", "DEPTH_COMMAND"]
@@ -159,6 +160,8 @@ class M3DModule(ReconModule):
         export_resolution: marching-cubes grid for exported meshes.
         class_names: names of the ``class_code`` entries.
         class_pattern: regex whose group 1 is the class in an object id (used without ``class_code``).
+        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
+            :class:`~recon3d.methods.base.ReconModule`.
     """
 
     def __init__(
@@ -204,8 +207,10 @@ class M3DModule(ReconModule):
         init_weights: str | None = None,
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
+        init_weights_ignore: list[str] | None = None,
     ):
-        super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views)
+        super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
+                         init_weights_ignore=init_weights_ignore)
         for name, value, allowed in (
             ("stage", stage, ("auto", "sdf", "full")),
             ("curriculum_unit", curriculum_unit, ("epoch", "step")),
@@ -220,7 +225,17 @@ class M3DModule(ReconModule):
             unknown = set(loss_weights) - set(weights)
             if unknown:
                 raise ConfigError(f"model.loss_weights: unknown terms {sorted(unknown)}; expected {sorted(weights)}")
+            check_weights("model.loss_weights", loss_weights)
             weights.update(loss_weights)
+        for name, value, low, kw in (
+            ("lr", lr, 0.0, {"strict": True}), ("lr_after_decay", lr_after_decay, 0.0, {}), ("weight_decay", weight_decay, 0.0, {}),
+            ("lr_decay_at", lr_decay_at, 0, {"integer": True}), ("full_loss_start", full_loss_start, 0, {"integer": True}),
+            ("n_samples", n_samples, 1, {"integer": True}), ("n_importance", n_importance, 0, {"integer": True}),
+            ("eval_chunk", eval_chunk, 1, {"integer": True}), ("eval_max_side", eval_max_side, 1, {"integer": True, "allow_none": True}),
+            ("mesh_resolution", mesh_resolution, 2, {"integer": True}), ("export_resolution", export_resolution, 2, {"integer": True}),
+            ("bound", bound, 0.0, {"strict": True}), ("num_classes", num_classes, 0, {"integer": True}),
+        ):
+            check_option(f"model.{name}", value, low, **kw)
         deep_in = getattr(deep, "in_channels", None)
         if deep_in is not None and int(deep_in) != int(shallow.out_channels):
             raise ConfigError(
@@ -590,6 +605,10 @@ class M3DModule(ReconModule):
                 p, q = sample_surface(verts.float().cpu(), faces.cpu(), n, generator=g)
             except EmptySurfaceError:
                 self._warn_once(f"empty:{batch.object_ids[b]}", f"M3D: {batch.object_ids[b]} has no SDF zero level set yet; scored as uniform points")
+                if self.evaluation is not None:
+                    names = self.GEOMETRY_METRICS if batch.geometry.surface_normals is not None else self.GEOMETRY_METRICS[:4]
+                    self.evaluation.note([batch.object_ids[b]], names,
+                                         "no SDF zero level set: scored as uniform points in the object's box")
                 lo, hi = boxes[b].cpu()
                 p = lo + (hi - lo) * torch.rand(n, 3, generator=g)
                 q = F.normalize(torch.randn(n, 3, generator=g), dim=-1)

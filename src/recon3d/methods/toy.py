@@ -31,6 +31,7 @@ from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.methods.base import NonFiniteGuard, ReconModule
 from recon3d.render.triplane import sample_triplane
+from recon3d.utils.checks import check_option
 from recon3d.utils.ckpt_io import AtomicCheckpointIO
 
 __all__ = ["ToyTriplaneModule", "FaultInjector", "KillDuringWriteIO", "DumpWeights"]
@@ -50,6 +51,8 @@ class ToyTriplaneModule(ReconModule):
         mask_weight: weight of the opacity-vs-mask loss.
         nan_steps: (tests) global steps at which the rgb loss term is made NaN.
         nan_grad_steps: (tests) global steps at which the gradients are made NaN (loss finite).
+        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
+            :class:`~recon3d.methods.base.ReconModule`.
     """
 
     def __init__(
@@ -68,8 +71,12 @@ class ToyTriplaneModule(ReconModule):
         init_weights: str | None = None,
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
+        init_weights_ignore: list[str] | None = None,
     ):
-        super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views)
+        super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
+                         init_weights_ignore=init_weights_ignore)
+        check_option("model.lr", lr, 0.0, strict=True)
+        check_option("model.mask_weight", mask_weight, 0.0)
         self.C, self.R = plane_channels, plane_resolution
         self.num_samples = num_samples
         self.jitter = jitter

@@ -25,6 +25,11 @@ opacity vs the true mask, binarised at 0.5) when asked for and both are given; `
 ``precision``, ``recall``, ``nc`` (when normals are given), ``iou`` (meshes or occupancies);
 ``rre``, ``te``, ``acc@15``, ``acc@30`` (poses).
 
+**Missing values.** A metric that could not be computed for some objects (e.g. an untrained model
+with no surface yet) is recorded with :meth:`EvaluationProtocol.note`; ``metrics.json`` then lists
+each reason with its object count (``notes``) and, for every metric with no value at all, why
+(``missing_metrics``), so an absent ``cd`` is never a silent gap.
+
 **Aggregation.** Each object's value is the mean over its views (images), view pairs (poses) or its
 one surface (geometry). The reported number is the mean over *distinct object ids* — an object fed
 twice (e.g. a ``DistributedSampler`` padding the last batch) is merged, not counted twice.
@@ -54,8 +59,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from recon3d.errors import ConfigError
 from recon3d.metrics.alignment import align_points, apply_transform, normalize_to_cube
 from recon3d.metrics.geometry import (
+    PRESETS,
     GeometryProtocol,
     chamfer_fscore,
     get_preset,
@@ -95,8 +102,8 @@ def _encode_ids(ids: Sequence[str]) -> Tensor:
     return out.reshape(-1)
 
 
-def _decode_ids(flat: Tensor) -> list[str]:
-    rows = flat.to("cpu", torch.int64).reshape(-1, _ID_BYTES).tolist()
+def _decode_ids(flat: Tensor, width: int = _ID_BYTES) -> list[str]:
+    rows = flat.to("cpu", torch.int64).reshape(-1, width).tolist()
     return [bytes(c for c in r if c).decode("utf-8") for r in rows]
 
 
@@ -149,6 +156,51 @@ class PerObjectTable(Metric):
         return {oid: {m: s[0] / s[1] for m, s in d.items()} for oid, d in acc.items()}
 
 
+_REASON_BYTES = 128
+
+
+def _encode_reason(reason: str) -> Tensor:
+    # Fixed-width UTF-8 bytes so reasons travel through the same ``cat`` sync as ids; a reason
+    # longer than the width is cut at a character boundary.
+    b = str(reason).encode("utf-8")[:_REASON_BYTES].decode("utf-8", errors="ignore").encode("utf-8")
+    out = torch.zeros(_REASON_BYTES, dtype=torch.int64)
+    if b:
+        out[: len(b)] = torch.tensor(list(b), dtype=torch.int64)
+    return out
+
+
+class NoteTable(Metric):
+    """Rows ``(object id, metric, reason)`` gathered across ranks: why a metric has no value (or
+    a special value) for an object. ``compute()`` returns ``{(metric, reason): sorted object ids}``."""
+
+    full_state_update = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("ids", "metric", "reason"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, ids: Sequence[str], metrics: Sequence[str], reason: str) -> None:
+        if not ids or not metrics:
+            return
+        n = len(ids) * len(metrics)
+        self.ids.append(_encode_ids([i for i in ids for _ in metrics]).to(self.device))
+        self.metric.append(torch.tensor([_INDEX[m] for _ in ids for m in metrics], dtype=torch.int64, device=self.device))
+        self.reason.append(_encode_reason(reason).repeat(n).to(self.device))
+
+    def compute(self) -> dict[tuple[str, str], list[str]]:
+        if isinstance(self.ids, list) and not self.ids:
+            return {}
+        ids = _decode_ids(dim_zero_cat(self.ids))
+        metric = dim_zero_cat(self.metric).to("cpu").long().tolist()
+        reasons = _decode_ids(dim_zero_cat(self.reason), _REASON_BYTES)
+        out: dict[tuple[str, str], set[str]] = {}
+        for oid, m, r in zip(ids, metric, reasons):
+            out.setdefault((METRIC_NAMES[m], r), set()).add(oid)
+        return {k: sorted(v) for k, v in out.items()}
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -186,15 +238,24 @@ class EvaluationProtocol(nn.Module):
         lpips_chunk: int = 8,
     ) -> None:
         super().__init__()
+        if isinstance(image_metrics, str):
+            raise ConfigError(f"evaluation.image_metrics: expected a list of names from {IMAGE_METRICS}, got the string {image_metrics!r}")
         bad = set(image_metrics) - set(IMAGE_METRICS)
         if bad:
-            raise ValueError(f"image_metrics: unknown {sorted(bad)}; expected a subset of {IMAGE_METRICS}")
+            raise ConfigError(f"evaluation.image_metrics: unknown {sorted(bad)}; expected a subset of {IMAGE_METRICS}")
+        if num_points is not None and (isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1):
+            raise ConfigError(f"evaluation.num_points: expected an integer >= 1, got {num_points!r}")
+        if isinstance(lpips_chunk, bool) or not isinstance(lpips_chunk, int) or lpips_chunk < 1:
+            raise ConfigError(f"evaluation.lpips_chunk: expected an integer >= 1, got {lpips_chunk!r}")
+        if isinstance(geometry_preset, str) and geometry_preset.lower() not in PRESETS:
+            raise ConfigError(f"evaluation.geometry_preset: expected one of {sorted(PRESETS)}, got {geometry_preset!r}")
         self.geometry = get_preset(geometry_preset)
         self.num_points = int(num_points) if num_points is not None else self.geometry.num_points
         self.seed = int(seed)
         self.backend = backend
         self.lpips_chunk = int(lpips_chunk)
         self.table = PerObjectTable()
+        self.notes = NoteTable()
         self.lpips: LPIPSNet | None = None
         self.lpips_status = "not requested"
         metrics = list(image_metrics)
@@ -359,6 +420,40 @@ class EvaluationProtocol(nn.Module):
             self.table.update([oid], "acc@15", (rre < 15).double().mean().reshape(1), n)
             self.table.update([oid], "acc@30", (rre < 30).double().mean().reshape(1), n)
 
+    def note(self, object_ids: Sequence[str], metrics: Sequence[str], reason: str) -> None:
+        """Record why ``metrics`` have no value (or a stand-in value) for ``object_ids``, e.g.
+        ``note(ids, ["cd", "fscore"], "empty surface: no iso-surface at density level 10")``.
+        :meth:`write` reports it in ``metrics.json`` (module docstring, "Missing values")."""
+        unknown = [m for m in metrics if m not in _INDEX]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; expected names from {METRIC_NAMES}")
+        self.notes.update([str(i) for i in object_ids], list(metrics), reason)
+
+    def notes_summary(self, metrics: dict[str, float] | None = None) -> tuple[list[dict], dict[str, str]]:
+        """``(notes, missing_metrics)`` for ``metrics.json``: one entry per reason
+        (``{"reason", "metrics", "num_objects", "objects"}``, first 5 ids), and for every noted metric
+        absent from ``metrics`` (default: :meth:`compute`) the reasons why. Collective under DDP."""
+        metrics = self.compute() if metrics is None else metrics
+        by_reason: dict[str, dict] = {}
+        for (m, reason), ids in sorted(self._note_rows().items()):
+            e = by_reason.setdefault(reason, {"reason": reason, "metrics": [], "ids": set()})
+            e["metrics"].append(m)
+            e["ids"].update(ids)
+        notes = [{"reason": e["reason"], "metrics": [m for m in METRIC_NAMES if m in e["metrics"]],
+                  "num_objects": len(e["ids"]), "objects": sorted(e["ids"])[:5]} for e in by_reason.values()]
+        missing: dict[str, str] = {}
+        for n in notes:
+            for m in n["metrics"]:
+                if m not in metrics:
+                    text = f"{n['reason']} ({n['num_objects']} object{'s' if n['num_objects'] != 1 else ''})"
+                    missing[m] = f"{missing[m]}; {text}" if m in missing else text
+        return notes, missing
+
+    def _note_rows(self) -> dict[tuple[str, str], list[str]]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            return self.notes.compute()
+
     # ------------------------------------------------------------------ results
 
     def per_object(self) -> list[dict]:
@@ -378,6 +473,7 @@ class EvaluationProtocol(nn.Module):
         """Mean over objects of every metric that was fed (see the module docstring for names).
         Collective under DDP: every rank must call it."""
         rows = self.per_object()
+        self._note_rows()  # every rank syncs the notes here, so that write() on rank 0 alone has them
         out = {}
         for m in METRIC_NAMES:
             vals = [r[m] for r in rows if m in r and math.isfinite(r[m])]
@@ -388,9 +484,11 @@ class EvaluationProtocol(nn.Module):
     def reset(self) -> None:
         """Forget everything fed so far."""
         self.table.reset()
+        self.notes.reset()
 
     def write(self, out_dir: str | os.PathLike) -> Path | None:
-        """Write ``metrics.csv`` (one row), ``per_object.csv`` and ``metrics.json`` atomically to
+        """Write ``metrics.csv`` (one row), ``per_object.csv`` and ``metrics.json`` (with
+        ``missing_metrics`` and ``notes``: why a metric lacks values, see :meth:`note`) atomically to
         ``out_dir``. Collective under DDP (all ranks call it); only global rank 0 writes and gets
         the folder back, other ranks get ``None``."""
         rows = self.per_object()
@@ -403,8 +501,11 @@ class EvaluationProtocol(nn.Module):
         self._write_csv(out / "metrics.csv", cols, [metrics])
         obj_cols = ["object_id"] + [m for m in METRIC_NAMES if any(m in r for r in rows)]
         self._write_csv(out / "per_object.csv", obj_cols, rows)
+        notes, missing = self.notes_summary(metrics)
         doc = {
             "metrics": metrics,
+            "missing_metrics": missing,
+            "notes": notes,
             "num_objects": len(rows),
             "geometry_protocol": {**self.geometry.__dict__, "num_points": self.num_points},
             "image_metrics": list(self.image_metrics),

@@ -13,17 +13,22 @@ Example::
     dims = {}
     check_shape(c2w, "*B 4 4", "c2w", dims)
     check_shape(K, "*B 3 3", "intrinsics", dims)
+
+Configuration values are checked where a class is configured (:func:`check_option`,
+:func:`check_weights`), so a NaN loss weight or a negative learning rate stops the run with one
+:class:`~recon3d.errors.ConfigError` line naming the key, instead of silently dropping a loss term.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import math
+from collections.abc import Mapping, MutableMapping
 
 import torch
 
-from recon3d.errors import ShapeError
+from recon3d.errors import ConfigError, ShapeError
 
-__all__ = ["check_shape", "check_finite", "check_range"]
+__all__ = ["check_shape", "check_finite", "check_range", "check_option", "check_weights"]
 
 
 def check_shape(
@@ -81,3 +86,26 @@ def check_range(x: torch.Tensor, name: str, lo: float, hi: float, tol: float = 1
         raise ShapeError(
             f"{name}: expected values in [{lo}, {hi}], got [{float(x.min()):.4g}, {float(x.max()):.4g}]"
         )
+
+
+def check_option(name: str, value: object, low: float | None = None, *, strict: bool = False, integer: bool = False,
+                 allow_none: bool = False) -> None:
+    """Raise :class:`ConfigError` naming ``name`` unless ``value`` is a finite number ``>= low``
+    (``> low`` with ``strict``; an integer with ``integer``; None passes with ``allow_none``)."""
+    if value is None and allow_none:
+        return
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        raise ConfigError(f"{name}: expected {kind}, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{name}: expected {kind} {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def check_weights(name: str, weights: Mapping[str, object]) -> None:
+    """Raise :class:`ConfigError` naming ``name.key`` unless every weight is a finite number ``>= 0``
+    (a NaN weight would otherwise turn the total loss into NaN, or drop the term where the loss
+    tests ``weight > 0``)."""
+    for key, w in weights.items():
+        check_option(f"{name}.{key}", w, 0.0)

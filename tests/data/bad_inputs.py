@@ -285,7 +285,7 @@ def grey_instead_of_rgba_openlrm(root: Path) -> Case:
 def mixed_alpha_blender(root: Path) -> Case:
     obj = _blender(root)
     _png(obj / "train" / "r_0.png", channels=3)
-    return lambda: load_all(BlenderDataset(str(root))), "r_1.png: has an alpha channel but earlier views"
+    return lambda: load_all(BlenderDataset(str(root))), "r_0.png: has no alpha channel while 1 other view(s) of this object have one"
 
 
 # ---------------------------------------------------------------------------------- escaping paths
@@ -355,6 +355,52 @@ def blender_empty_frames(root: Path) -> Case:
     return lambda: load_all(BlenderDataset(str(root))), "transforms_train.json: 'frames' is empty"
 
 
+# ---------------------------------------------------------------------------------- issue 13: messages that named the wrong thing
+def jpeg_in_png_blender(root: Path) -> Case:
+    """A JPEG saved with a .png name among RGBA views: the JPEG is named, not its neighbour."""
+    obj = _blender(root)
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(obj / "train" / "r_0.png", format="JPEG")
+    return lambda: load_all(BlenderDataset(str(root))), "r_0.png: has no alpha channel (it is a JPEG file despite its .png name)"
+
+
+def symlink_leaving_root_blender(root: Path) -> Case:
+    """A view that is a symlink to a file outside the data root: the message says "symlink"."""
+    _png(root / "outside" / "secret.png")
+    obj = _blender(root / "data")
+    (obj / "train" / "r_1.png").unlink()
+    (obj / "train" / "r_1.png").symlink_to(root / "outside" / "secret.png")
+    return lambda: load_all(BlenderDataset(str(root / "data"))), f"leaves the data root {obj.resolve()} through the symlink train/r_1.png ->"
+
+
+def camera_angle_zero_blender(root: Path) -> Case:
+    """``camera_angle_x: 0`` (was a ZeroDivisionError)."""
+    _blender(root, camera_angle_x=0)
+    return lambda: load_all(BlenderDataset(str(root))), "transforms_train.json: camera_angle_x: expected a field of view in (0, pi) radians, got 0"
+
+
+def mixed_rgb_rgba_objects_batch(root: Path) -> Case:
+    """One RGB and one RGBA object in one batch: the collate error names the object without alpha."""
+    from recon3d.data.batch import collate_samples
+    from recon3d.data.datamodule import ViewSamplingDataset
+
+    for name, channels in (("chair_rgba", 4), ("table_rgb", 3)):
+        obj = root / name
+        frames = []
+        for i in range(2):
+            _png(obj / "train" / f"r_{i}.png", channels=channels)
+            frames.append({"file_path": f"./train/r_{i}", "transform_matrix": _GL_POSE})
+        (obj / "transforms_train.json").write_text(json.dumps({"camera_angle_x": 0.69, "frames": frames}))
+
+    def factory():
+        views = ViewSamplingDataset(
+            BlenderDataset(str(root)), num_input_views=1, num_target_views=1, view_sampling="fixed", supervise_inputs=False,
+            input_resolution=None, target_resolution=None, background="white", with_geometry=False, seed=0, on_bad_sample="raise",
+        )
+        return collate_samples([views[0], views[1]])
+
+    return factory, "objects ['table_rgb']: have no inputs.masks while ['chair_rgba'] in the same batch do"
+
+
 CASES: list[Callable[[Path], Case]] = [
     missing_image_blender, missing_image_instantmesh, missing_camera_gtr, missing_intrinsics_openlrm,
     garbage_image_openlrm, truncated_png_gtr, empty_image_file_blender,
@@ -369,4 +415,8 @@ CASES: list[Callable[[Path], Case]] = [
     manifest_not_a_list_openlrm,
     empty_folder_blender, empty_folder_openlrm, empty_folder_instantmesh, empty_folder_gtr, missing_root,
     object_without_views_openlrm, blender_empty_frames,
+    jpeg_in_png_blender, symlink_leaving_root_blender, camera_angle_zero_blender,
 ]
+
+#: Cases whose error names objects of a batch rather than a file (same contract otherwise).
+BATCH_CASES: list[Callable[[Path], Case]] = [mixed_rgb_rgba_objects_batch]

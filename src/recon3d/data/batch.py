@@ -175,25 +175,33 @@ class Batch:
             )
 
 
-def _stack_opt(items: list, name: str):
+def _stack_opt(items: list, name: str, ids: list[str] | None = None):
     present = [x is not None for x in items]
     if not any(present):
         return None
     if not all(present):
-        raise DataError("collate", f"field {name!r} is present for some objects of the batch and missing for others")
+        ids = ids or [str(i) for i in range(len(items))]
+        lack = [i for i, p in zip(ids, present) if not p]
+        have = [i for i, p in zip(ids, present) if p]
+        hint = " (RGB images among RGBA ones?)" if name.endswith(".masks") else ""
+        raise DataError(
+            f"objects {lack[:3]}" + (f" (+{len(lack) - 3} more)" if len(lack) > 3 else ""),
+            f"have no {name} while {have[:3]} in the same batch do{hint}; expected every object of the dataset "
+            "to provide it or none",
+        )
     return torch.stack(items)
 
 
-def _collate_views(views: list[Views], name: str) -> Views:
+def _collate_views(views: list[Views], name: str, ids: list[str] | None = None) -> Views:
     sizes = {tuple(v.images.shape) for v in views}
     if len(sizes) != 1:
         raise DataError("collate", f"{name}.images of different shapes in one batch: {sorted(sizes)}; resize them in the datamodule")
     return Views(
         torch.stack([v.images for v in views]),
         Cameras.stack([v.cameras for v in views]),
-        _stack_opt([v.masks for v in views], f"{name}.masks"),
-        _stack_opt([v.depths for v in views], f"{name}.depths"),
-        _stack_opt([v.normals for v in views], f"{name}.normals"),
+        _stack_opt([v.masks for v in views], f"{name}.masks", ids),
+        _stack_opt([v.depths for v in views], f"{name}.depths", ids),
+        _stack_opt([v.normals for v in views], f"{name}.normals", ids),
     )
 
 
@@ -201,9 +209,10 @@ def collate_samples(samples: list[Sample]) -> Batch:
     """Stack samples into a :class:`Batch` (``torch.utils.data.DataLoader`` ``collate_fn``)."""
     if not samples:
         raise DataError("collate", "empty batch (every object of the batch was skipped)")
+    ids = [str(s.object_id) for s in samples]
     geo = [s.geometry for s in samples]
     geometry = Geometry(
-        *(_stack_opt([getattr(g, f.name) for g in geo], f"geometry.{f.name}") for f in dataclasses.fields(Geometry) if f.name != "mesh_paths"),
+        *(_stack_opt([getattr(g, f.name) for g in geo], f"geometry.{f.name}", ids) for f in dataclasses.fields(Geometry) if f.name != "mesh_paths"),
         mesh_paths=[g.mesh_paths[0] for g in geo] if all(g.mesh_paths for g in geo) else None,
     )
     keys = [set(s.extras) for s in samples]
@@ -211,8 +220,8 @@ def collate_samples(samples: list[Sample]) -> Batch:
         raise DataError("collate", f"extras keys differ between objects of one batch: {sorted(set.union(*keys) - set.intersection(*keys))}")
     return Batch(
         [s.object_id for s in samples],
-        _collate_views([s.inputs for s in samples], "inputs"),
-        _collate_views([s.targets for s in samples], "targets"),
+        _collate_views([s.inputs for s in samples], "inputs", ids),
+        _collate_views([s.targets for s in samples], "targets", ids),
         geometry,
         torch.tensor([s.background for s in samples], dtype=torch.float32),
         extras={k: torch.stack([torch.as_tensor(s.extras[k]) for s in samples]) for k in keys[0]},

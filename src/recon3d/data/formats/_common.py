@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recon3d.data.base import ObjectDataset, check_finite_array, load_image, resolve_inside
+from recon3d.data.base import ObjectDataset, check_finite_array, image_format_note, load_image, resolve_inside
 from recon3d.data.cameras import Cameras
 from recon3d.errors import DataError, ShapeError
 from recon3d.utils.checks import check_shape
@@ -106,33 +106,44 @@ def load_view_images(
     """Load images of one object as ``rgb (V, 3, H, W)`` and ``alpha (V, 1, H, W)`` or None.
 
     All images must share one size (``expect_size`` ``(H, W)`` when given, else the first
-    image's) and either all carry alpha or none. ``require_alpha`` demands RGBA files.
+    image's) and either all carry alpha or none. ``require_alpha`` demands RGBA files. When some
+    views carry alpha and others do not, the error names the odd ones out (the fewer; on a tie
+    those without alpha) and says when a file's content is not the format of its name (a JPEG
+    saved as ``.png`` has no alpha).
     """
-    rgbs, alphas = [], []
+    rgbs, alphas, with_alpha, without = [], [], [], []
     size = expect_size
     for p in paths:
         rgb, alpha = load_image(p, size)
         size = tuple(rgb.shape[-2:])
-        if alpha is None and (require_alpha or alphas):
-            got = _channels(p)
-            raise DataError(p, f"expected an RGBA image (4 channels: colour + alpha), got {got} channel(s)")
-        if alpha is not None and rgbs and not alphas:
-            raise DataError(p, "has an alpha channel but earlier views of this object do not; expected all RGB or all RGBA")
+        if alpha is None and require_alpha:
+            raise DataError(p, f"expected an RGBA image (4 channels: colour + alpha), got {_bands(p)}{image_format_note(p)}")
         rgbs.append(rgb)
+        (with_alpha if alpha is not None else without).append(p)
         if alpha is not None:
             alphas.append(alpha)
+    if with_alpha and without:
+        if len(with_alpha) < len(without):
+            odd, rest = with_alpha[0], without
+            raise DataError(odd, f"has an alpha channel while {len(rest)} other view(s) of this object have none "
+                            f"(e.g. {rest[0].name}); expected all RGB or all RGBA views")
+        odd, rest = without[0], with_alpha
+        raise DataError(odd, f"has no alpha channel{image_format_note(odd)} while {len(rest)} other view(s) of this object "
+                        f"have one (e.g. {rest[0].name}); expected all RGB or all RGBA views")
     rgb = torch.stack(rgbs) if rgbs else torch.zeros(0, 3, *(expect_size or (1, 1)))
     return rgb, (torch.stack(alphas) if alphas else None)
 
 
-def _channels(path: Path) -> int:
+def _bands(path: Path) -> str:
+    """``"3 channel(s) (mode RGB)"``: the file's channels as stored, for messages."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return len(im.getbands())
+            extra = " without transparency" if im.mode == "P" else ""
+            return f"{len(im.getbands())} channel(s) (mode {im.mode}{extra})"
     except Exception:  # pragma: no cover - the file decoded a moment ago
-        return -1
+        return "no alpha"
 
 
 def load_mask(path: Path, expect_size: tuple[int, int]) -> torch.Tensor:

@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from recon3d.data.base import RawViews, resolve_inside
+from recon3d.data.base import RawViews, focal_from_fov, resolve_inside
 from recon3d.data.cameras import Cameras
 from recon3d.data.formats._common import (
     FolderDataset,
@@ -246,11 +246,11 @@ class BlenderDataset(FolderDataset):
             intr = f.intr
             if ("w" in intr and int(intr["w"]) != W) or ("h" in intr and int(intr["h"]) != H):
                 raise DataError(f.image, f"expected image size {intr.get('w', W)}x{intr.get('h', H)} (WxH) from {meta.json_path.name}, got {W}x{H}")
-            fx = float(intr["fl_x"]) if "fl_x" in intr else 0.5 * W / math.tan(float(intr["camera_angle_x"]) / 2)
+            fx = float(intr["fl_x"]) if "fl_x" in intr else focal_from_fov(intr["camera_angle_x"], W, meta.json_path, "camera_angle_x")
             if "fl_y" in intr:
                 fy = float(intr["fl_y"])
             elif "camera_angle_y" in intr:
-                fy = 0.5 * H / math.tan(float(intr["camera_angle_y"]) / 2)
+                fy = focal_from_fov(intr["camera_angle_y"], H, meta.json_path, "camera_angle_y")
             else:
                 fy = fx
             cx, cy = float(intr.get("cx", W / 2)), float(intr.get("cy", H / 2))

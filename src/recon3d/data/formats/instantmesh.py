@@ -150,7 +150,9 @@ class InstantMeshDataset(FolderDataset):
 
 
 def _load_depth(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """Raw integer values of a 1-channel (or first channel of a) PNG as ``(1, H, W)`` float."""
+    """Raw integer values of a grey PNG (8- or 16-bit; of an RGB(A) one its first channel) as
+    ``(1, H, W)`` float. Palette, bilevel and CMYK files are refused: their stored numbers are
+    not depths."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
@@ -158,7 +160,11 @@ def _load_depth(path: Path, size: tuple[int, int]) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode not in ("L", "LA", "I", "RGB", "RGBA") and not im.mode.startswith("I;16"):
+                raise DataError(path, f"depth image of mode {im.mode!r}; expected a grey 8- or 16-bit PNG of raw depth values")
             arr = np.asarray(im)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"cannot decode depth image ({type(e).__name__}: {e}); expected a PNG") from None
     if arr.ndim == 3:

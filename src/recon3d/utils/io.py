@@ -1,6 +1,8 @@
 """Atomic file writes: outputs are written to a temporary file beside the target, then renamed.
 
-A process killed mid-write leaves the previous file (or none), never a truncated one.
+A process killed mid-write leaves the previous file (or none), never a truncated one. The file
+gets the permissions a plain ``open(path, "w")`` would give (``0o666`` minus the umask), not the
+``0o600`` of the ``mkstemp`` temporary, so outputs on a shared cluster stay readable by the group.
 """
 
 from __future__ import annotations
@@ -8,10 +10,31 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "current_umask"]
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux:
+    ``/proc/self/status``). Elsewhere POSIX can only read it by setting it: that is done under a
+    lock with the most restrictive mask in between, so a file another thread creates in that
+    instant is at worst too private, never world-writable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -30,6 +53,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file what open() would have (0666 & ~umask).
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

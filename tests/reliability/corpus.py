@@ -7,6 +7,13 @@ it ends in exactly one ``recon3d: error:`` line (exit status 2 for the CLI) that
 expected text, with no traceback, and no file of the case changed, lost or half-written.
 
 ``python scripts/bad_input_table.py`` runs the corpus and writes ``docs/bad_input_corpus.md``.
+
+Outcomes (``Case.outcome``): ``"refused"`` (the one-line error above) or ``"correct"`` (exit
+status 0 and a result checked against an independent reference, e.g. an image decoded by
+OpenCV): an input is either refused with a clear line or handled right, never accepted with a
+wrong result. Issue 13 added cases of both kinds (:data:`ISSUE13_CASES`); its module-level
+config cases construct the class directly, as the CLI still wraps constructor errors in
+jsonargparse's Union message (issue 13, part B).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class Case:
     what: str
     expected: str
     run: Callable[[Path, Path], Outcome]  # (case folder, synthetic cache) -> outcome
+    outcome: str = "refused"  # or "correct": exit 0 with a verified result
 
 
 def _cli(argv: list[str]) -> Outcome:
@@ -253,8 +261,181 @@ def data_cases() -> list[Case]:
     return out
 
 
+# ---------------------------------------------------------------------- issue 13
+def _construct(build: Callable[[], object]) -> Callable[[Path, Path], Outcome]:
+    """Run ``build()`` (a constructor with a bad option); a recon3d error is the one line."""
+
+    def run(d: Path, cache: Path) -> Outcome:
+        from recon3d.errors import Recon3DError
+
+        try:
+            build()
+            return Outcome(0, [], False, "no error")
+        except Recon3DError as e:
+            msg = f"recon3d: error: {e}"
+            return Outcome(2, msg.splitlines(), False, msg)
+        except Exception as e:  # a raw library error: the case fails
+            return Outcome(1, [], True, f"{type(e).__name__}: {e}")
+
+    return run
+
+
+def _gtr(**kw):
+    from recon3d.methods.gtr import GTRModule
+
+    return lambda: GTRModule(lambda_lpips=0.0, **kw)
+
+
+def _m3d(**kw):
+    from recon3d.methods.m3d import M3DModule
+
+    return lambda: M3DModule(**kw)
+
+
+def _protocol(**kw):
+    from recon3d.metrics.protocol import EvaluationProtocol
+
+    return lambda: EvaluationProtocol(**kw)
+
+
+def _as_m3d(d, good):
+    """The toy checkpoint relabelled as an M3D run with M3D-like keys (no key shared)."""
+    ck = torch.load(good, weights_only=True)
+    ck["state_dict"] = {"net.shallow.stem.0.weight": torch.zeros(8, 3, 3, 3), "density.beta": torch.zeros(())}
+    ck.setdefault("hyper_parameters", {})["_class_path"] = "recon3d.methods.m3d.M3DModule"
+    torch.save(ck, d / "m3d.ckpt")
+    return d / "m3d.ckpt"
+
+
+def _export(build: Callable[[Path, Path], Path]):
+    def run(d: Path, cache: Path) -> Outcome:
+        d.mkdir(parents=True, exist_ok=True)
+        path = build(d, good_checkpoint(cache, d.parent))
+        before = snapshot(d)
+        o = _cli(["export", "-c", str(REPO / TOY.config), "--ckpt", str(path), "--out", str(d / "out"), "--",
+                  "--data.dataset.init_args.cache_dir", str(cache)])
+        o.inputs_changed = snapshot(d) != before
+        if (d / "out" / "exports.json").exists():
+            o.error_lines, o.text = [], "exports.json written from weights that do not fit"
+        return o
+
+    return run
+
+
+def _decoded_right(write: Callable[[Path], None], atol: float) -> Callable[[Path, Path], Outcome]:
+    """A Blender object whose ``r_0.png`` is written by ``write``: it must load (exit 0) with the
+    values OpenCV decodes from the same file (RGB, and alpha where OpenCV finds one)."""
+
+    def run(d: Path, cache: Path) -> Outcome:
+        import json
+
+        import cv2
+        import numpy as np
+
+        from recon3d.data.formats import BlenderDataset
+
+        obj = d / "obj"
+        (obj / "train").mkdir(parents=True, exist_ok=True)
+        write(obj / "train" / "r_0.png")
+        pose = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+        (obj / "transforms_train.json").write_text(json.dumps(
+            {"camera_angle_x": 0.69, "frames": [{"file_path": "./train/r_0", "transform_matrix": pose}]}))
+        before = snapshot(d)
+        try:
+            raw = BlenderDataset(str(d)).load_views(0, [0])
+        except Exception as e:
+            return Outcome(1, [], False, f"refused a valid image: {type(e).__name__}: {e}")
+        ref = cv2.imdecode(np.fromfile(str(obj / "train" / "r_0.png"), dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        ref = ref.astype(np.float64) / (65535.0 if ref.dtype == np.uint16 else 255.0)
+        ref = np.repeat(ref[..., None], 3, -1) if ref.ndim == 2 else ref[..., [2, 1, 0, 3][: ref.shape[-1]]]
+        got = raw.rgb[0].permute(1, 2, 0).double().numpy()
+        err = float(np.abs(got - ref[..., :3]).max())
+        has_alpha = ref.shape[-1] == 4
+        if has_alpha != (raw.alpha is not None):
+            return Outcome(1, [], False, f"alpha {'lost' if has_alpha else 'invented'}")
+        if has_alpha:
+            err = max(err, float(np.abs(raw.alpha[0, 0].double().numpy() - ref[..., 3]).max()))
+        o = Outcome(0 if err <= atol else 1, [], False, f"decoded as OpenCV does (max error {err:.2g})" if err <= atol
+                    else f"WRONG VALUES: max error {err:.3g} against OpenCV")
+        o.inputs_changed = snapshot(d) != before
+        return o
+
+    return run
+
+
+def _pil_writer(make: Callable[[], object], **save) -> Callable[[Path], None]:
+    return lambda p: make().save(p, **save)
+
+
+def _images():
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    return rgba, Image
+
+
+def _palette_trns(p: Path) -> None:
+    rgba, Image = _images()
+    Image.fromarray(rgba[..., :3]).quantize(8).save(p, transparency=2)
+
+
+def _one_bit(p: Path) -> None:
+    rgba, Image = _images()
+    Image.fromarray(rgba[..., 0] > 127).save(p)
+
+
+def _cmyk(p: Path) -> None:
+    rgba, Image = _images()
+    Image.fromarray(rgba[..., :3]).convert("CMYK").save(p, format="JPEG", quality=100)
+
+
+def _rgba16(p: Path) -> None:
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(p), np.random.default_rng(1).integers(0, 65536, (8, 8, 4), dtype=np.uint16))
+
+
+def issue13_data_cases() -> list[Case]:
+    from tests.data.bad_inputs import BATCH_CASES
+
+    return [Case(fn.__name__.replace("_", " "), "data", (fn.__doc__ or "").strip().splitlines()[0], "<case's own>", _data_case(fn))
+            for fn in BATCH_CASES]
+
+
+ISSUE13_CASES = [
+    Case("NaN loss weight (GTR)", "config", "GTRModule(mesh_loss_weights={depth: nan})",
+         "model.mesh_loss_weights.depth: expected a finite number, got nan", _construct(_gtr(mesh_loss_weights={"depth": float("nan")}))),
+    Case("NaN loss weight (M3D)", "config", "M3DModule(loss_weights={rgb: nan})",
+         "model.loss_weights.rgb: expected a finite number, got nan", _construct(_m3d(loss_weights={"rgb": float("nan")}))),
+    Case("NaN lambda (GTR)", "config", "GTRModule(lambda_mask=nan)", "model.lambda_mask: expected a finite number",
+         _construct(_gtr(lambda_mask=float("nan")))),
+    Case("negative lr", "config", "GTRModule(lr=-1e-3)", "model.lr: expected a number > 0, got -0.001", _construct(_gtr(lr=-1e-3))),
+    Case("negative weight_decay", "config", "M3DModule(weight_decay=-0.1)", "model.weight_decay: expected a number >= 0, got -0.1",
+         _construct(_m3d(weight_decay=-0.1))),
+    Case("n_samples 0", "config", "GTRModule(n_samples=0)", "model.n_samples: expected an integer >= 1, got 0", _construct(_gtr(n_samples=0))),
+    Case("unknown image metric", "config", "EvaluationProtocol(image_metrics=[psnr, bogus])",
+         "evaluation.image_metrics: unknown ['bogus']", _construct(_protocol(image_metrics=["psnr", "bogus"]))),
+    Case("init_weights of another method", "checkpoint", "--model.init_args.init_weights: an M3D checkpoint on the toy config",
+         "this checkpoint is an M3DModule, the config is a ToyTriplaneModule", _ckpt_case(_as_m3d, flag="--model.init_args.init_weights")),
+    Case("init_weights missing keys", "checkpoint", "--model.init_args.init_weights: a key renamed (was loaded with strict=False)",
+         "1 missing (e.g. ['decoder.0.weight']); 1 unexpected", _ckpt_case(_renamed_key, flag="--model.init_args.init_weights")),
+    Case("export with another method's checkpoint", "checkpoint", "recon3d export --ckpt: an M3D checkpoint on the toy config",
+         "this checkpoint is an M3DModule, the config is a ToyTriplaneModule", _export(_as_m3d)),
+    Case("palette PNG with transparency", "data", "r_0.png: P mode with a tRNS entry", "alpha from tRNS",
+         _decoded_right(_palette_trns, 1e-6), outcome="correct"),
+    Case("1-bit PNG", "data", "r_0.png: mode 1 (white must be 1.0, not 1/255)", "0/1 values",
+         _decoded_right(_one_bit, 1e-6), outcome="correct"),
+    Case("CMYK JPEG", "data", "r_0.png: a CMYK JPEG (K is not alpha)", "RGB, no alpha",
+         _decoded_right(_cmyk, 2 / 255), outcome="correct"),
+    Case("16-bit RGBA PNG", "data", "r_0.png: 16 bits per channel (PIL keeps 8)", "full precision",
+         _decoded_right(_rgba16, 1e-6), outcome="correct"),
+]
+
+
 def all_cases() -> list[Case]:
-    return CONFIG_CASES + CHECKPOINT_CASES + data_cases()
+    return CONFIG_CASES + CHECKPOINT_CASES + data_cases() + ISSUE13_CASES + issue13_data_cases()
 
 
 # ---------------------------------------------------------------------- checking
@@ -269,6 +450,10 @@ def check(case: Case, d: Path, cache: Path) -> tuple[bool, str]:
     """Run ``case``; return (passed, the one-line outcome or what went wrong)."""
     d.mkdir(parents=True, exist_ok=True)
     o = case.run(d, cache)
+    if case.outcome == "correct":
+        problems = [p for p, bad in (("traceback", o.traceback), (f"exit status {o.rc}", o.rc != 0),
+                                     ("input files changed", o.inputs_changed)) if bad]
+        return not problems, ("; ".join(problems) + " | " if problems else "") + o.text
     problems = []
     if o.traceback:
         problems.append("traceback")

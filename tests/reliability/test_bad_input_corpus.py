@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.corpus import CHECKPOINT_CASES, CONFIG_CASES, check, data_cases
+from tests.reliability.corpus import CHECKPOINT_CASES, CONFIG_CASES, ISSUE13_CASES, check, data_cases, issue13_data_cases
 
-ALL = CONFIG_CASES + CHECKPOINT_CASES + data_cases()
+ALL = CONFIG_CASES + CHECKPOINT_CASES + data_cases() + ISSUE13_CASES + issue13_data_cases()
 
 
 def test_corpus_size():
     assert len(ALL) >= 20
     assert {c.category for c in ALL} == {"data", "config", "checkpoint"}
+    assert {c.outcome for c in ALL} == {"refused", "correct"}  # never "accepted with a wrong result"
 
 
 @pytest.mark.parametrize("case", ALL, ids=lambda c: f"{c.category}-{c.name.replace(' ', '_')}")
 def test_bad_input(case, tmp_path, synthetic_cache):
     ok, line = check(case, tmp_path / "case", synthetic_cache)
     assert ok, line
-    assert "\n" not in line and line.startswith("recon3d: error:")
+    assert "\n" not in line and (line.startswith("recon3d: error:") or case.outcome == "correct")

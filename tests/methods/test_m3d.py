@@ -141,7 +141,10 @@ def test_render_geometry_and_export(m3d, tmp_path):
 
 @pytest.mark.parametrize("name", ["baseline", "exp1", "exp2", "m3d"])
 def test_ablation_configs_build_and_step(cache, name):
-    small = [] if name == "m3d" else ["--model.init_args.deep.init_args.width", "8"]  # SSR's deep encoder, CPU-sized
+    # SSR's deep encoder, CPU-sized; a new class_path starts from its defaults, so the CPU shallow
+    # encoder's 128 channels and the CPU ROI size are given explicitly
+    small = [] if name == "m3d" else ["--model.init_args.deep.init_args.width", "8", "--model.init_args.deep.init_args.in_channels", "128",
+                                      "--model.init_args.deep.init_args.roi_size", "16"]
     cli = _cli(cache, "-c", str(ROOT / f"configs/m3d/{name}.yaml"), *small)
     net = cli.model.net
     want = {"baseline": ("ResNet18DeepEncoder", False, False), "exp1": ("ResNet18DeepEncoder", True, False),

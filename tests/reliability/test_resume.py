@@ -13,12 +13,22 @@ id                     where the process dies                     resumes from
 ``validation``         inside validation after epoch 0            step 3 (epoch end)
 ``checkpoint_write``   half-way through writing step 3's last.ckpt step 2 (the old file)
 ``epoch_end`` (slow)   in ``on_train_epoch_end`` of epoch 0        step 3
-``first_step`` (slow)  after step 1, before any checkpoint exists  nothing: starts afresh
+``first_step`` (slow)  after step 1, before any checkpoint exists  nothing: ``--ckpt_path last``
+                                                                   refuses (one line), then
+                                                                   ``--fresh_if_missing true``
+                                                                   starts afresh
 =====================  =========================================  ==========================
+
+The resumed run's ``metrics.csv`` is the uninterrupted run's, row for row: the rows written
+before the kill are kept (Lightning's CSVLogger would delete them) and flushed at every
+checkpoint (:mod:`recon3d.utils.run_log`). The one exception is ``validation``: the killed
+validation never finished and Lightning does not run it again on resume, so its rows are absent.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 
 import pytest
@@ -39,6 +49,10 @@ SLOW = {"epoch_end", "first_step"}
 RESULTS: dict[str, str] = {}
 
 
+def _rows(text: str) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if v} for r in csv.DictReader(io.StringIO(text))]
+
+
 def _tensors(ckpt: dict) -> dict[str, torch.Tensor]:
     out = {f"param/{k}": v for k, v in ckpt["state_dict"].items()}
     for i, opt in enumerate(ckpt["optimizer_states"]):
@@ -57,7 +71,7 @@ def reference(request, tmp_path_factory, synthetic_cache):
     assert p.returncode == 0, tail(p)
     ref = load_ckpt(ckpt_dir(d) / "last.ckpt")
     assert ref["global_step"] == case.steps_per_epoch * case.max_epochs
-    return case, ref
+    return case, ref, (ckpt_dir(d).parent / "metrics.csv").read_text()
 
 
 def _plugin_config(tmp_path, kill_on_write: int):
@@ -73,7 +87,7 @@ def _plugin_config(tmp_path, kill_on_write: int):
     "point", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in KILLS]
 )
 def test_kill_and_resume_is_bit_identical(reference, point, tmp_path, synthetic_cache):
-    case, ref = reference
+    case, ref, ref_metrics = reference
     fault, resume_step = KILLS[point]
     fault_args = _plugin_config(tmp_path, 3) if fault == "plugin" else fault
     t = time.perf_counter()
@@ -89,13 +103,28 @@ def test_kill_and_resume_is_bit_identical(reference, point, tmp_path, synthetic_
     ckpts = sorted(x.name for x in ckpt_dir(tmp_path).glob("*")) if ckpt_dir(tmp_path).exists() else []
     assert all(n == "last.ckpt" or (n.startswith(".last.ckpt.") and n.endswith(".tmp")) for n in ckpts), ckpts
 
-    q = run(cli_args(case, tmp_path, synthetic_cache, "--ckpt_path", "last"), cwd=tmp_path)
+    resume = ["--ckpt_path", "last"]
+    if resume_step is None:  # nothing to resume: said in one line, and started afresh only when asked
+        q = run(cli_args(case, tmp_path, synthetic_cache, *resume), cwd=tmp_path)
+        err = [ln for ln in q.stderr.splitlines() if ln.startswith("recon3d: error:")]
+        assert q.returncode == 2 and len(err) == 1 and "last.ckpt does not exist" in err[0], tail(q)
+        resume += ["--fresh_if_missing", "true"]
+    q = run(cli_args(case, tmp_path, synthetic_cache, *resume), cwd=tmp_path)
     assert q.returncode == 0, tail(q)
     if resume_step is not None:
         assert "Restored all states from the checkpoint" in q.stdout + q.stderr, tail(q)
     final = load_ckpt(last)
     assert final["global_step"] == ref["global_step"]
     assert_bit_identical(_tensors(final), _tensors(ref))
+    if resume_step is not None:
+        got, want = _rows((ckpt_dir(tmp_path).parent / "metrics.csv").read_text()), _rows(ref_metrics)
+        assert [r for r in got if "train/loss" in r] == [r for r in want if "train/loss" in r], "loss rows differ"
+        assert not [r for r in got if r not in want], "rows the uninterrupted run does not have"
+        missing = [r for r in want if r not in got]
+        if point == "validation":  # the killed validation never finished, and a resume does not redo it
+            assert all(int(r["step"]) == resume_step - 1 and "train/loss" not in r for r in missing), missing
+        else:
+            assert got == want, "metrics.csv rows differ"
     assert not list(ckpt_dir(tmp_path).glob(".*.tmp")), "stale temporary checkpoint left behind"
     # Run-control settings are not model hyper-parameters: nothing of the fault injection is saved.
     assert "kill" not in repr(final.get("hyper_parameters", {})) and "Fault" not in repr(final.get("hyper_parameters", {}))
@@ -107,7 +136,7 @@ def test_kill_and_resume_is_bit_identical(reference, point, tmp_path, synthetic_
 def test_non_atomic_write_would_truncate(reference, tmp_path, synthetic_cache):
     """Negative control: the same kill with a plain (non-atomic) write leaves a truncated
     ``last.ckpt``; recon3d's loader then refuses it with one line instead of a traceback."""
-    case, _ = reference
+    case = reference[0]
     f = tmp_path / "plain.yaml"
     f.write_text("trainer:\n  plugins:\n    - class_path: recon3d.methods.toy.KillDuringWriteIO\n"
                  "      init_args:\n        kill_on_write: 3\n        atomic: false\n")

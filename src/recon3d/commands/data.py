@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from recon3d.commands import OneLineParser
 from recon3d.errors import ConfigError, DataError
 
 __all__ = ["main", "build_parser", "IMAGE_SUFFIXES", "FORMATS"]
@@ -42,7 +43,7 @@ FORMATS = ("blender", "openlrm", "instantmesh", "gtr_views")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="recon3d data", description="Dataset preparation: depth priors, synthetic set, format conversion.")
+    ap = OneLineParser(prog="recon3d data", description="Dataset preparation: depth priors, synthetic set, format conversion.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("depth", help="cache Depth Anything depth priors (M3D's depth stream)",

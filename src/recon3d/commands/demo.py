@@ -9,11 +9,11 @@ written to ``summary.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
+from recon3d.commands import OneLineParser
 from recon3d.utils.io import atomic_write_text
 
 
@@ -26,7 +26,7 @@ def _cli_args(config: str, out: Path, steps: int | None, extra: list[str]) -> li
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="recon3d demo", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="recon3d demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(Path(__file__).resolve().parents[3] / "configs" / "gtr_cpu.yaml"),
                    help="method config (default: configs/gtr_cpu.yaml)")
     p.add_argument("--out", default="outputs/demo", help="output folder")

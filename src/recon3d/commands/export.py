@@ -23,6 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
+from recon3d.commands import OneLineParser
+
 FORMATS = {
     "gtr": "recon3d.data.formats.GTRViewsDataset",
     "blender": "recon3d.data.formats.BlenderDataset",
@@ -32,7 +34,7 @@ FORMATS = {
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="recon3d export", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="recon3d export", description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", required=True, action="append", help="config file(s), composed in order")
     p.add_argument("--ckpt", required=True, help="trained checkpoint (.ckpt)")
     p.add_argument("--out", default="outputs/export", help="output folder")
@@ -49,13 +51,19 @@ def main(argv: list[str]) -> int:
     for c in a.config:
         args += ["-c", c]
     out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        from recon3d.errors import ConfigError
+
+        raise ConfigError(f"--out {out}: is a file, expected a folder for the exports")
     args += ["--trainer.default_root_dir", str(out), "--trainer.logger", "false", "--trainer.callbacks", "[]"]
     if a.views:
         args += ["--data.test_dataset", json.dumps({"class_path": FORMATS[a.format], "init_args": {"root": a.views}}),
                  "--data.num_target_views", "0", "--data.supervise_inputs", "true", "--data.eval_view_sampling", "fixed"]
     args += [x for x in a.overrides if x != "--"]
     before = _snapshot(out)
-    cli = run_lightning_cli(args, run=False)
+    # The checkpoint's model options define the trained model; run-time options (export level and
+    # resolution, refinement, evaluation) come from this command line, as for `recon3d predict`.
+    cli = run_lightning_cli(args, run=False, hparams_from=a.ckpt, allow_pickle=a.allow_pickle)
     from recon3d.utils.checkpoint import load_weights_into
 
     load_weights_into(cli.model, a.ckpt, strict=True, allow_pickle=a.allow_pickle, ignore=getattr(cli.model, "init_weights_ignore", None))

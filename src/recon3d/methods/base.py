@@ -70,7 +70,16 @@ class ReconModule(L.LightningModule):
             LPIPS loss); those keys keep their initial values.
         nonfinite: non-finite loss/gradient policy.
         vis_views: how many target views per object the PNG grids show.
+
+    Run-time options: :attr:`RUNTIME_OPTIONS` names the init args that change how a trained model
+    is evaluated, rendered or exported, not the model itself or how it trains. With a checkpoint
+    (``--ckpt_path``, ``recon3d export --ckpt``) the command line's values of these win, while
+    every other hyper-parameter comes from the checkpoint (:mod:`recon3d.cli`). A subclass
+    extends the set: ``RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {"export_resolution"}``.
     """
+
+    #: Init args the command line sets even when a checkpoint is given (class docstring).
+    RUNTIME_OPTIONS: frozenset[str] = frozenset({"evaluation", "vis_views"})
 
     def __init__(
         self,

@@ -129,7 +129,17 @@ class GTRModule(ReconModule):
         turntable_frames: frames of the exported turntable (0: none).
         evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
             :class:`~recon3d.methods.base.ReconModule`.
+
+    Run-time options (the command line wins over a checkpoint, :class:`ReconModule`): evaluation
+    chunk, iso-surface level and grids, rendering backend, texture refinement, export resolution
+    and turntable, LPIPS weight folder. In the mesh stage ``mesh_density_level`` and
+    ``mesh_resolution`` are also the training iso-surface: give the saved values when resuming one.
     """
+
+    RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {
+        "eval_chunk", "mesh_resolution", "mesh_density_level", "render_backend", "refine", "export_resolution",
+        "turntable_frames", "lpips_weights_dir",
+    }
 
     def __init__(
         self,

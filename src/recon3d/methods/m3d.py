@@ -162,7 +162,15 @@ class M3DModule(ReconModule):
         class_pattern: regex whose group 1 is the class in an object id (used without ``class_code``).
         evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
             :class:`~recon3d.methods.base.ReconModule`.
+
+    Run-time options (the command line wins over a checkpoint, :class:`ReconModule`): evaluation
+    render size and chunk, the evaluation and export marching-cubes grids, the class names and
+    pattern of the per-class report.
     """
+
+    RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {
+        "eval_max_side", "eval_chunk", "mesh_resolution", "export_resolution", "class_names", "class_pattern",
+    }
 
     def __init__(
         self,

@@ -37,3 +37,11 @@ def test_bench_ssm_scan_table_runs(capsys, monkeypatch):
     bench_ssm.bench_scan(quick=True)
     out = capsys.readouterr().out
     assert "fused_cpu" in out and " 1024 " in out
+
+
+def test_bench_mesh_iou_grid_agrees_with_the_old_inside_test(capsys):
+    from benchmarks import bench_mesh_iou
+
+    bench_mesh_iou.main(quick=True)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "faces" in line]
+    assert len(rows) == 3 and all(r.endswith("100.00%") for r in rows), rows

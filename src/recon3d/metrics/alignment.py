@@ -4,9 +4,11 @@
   into ``[-1, 1]^3``, or centroid + unit sphere).
 - :func:`icp`: point-to-point ICP (Besl & McKay 1992) with the closed-form Umeyama (1991) update;
   ``with_scale=True`` gives similarity ICP.
-- :func:`rotation_grid` / :func:`align_points`: a coarse search over rotations (the 24 rotations of
-  the cube, optionally times extra yaw steps) with a short ICP from each, then a full ICP from the
-  best one; this escapes the wrong local minima ICP falls into on symmetric objects.
+- :func:`rotation_grid` / :func:`principal_frame` / :func:`align_points`: a coarse search over
+  rotations (the 24 rotations of the cube, optionally times extra yaw steps, and the same 24
+  between the clouds' principal axes) with a short ICP from each, then a full ICP from the best
+  one; this escapes the wrong local minima ICP falls into on symmetric objects, and the
+  principal-axis starts make the result independent of how the source was turned.
 
 All functions take ``(N, 3)`` tensors on any device; nearest neighbours use
 :func:`recon3d.metrics.geometry.nearest_neighbors` (KD-tree on CPU, chunked torch elsewhere).
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from recon3d.utils.checks import check_shape
 
-__all__ = ["normalize_to_cube", "umeyama", "icp", "ICPResult", "rotation_grid", "align_points", "apply_transform"]
+__all__ = ["normalize_to_cube", "umeyama", "icp", "ICPResult", "rotation_grid", "principal_frame", "align_points", "apply_transform"]
 
 
 def normalize_to_cube(points: Tensor, mode: Literal["bbox", "sphere", "none"] = "bbox", extent: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,6 +171,26 @@ def rotation_grid(yaw_steps: int = 1, dtype: torch.dtype = torch.float64) -> Ten
     return torch.cat(out)
 
 
+def principal_frame(points: Tensor) -> tuple[Tensor, Tensor]:
+    """Principal axes of ``points (N, 3)`` about their centroid: ``(frame (3, 3), variances (3,))``.
+
+    The axes are the columns of a proper rotation (largest variance first; the last axis is flipped
+    if needed so that ``det = +1``). Each axis is defined up to its sign only, so a rotated copy's
+    frame is ``R @ frame @ D`` with ``D`` a diagonal sign matrix of determinant 1, one of the 24
+    rotations of :func:`rotation_grid`; the axes are ill-defined where two variances are close."""
+    x = points.double() - points.double().mean(0)
+    val, vec = torch.linalg.eigh(x.T @ x / max(1, x.shape[0]))
+    frame = vec.flip(-1).clone()  # eigh sorts ascending
+    if torch.det(frame) < 0:
+        frame[:, 2] = -frame[:, 2]
+    return frame, val.flip(-1)
+
+
+def _axes_ambiguous(var: Tensor, gap: float) -> bool:
+    """Two principal variances ``(3,)`` (descending) closer than ``gap`` times the largest."""
+    return bool(((var[:-1] - var[1:]) < gap * var[0].clamp_min(1e-300)).any())
+
+
 def align_points(
     src: Tensor,
     dst: Tensor,
@@ -177,15 +199,32 @@ def align_points(
     yaw_steps: int = 1,
     search_points: int = 2000,
     search_iters: int = 10,
-    max_iters: int = 50,
+    max_iters: int = 100,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    axis_gap: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
     """Align ``src (N, 3)`` onto ``dst (M, 3)``; returns ``(aligned src (N, 3), transform (4, 4))``.
 
-    With ``rotation_search`` every rotation of :func:`rotation_grid` (about the centroids) seeds a
-    ``search_iters``-step ICP on ``search_points`` random points of each cloud; the seed with the
-    lowest mean distance then runs a full ICP on all points.
+    With ``rotation_search``, ICP is started from a set of rotations about the centroids: the 24
+    rotations ``P`` of :func:`rotation_grid` between the clouds' principal frames,
+    ``F_dst P F_src^T`` (GAPS ``mshalign``'s PCA starts with all axis swaps and flips). These turn
+    with ``src``: a rotated ``src`` gets the same starts, rotated, so its result does not depend on
+    the rotation (the grid about fixed axes alone leaves up to ~60 degrees to ICP, which on an
+    elongated object often ends half a turn off). Where either cloud's principal axes are
+    ill-defined (two variances within ``axis_gap`` of the largest: a cube, a sphere, a cylinder)
+    or ``yaw_steps > 1``, the rotations of ``rotation_grid(yaw_steps)`` about fixed axes are tried
+    as well (right when ``src`` is already roughly in ``dst``'s frame or off by quarter turns).
+    Each start runs a ``search_iters``-step ICP on ``search_points`` random points of each cloud;
+    the one with the lowest mean distance runs a full ICP on all points (up to ``max_iters`` steps:
+    point-to-point ICP creeps along nearly flat directions, and two starts stopped after 50 steps
+    can still differ by ~1 % in CD).
+
+    ``mode="icp_scale"`` (similarity ICP) starts from the scale that matches the clouds' RMS radii
+    about their centroids (unchanged by any rotation of ``src``), keeps that scale fixed during the
+    rotation search, and lets ICP fit it only in the final run from the best start: a free scale
+    in the short, badly started search runs could shrink ``src`` onto a patch of ``dst`` (its
+    one-sided mean distance then looks best).
     """
     dims: dict = {}
     check_shape(src, "N 3", "src", dims)
@@ -196,7 +235,17 @@ def align_points(
         raise ValueError(f"mode: expected 'none', 'icp' or 'icp_scale', got {mode!r}")
     with_scale = mode == "icp_scale"
     src64, dst64 = src.double(), dst.double()
-    inits = [None]
+    cs, cd = src64.mean(0), dst64.mean(0)
+    s0 = 1.0
+    if with_scale:
+        rms_src = (src64 - cs).square().sum(-1).mean().sqrt()
+        rms_dst = (dst64 - cd).square().sum(-1).mean().sqrt()
+        s0 = float(rms_dst / rms_src.clamp_min(1e-12))
+    init: Tensor | None = None
+    if with_scale:
+        init = torch.eye(4, dtype=torch.float64, device=src.device)
+        init[:3, :3] *= s0
+        init[:3, 3] = cd - s0 * cs
     if rotation_search:
         def subset(x: Tensor) -> Tensor:
             if x.shape[0] <= search_points:
@@ -204,17 +253,23 @@ def align_points(
             sel = torch.randperm(x.shape[0], generator=generator)[:search_points].to(x.device)
             return x[sel]
 
-        s_sub, d_sub = subset(src64), subset(dst64)
-        cs, cd = src64.mean(0), dst64.mean(0)
+        # the search is rigid on src pre-scaled by s0 (1 for rigid ICP)
+        s_sub, d_sub = subset(src64) * s0, subset(dst64)
+        (f_src, v_src), (f_dst, v_dst) = principal_frame(src64), principal_frame(dst64)
+        starts = f_dst @ rotation_grid(1).to(src.device) @ f_src.T
+        if yaw_steps > 1 or _axes_ambiguous(v_src, axis_gap) or _axes_ambiguous(v_dst, axis_gap):
+            starts = torch.cat([rotation_grid(yaw_steps).to(src.device), starts])
         best, best_t = math.inf, None
-        for rot in rotation_grid(yaw_steps).to(src.device):
+        for rot in starts:
             t0 = torch.eye(4, dtype=torch.float64, device=src.device)
             t0[:3, :3] = rot
-            t0[:3, 3] = cd - rot @ cs
-            res = icp(s_sub, d_sub, init=t0, max_iters=search_iters, with_scale=with_scale, backend=backend)
+            t0[:3, 3] = cd - rot @ (s0 * cs)
+            res = icp(s_sub, d_sub, init=t0, max_iters=search_iters, with_scale=False, backend=backend)
             if res.mean_dist < best:
                 best, best_t = res.mean_dist, res.transform
-        inits = [best_t]
-    res = icp(src64, dst64, init=inits[0], max_iters=max_iters, with_scale=with_scale, backend=backend)
+        assert best_t is not None
+        init = best_t.clone()
+        init[:3, :3] *= s0  # back to a transform of the unscaled src
+    res = icp(src64, dst64, init=init, max_iters=max_iters, with_scale=with_scale, backend=backend)
     t = res.transform
     return apply_transform(src64, t).to(src.dtype), t.to(src.dtype)

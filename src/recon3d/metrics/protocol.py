@@ -35,11 +35,16 @@ one surface (geometry). The reported number is the mean over *distinct object id
 twice (e.g. a ``DistributedSampler`` padding the last batch) is merged, not counted twice.
 
 **Geometry pipeline** (per object, conventions from :data:`recon3d.metrics.geometry.PRESETS`):
-normalise prediction and ground truth independently (bounding box into ``[-1, 1]^3``); subsample
-``num_points`` points (seeded; clouds with fewer points are used whole); align the prediction to the
-ground truth (rotation search + ICP); CD / F-score / precision / recall / NC.
+normalise into ``[-1, 1]^3`` (bounding box), either both with the ground truth's transform
+(``normalize_frame="gt"``, SSR/M3D) or each by its own box (``"each"``, GTR/MVBoost/ReconViaGen,
+then with a similarity ICP); subsample ``num_points`` points (seeded; clouds with fewer points are
+used whole); align the prediction to the ground truth (rotation search + ICP); CD / F-score /
+precision / recall / NC. Either way the scores do not depend on where the prediction was put or how
+it was turned (a rigid motion of the prediction scores as the prediction itself).
 Meshes (:meth:`EvaluationProtocol.update_meshes`) are sampled area-weighted with face normals, and
-IoU is measured on a ``iou_resolution^3`` grid over ``[-1, 1]^3`` after the same alignment.
+IoU is measured on a ``iou_resolution^3`` grid over ``[-1, 1]^3`` after the same alignment
+(:func:`~recon3d.metrics.geometry.mesh_occupancy_grid`: generalised winding numbers from
+axis-aligned ray counts, ``O(R^3 + F)`` for a closed mesh).
 """
 
 from __future__ import annotations
@@ -66,8 +71,7 @@ from recon3d.metrics.geometry import (
     GeometryProtocol,
     chamfer_fscore,
     get_preset,
-    grid_points,
-    mesh_occupancy,
+    mesh_occupancy_grid,
     occupancy_iou,
     sample_surface,
 )
@@ -341,9 +345,18 @@ class EvaluationProtocol(nn.Module):
         pns = self._as_list(pred_normals, "pred_normals") if pred_normals is not None else [None] * len(preds)
         gns = self._as_list(gt_normals, "gt_normals") if gt_normals is not None else [None] * len(preds)
         for oid, p, g, pn, gn in zip(ids, preds, gts, pns, gns):
-            p, _, _ = normalize_to_cube(p.detach().double(), self.geometry.normalize)
-            g, _, _ = normalize_to_cube(g.detach().double(), self.geometry.normalize)
+            p, g = self._normalize(p.detach().double(), g.detach().double())
             self._eval_clouds(oid, p, g, pn, gn)
+
+    def _normalize(self, pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
+        """The preset's normalisation of prediction ``(N, 3)`` and ground truth ``(M, 3)`` points
+        (or mesh vertices): the ground truth's transform for both (``normalize_frame="gt"``), or
+        each its own (``"each"``; the similarity ICP then fits the remaining scale)."""
+        g, center, scale = normalize_to_cube(gt, self.geometry.normalize)
+        if self.geometry.normalize_frame == "gt":
+            return (pred - center.to(pred)) * scale.to(pred), g
+        p, _, _ = normalize_to_cube(pred, self.geometry.normalize)
+        return p, g
 
     def _subsample(self, x: Tensor, n: Tensor | None, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
         if x.shape[0] <= self.num_points:
@@ -375,23 +388,23 @@ class EvaluationProtocol(nn.Module):
 
         Samples ``num_points`` area-weighted surface points with face normals from each (after the
         preset's normalisation), then as :meth:`update_geometry` (so ``nc`` is reported); with
-        ``iou`` also the volumetric IoU (winding-number occupancy, no watertightness needed) on a
-        ``iou_resolution^3`` grid over ``[-1, 1]^3``, the prediction moved by the same alignment.
+        ``iou`` also the volumetric IoU (generalised winding-number occupancy, no watertightness
+        needed; :func:`~recon3d.metrics.geometry.mesh_occupancy_grid`) on a ``iou_resolution^3``
+        grid over ``[-1, 1]^3``, the prediction moved by the same alignment.
         """
         ids = self._check_ids(object_ids, len(pred_meshes))
         if len(gt_meshes) != len(pred_meshes):
             raise ValueError(f"gt_meshes: expected {len(pred_meshes)} meshes, got {len(gt_meshes)}")
         for oid, (pv, pf), (gv, gf) in zip(ids, pred_meshes, gt_meshes):
-            pv, _, _ = normalize_to_cube(pv.detach().double(), self.geometry.normalize)
-            gv, _, _ = normalize_to_cube(gv.detach().double(), self.geometry.normalize)
+            pv, gv = self._normalize(pv.detach().double(), gv.detach().double())
             gen = self._gen(oid)
             p, pn = sample_surface(pv, pf, self.num_points, generator=gen)
             g, gn = sample_surface(gv, gf, self.num_points, generator=gen)
             t = self._eval_clouds(oid, p, g, pn, gn)
             if iou:
-                q = grid_points(self.geometry.iou_resolution, 1.0, device=pv.device)
-                occ_p = mesh_occupancy(apply_transform(pv, t.to(pv)), pf, q)
-                occ_g = mesh_occupancy(gv, gf, q)
+                res = self.geometry.iou_resolution
+                occ_p = mesh_occupancy_grid(apply_transform(pv, t.to(pv)), pf, res)
+                occ_g = mesh_occupancy_grid(gv, gf, res)
                 self.table.update([oid], "iou", occupancy_iou(occ_p, occ_g).reshape(1))
 
     def update_occupancy(self, object_ids: Sequence[str], pred_occ: Tensor, gt_occ: Tensor) -> None:

@@ -259,7 +259,12 @@ def _os_error_line(e: OSError) -> str | None:
     if e.errno not in _OS_REASONS:
         return None
     reason, hint = _OS_REASONS[e.errno]
-    where = e.filename or "output"
+    # A failed write()/close() carries no file name: name the run folder then.
+    where = str(e.filename or (f"a file in {_RUN_FOLDERS[-1][0]}" if _RUN_FOLDERS else "an output file"))
+    # An atomic write fails on its hidden temporary file (.last.ckpt.<pid>.<hex>.tmp): name the target.
+    m = re.match(r"^\.(.+)\.\d+\.[0-9a-f]+\.tmp$", Path(where).name)
+    if m:
+        where = str(Path(where).with_name(m.group(1)))
     return f"cannot write {where}: {reason}; {hint} (--run_dir / --trainer.logger.init_args.save_dir / --out)"
 
 
@@ -329,23 +334,24 @@ def remove_empty_run_folders() -> None:
     (only ``config.yaml`` / ``hparams.yaml`` / empty folders), and the empty parents it created."""
     while _RUN_FOLDERS:
         folder, created = _RUN_FOLDERS.pop()
-        if created is None or not folder.is_dir():
-            continue
-        files = [p for p in folder.rglob("*") if not p.is_dir()]
-        if any(p.name not in _BOILERPLATE or p.parent != folder for p in files):
+        if created is None:
             continue
         with contextlib.suppress(OSError):
-            for p in files:
-                p.unlink()
-            for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-                d.rmdir()
-            p = folder
-            while True:
-                p.rmdir()
+            if folder.is_dir():
+                files = [p for p in folder.rglob("*") if not p.is_dir()]
+                if any(p.name not in _BOILERPLATE or p.parent != folder for p in files):
+                    continue
+                for p in files:
+                    p.unlink()
+                for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                    d.rmdir()
+            # the folder and the parents this command created, while empty
+            for p in [folder, *folder.parents]:
+                if p.is_dir():
+                    if any(p.iterdir()):
+                        break
+                    p.rmdir()
                 if p == created:
-                    break
-                p = p.parent
-                if any(p.iterdir()):
                     break
 
 

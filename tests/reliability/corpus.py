@@ -11,9 +11,12 @@ expected text, with no traceback, and no file of the case changed, lost or half-
 Outcomes (``Case.outcome``): ``"refused"`` (the one-line error above) or ``"correct"`` (exit
 status 0 and a result checked against an independent reference, e.g. an image decoded by
 OpenCV): an input is either refused with a clear line or handled right, never accepted with a
-wrong result. Issue 13 added cases of both kinds (:data:`ISSUE13_CASES`); its module-level
-config cases construct the class directly, as the CLI still wraps constructor errors in
-jsonargparse's Union message (issue 13, part B).
+wrong result. Issue 13 added cases of both kinds (:data:`ISSUE13_CASES`, which construct the
+classes directly), and the same mistakes through the command line plus the CLI's own
+(:data:`CLI_CASES`: constructor errors inside jsonargparse's Union message, a negative number as
+a value, ``--ckpt_path last`` without a checkpoint, a fresh fit into a finished run, output
+folders that are files, read-only, forbidden or full, an accelerator that is not there). No
+refused CLI case may leave a run folder holding only ``config.yaml`` behind.
 """
 
 from __future__ import annotations
@@ -434,8 +437,169 @@ ISSUE13_CASES = [
 ]
 
 
+# ---------------------------------------------------------------------- issue 13, part B: the command line
+GTR_CPU = str(REPO / "configs" / "gtr_cpu.yaml")
+
+
+@contextlib.contextmanager
+def deny_writes(folder: Path, code: int, mkdir: bool = True):
+    """While active, creating or writing a file under ``folder`` fails with ``OSError(code)``
+    (and, with ``mkdir``, creating a folder there): a read-only (EROFS), forbidden (EACCES) or
+    full (ENOSPC) file system, simulated in-process (tests run as root, where permissions do not
+    stop writes, and cannot mount one). Reads are untouched."""
+    import builtins
+    import errno as _errno
+
+    folder = os.path.abspath(folder)
+    real_open, real_io_open, real_os_open = builtins.open, io.open, os.open
+    real_mkdir = os.mkdir
+
+    def under(path) -> bool:
+        try:
+            return os.path.abspath(os.fspath(path)).startswith(folder + os.sep) or os.path.abspath(os.fspath(path)) == folder
+        except TypeError:
+            return False
+
+    def fail(path):
+        raise OSError(code, os.strerror(code), os.fspath(path))
+
+    def wrapped_open(file, mode="r", *a, **k):
+        if under(file) and any(c in mode for c in "wax+"):
+            fail(file)
+        return real_open(file, mode, *a, **k)
+
+    def wrapped_os_open(path, flags, *a, **k):
+        if under(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            fail(path)
+        return real_os_open(path, flags, *a, **k)
+
+    def wrapped_mkdir(path, *a, **k):
+        if mkdir and under(path) and not os.path.isdir(path):
+            fail(path)
+        return real_mkdir(path, *a, **k)
+
+    builtins.open, io.open, os.open, os.mkdir = wrapped_open, wrapped_open, wrapped_os_open, wrapped_mkdir
+    try:
+        yield _errno
+    finally:
+        builtins.open, io.open, os.open, os.mkdir = real_open, real_io_open, real_os_open, real_mkdir
+
+
+def _fit_denied(code: int, where: str, mkdir: bool):
+    """A toy fit whose run folder (``where="run"``) or checkpoint folder (``"checkpoints"``) cannot be written."""
+
+    def run(d: Path, cache: Path) -> Outcome:
+        target = d / "out" / "run" if where == "run" else d / "out" / "run" / "checkpoints"
+        with deny_writes(target, code, mkdir=mkdir):
+            return _fit(d, cache)
+
+    return run
+
+
+def _disk_full_metrics(d: Path, cache: Path) -> Outcome:
+    """A real ENOSPC from the kernel: the run's metrics.csv is a link to /dev/full."""
+    run_dir = d / "out" / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not Path("/dev/full").exists():  # pragma: no cover - not Linux
+        return Outcome(2, ["recon3d: error: cannot write metrics.csv: no space left on device (no /dev/full here)"], False, "")
+    (run_dir / "metrics.csv").symlink_to("/dev/full")
+    return _fit(d, cache)
+
+
+def _accelerator(d: Path, cache: Path) -> Outcome:
+    # On a machine with a GPU, ask for one that is surely absent instead (Apple's MPS).
+    return _fit(d, cache, "--trainer.accelerator", "mps" if torch.cuda.is_available() else "gpu")
+
+
+def _existing_run(d: Path, cache: Path) -> Outcome:
+    """A fresh fit into a run folder that holds a checkpoint (would write last-v1.ckpt, drop metrics.csv)."""
+    run_dir = d / "held"
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    (run_dir / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.0\n")
+    return _fit(d, cache, "--run_dir", str(run_dir))
+
+
+def _export_cli(*extra: str, views: Callable[[Path], Path] | None = None):
+    def run(d: Path, cache: Path) -> Outcome:
+        d.mkdir(parents=True, exist_ok=True)
+        good = good_checkpoint(cache, d.parent)
+        args = ["export", "-c", str(REPO / TOY.config), "--ckpt", str(good)]
+        if views is not None:
+            args += ["--views", str(views(d))]
+        before = snapshot(d)
+        o = _cli(args + [a.replace("{d}", str(d)) for a in extra] + ["--", "--data.dataset.init_args.cache_dir", str(cache)])
+        o.inputs_changed = snapshot(d) != before
+        return o
+
+    return run
+
+
+def _empty_views(d: Path) -> Path:
+    (d / "views").mkdir(parents=True, exist_ok=True)
+    return d / "views"
+
+
+def _a_file(d: Path) -> str:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "afile").write_text("not a folder\n")
+    return str(d / "afile")
+
+
+def _export_denied(d: Path, cache: Path) -> Outcome:
+    with deny_writes(d / "out", 30):  # EROFS
+        return _export_cli("--out", "{d}/out")(d, cache)
+
+
+CLI_CASES = [
+    Case("DINOv2 swap without pretrained_path", "config", "README: -c gtr_cpu.yaml -c gtr/dinov2.yaml (pretrained_path null)",
+         "DinoV2Encoder: give exactly one of pretrained_path", lambda d, c: _fit(d, c, "-c", str(REPO / "configs/gtr/dinov2.yaml"),
+                                                                          config=GTR_CPU)),
+    Case("DINOv2 swap with a wrong pretrained_path", "config", "--model.init_args.encoder.init_args.pretrained_path /nonexistent",
+         "pretrained_path '/nonexistent/dinov2' is not a directory",
+         lambda d, c: _fit(d, c, "-c", str(REPO / "configs/gtr/dinov2.yaml"),
+                           "--model.init_args.encoder.init_args.pretrained_path", "/nonexistent/dinov2", config=GTR_CPU)),
+    Case("n_samples 0 (command line)", "config", "--model.init_args.n_samples 0", "model.n_samples: expected an integer >= 1, got 0",
+         lambda d, c: _fit(d, c, "--model.init_args.n_samples", "0", config=GTR_CPU)),
+    Case("unknown image metric (command line)", "config", "--model.init_args.evaluation.init_args.image_metrics [psnr, bogus]",
+         "evaluation.image_metrics: unknown ['bogus']",
+         lambda d, c: _fit(d, c, "--model.init_args.evaluation.init_args.image_metrics", "[psnr, bogus]", config=GTR_CPU)),
+    Case("negative lr (command line)", "config", "--model.init_args.lr -1e-3 (was: 'expected one argument')",
+         "model.lr: expected a number > 0, got -0.001", lambda d, c: _fit(d, c, "--model.init_args.lr", "-1e-3")),
+    Case("negative weight_decay (command line)", "config", "--model.init_args.weight_decay -0.1",
+         "model.weight_decay: expected a number >= 0, got -0.1",
+         lambda d, c: _fit(d, c, "--model.init_args.weight_decay", "-0.1", config=GTR_CPU)),
+    Case("negative max_steps", "config", "--trainer.max_steps -5", "trainer: `max_steps` must be a non-negative integer",
+         lambda d, c: _fit(d, c, "--trainer.max_steps", "-5")),
+    Case("accelerator without the device", "config", "--trainer.accelerator gpu on a CPU-only machine", "trainer: ", _accelerator),
+    Case("fresh fit into a finished run", "config", "--run_dir of a run with checkpoints/last.ckpt, no --ckpt_path",
+         "already holds a run", _existing_run),
+    Case("--run_dir is a file", "config", "--run_dir <a file>", "is a file, expected a folder",
+         lambda d, c: _fit(d, c, "--run_dir", _a_file(d))),
+    Case("unknown command", "config", "recon3d fitt", "unknown command 'fitt' (did you mean 'fit'?)", lambda d, c: _cli(["fitt"])),
+    Case("export usage error", "config", "recon3d export (no --ckpt)", "the following arguments are required",
+         lambda d, c: _cli(["export", "-c", str(REPO / TOY.config)])),
+    Case("--ckpt_path last without a checkpoint", "checkpoint", "README resume on a run that never saved (was: a new run, exit 0)",
+         "last.ckpt does not exist", lambda d, c: _fit(d, c, "--ckpt_path", "last")),
+    Case("export --out is a file", "output", "recon3d export --out <a file>", "is a file, expected a folder",
+         lambda d, c: _export_cli("--out", _a_file(d))(d, c)),
+    Case("export --views empty folder", "output", "recon3d export --views <empty folder>", "no objects found",
+         _export_cli("--out", "{d}/out", views=_empty_views)),
+    Case("read-only output folder (fit)", "output", "the run folder's file system is read-only (EROFS)", "read-only file system",
+         _fit_denied(30, "run", mkdir=True)),
+    Case("read-only output folder (export)", "output", "recon3d export --out on a read-only file system", "read-only file system",
+         _export_denied),
+    Case("no permission (fit)", "output", "writing the run folder is forbidden (EACCES)", "permission denied",
+         _fit_denied(13, "run", mkdir=True)),
+    Case("disk full at the checkpoint", "output", "ENOSPC writing checkpoints/last.ckpt", "no space left on device",
+         _fit_denied(28, "checkpoints", mkdir=False)),
+    Case("disk full (real ENOSPC)", "output", "metrics.csv on a full device (/dev/full)", "metrics.csv: no space left on device",
+         _disk_full_metrics),
+]
+
+
 def all_cases() -> list[Case]:
-    return CONFIG_CASES + CHECKPOINT_CASES + data_cases() + ISSUE13_CASES + issue13_data_cases()
+    return CONFIG_CASES + CHECKPOINT_CASES + data_cases() + ISSUE13_CASES + issue13_data_cases() + CLI_CASES
 
 
 # ---------------------------------------------------------------------- checking
@@ -470,4 +634,16 @@ def check(case: Case, d: Path, cache: Path) -> tuple[bool, str]:
         problems.append("temporary file left")
     if (d / "PWNED").exists():
         problems.append("PLANTED CODE RAN")
+    left = empty_run_folders(d / "out")
+    if left:
+        problems.append(f"empty run folder left: {left[0]}")
     return not problems, ("; ".join(problems) + " | " if problems else "") + line
+
+
+def empty_run_folders(out: Path) -> list[str]:
+    """Folders under ``out`` holding nothing but Lightning's ``config.yaml`` / ``hparams.yaml``."""
+    if not out.is_dir():
+        return []
+    keep = {"config.yaml", "hparams.yaml"}
+    return [str(p) for p in [out, *out.rglob("*")] if p.is_dir() and not p.is_symlink()
+            and not any(f.is_file() and f.name not in keep for f in p.rglob("*"))]

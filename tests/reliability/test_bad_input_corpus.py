@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.corpus import CHECKPOINT_CASES, CONFIG_CASES, ISSUE13_CASES, check, data_cases, issue13_data_cases
+from tests.reliability.corpus import all_cases, check
 
-ALL = CONFIG_CASES + CHECKPOINT_CASES + data_cases() + ISSUE13_CASES + issue13_data_cases()
+ALL = all_cases()
 
 
 def test_corpus_size():
     assert len(ALL) >= 20
-    assert {c.category for c in ALL} == {"data", "config", "checkpoint"}
+    assert {c.category for c in ALL} == {"data", "config", "checkpoint", "output"}
     assert {c.outcome for c in ALL} == {"refused", "correct"}  # never "accepted with a wrong result"
 
 

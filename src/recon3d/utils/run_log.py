@@ -72,6 +72,15 @@ class KeepingWriter(ExperimentWriter):
             self._earlier = [{k: v for k, v in row.items() if k is not None and v not in ("", None)} for row in reader]
 
     def save(self) -> None:
+        try:
+            self._save()
+        except OSError as e:
+            if e.filename:
+                raise
+            # a write() on a full disk names no file; the one-line error should
+            raise OSError(e.errno, e.strerror, self.metrics_file_path) from e
+
+    def _save(self) -> None:
         if not self.metrics:
             return
         pending = self.metrics

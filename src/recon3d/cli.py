@@ -228,7 +228,9 @@ def output_policy(verbose: bool):
             if hf_env is None:
                 os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
             hub = sys.modules.get("huggingface_hub")
-            if hub is not None and hub_was_off is not True and hf_env is None:
+            # Only a hub imported before (bars on) is switched back: one imported inside read the
+            # variable at import and would warn that it overrides enable_progress_bars().
+            if hub is not None and hub_was_off is False and hf_env is None:
                 with contextlib.suppress(Exception):
                     hub.utils.enable_progress_bars()
 

@@ -112,13 +112,14 @@ def summary_table(summary: dict, out: Path) -> str:
     missing = [label for key, label, _ in _TABLE[:4] if key not in m]
     if missing:
         lines.append(f"  (not measured: {', '.join(missing)}; see test/metrics.json)")
-    n_files = sum(len(v) for v in summary["exports"].values() if isinstance(v, dict))
+    n_files = sum(sum(1 for k in v if k != "skipped" and k != "refine_psnr") for v in summary["exports"].values() if isinstance(v, dict))
+    n_skipped = sum(1 for v in summary["exports"].values() if isinstance(v, dict) and "skipped" in v)
     lines += [
         "",
         f"checkpoint   {summary['checkpoint'] or '-'}",
         f"metrics      {summary['test_metrics_csv']} (per object: per_object.csv beside it)",
         f"grids        {summary['grids'][-1] if summary['grids'] else '-'}" + (f" (+{len(summary['grids']) - 1} more)" if len(summary["grids"]) > 1 else ""),
-        f"exports      {len(summary['exports'])} objects, {n_files} files under {Path(summary['checkpoint']).parents[1] / 'predict' if summary['checkpoint'] else out}",
+        f"exports      {len(summary['exports']) - n_skipped} objects" + (f" ({n_skipped} skipped: no surface yet)" if n_skipped else "") + f", {n_files} files under {Path(summary['checkpoint']).parents[1] / 'predict' if summary['checkpoint'] else out}",
         f"summary      {out / 'summary.json'}",
     ]
     return "\n".join(lines)

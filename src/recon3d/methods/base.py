@@ -303,8 +303,19 @@ class ReconModule(L.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, str]]:
         if self._record_skips(batch):
             return []
+        from recon3d.render.isosurface import EmptySurfaceError
+
         out_dir = Path(getattr(self, "_export_root", None) or self._out_dir() / "predict")
-        return [self.export_object(batch, i, out_dir / batch.object_ids[i]) for i in range(len(batch))]
+        results = []
+        for i in range(len(batch)):
+            try:
+                results.append(self.export_object(batch, i, out_dir / batch.object_ids[i]))
+            except EmptySurfaceError as err:
+                # An under-trained model has no surface to export for this object: a counted skip
+                # with its reason, not the end of the whole export.
+                log.warning("export: %s skipped, no surface (%s)", batch.object_ids[i], err)
+                results.append({"skipped": f"no surface: {err}"})
+        return results
 
     # ------------------------------------------------------------------ helpers
     def _out_dir(self) -> Path:

@@ -165,6 +165,7 @@ def test_output_policy_switches_off_hub_progress_bars(monkeypatch):
         assert not hub.utils.are_progress_bars_disabled()
 
 
+@pytest.mark.slow  # two fresh interpreters + a fit: ~30 s on 2 cores
 def test_a_training_run_is_quiet_unless_verbose(tmp_path):
     """End to end, as a user runs it: the tips and the LeafSpec warning are gone, --verbose shows them."""
     base = [str(Path(sys.executable).parent / "recon3d"), "fit", "-c", TOY, "--data.dataset.init_args.cache_dir",

@@ -135,3 +135,7 @@ def test_protocol_reports_mask_iou_only_when_asked_and_fed():
     ev = EvaluationProtocol(image_metrics=["psnr"], geometry_preset="raw")
     ev.update_views(["a"], pred, target, mask, alpha)
     assert "mask_iou" not in ev.compute()
+    ev = EvaluationProtocol(image_metrics=["psnr", "mask_iou"], geometry_preset="raw")
+    ev.update_views(["a"], pred, target, mask)  # no rendered opacity: the gap is explained
+    _, missing = ev.notes_summary(ev.compute())
+    assert "mask_iou" not in ev.compute() and "opacity" in missing["mask_iou"]

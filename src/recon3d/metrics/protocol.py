@@ -297,8 +297,11 @@ class EvaluationProtocol(nn.Module):
         if pred_alpha is not None:
             check_shape(pred_alpha, "B V 1 H W", "pred_alpha", dims)
         ids = self._check_ids(object_ids, dims["B"])
-        if "mask_iou" in self.image_metrics and mask is not None and pred_alpha is not None:
-            self._add_view_rows(ids, "mask_iou", mask_iou(pred_alpha.float(), mask))
+        if "mask_iou" in self.image_metrics:
+            if mask is not None and pred_alpha is not None:
+                self._add_view_rows(ids, "mask_iou", mask_iou(pred_alpha.float(), mask))
+            else:  # asked for but not computable: say why in metrics.json, never a silent gap
+                self.note(ids, ["mask_iou"], "no true mask in the batch" if mask is None else "the method renders no opacity")
         pred, target = pred.float(), target.to(pred.device).float()
         masks = [None] if mask is None else [None, mask.to(pred.device).float()]
         for m in masks:

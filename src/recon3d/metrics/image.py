@@ -30,6 +30,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.image import structural_similarity_index_measure as _tm_ssim
 
+from recon3d.metrics.geometry import occupancy_iou
 from recon3d.utils.checks import check_shape
 
 __all__ = ["psnr", "ssim", "mask_iou", "PSNR", "SSIM"]
@@ -143,11 +144,9 @@ def mask_iou(pred_alpha: Tensor, target_mask: Tensor, threshold: float = 0.5) ->
     dims: dict = {}
     check_shape(pred_alpha, "*B 1 H W", "pred_alpha", dims)
     check_shape(target_mask, "*B 1 H W", "target_mask", dims)
-    p = pred_alpha > threshold
-    t = target_mask.to(pred_alpha.device) > threshold
-    inter = (p & t).flatten(-3).sum(-1).double()
-    union = (p | t).flatten(-3).sum(-1).double()
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union)).to(torch.promote_types(pred_alpha.dtype, torch.float32))
+    p = (pred_alpha > threshold).flatten(-3)
+    t = (target_mask.to(pred_alpha.device) > threshold).flatten(-3)
+    return occupancy_iou(p, t).to(torch.promote_types(pred_alpha.dtype, torch.float32))
 
 
 class _MeanOfImages(Metric):

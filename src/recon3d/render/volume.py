@@ -129,8 +129,13 @@ def sample_deltas(t: torch.Tensor, near: torch.Tensor, far: torch.Tensor, last_d
         return torch.cat([t[..., 1:] - t[..., :-1], torch.full_like(t[..., :1], 1e10)], -1)
     if last_delta != "bin":
         raise ConfigError(f"last_delta: expected one of {list(LAST_DELTA)}, got {last_delta!r}")
-    edges = torch.cat([near[..., None], 0.5 * (t[..., 1:] + t[..., :-1]), far[..., None]], -1)
+    edges = _bin_edges(t, near, far)
     return (edges[..., 1:] - edges[..., :-1]).clamp_min(0)
+
+
+def _bin_edges(t: torch.Tensor, near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """``(..., S + 1)``: ``near``, the midpoints between neighbouring samples ``t`` ``(..., S)``, ``far``."""
+    return torch.cat([near[..., None], 0.5 * (t[..., 1:] + t[..., :-1]), far[..., None]], -1)
 
 
 def composite(
@@ -281,8 +286,7 @@ class VolumeRenderer(nn.Module):
                 pts = origins[..., None, :] + t[..., None] * dirs[..., None, :]
                 out, _ = self._eval_field(field, pts, False)
                 w, _ = composite(self._alphas(out, t, dirs, near, far) * hit[..., None], {})
-            mids = torch.cat([near[..., None], 0.5 * (t[..., 1:] + t[..., :-1]), far[..., None]], -1)
-            t_fine = importance_samples(mids, w, self.n_importance, perturb)
+            t_fine = importance_samples(_bin_edges(t, near, far), w, self.n_importance, perturb)
             t, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
         pts = origins[..., None, :] + t[..., None] * dirs[..., None, :]
         out, grad = self._eval_field(field, pts, self.normals == "auto")

@@ -266,15 +266,12 @@ class GTRModule(ReconModule):
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
-        """Evaluation renders; colour clamped to [0, 1] as the official renderer does (the colour
-        head's widened sigmoid reaches slightly outside)."""
+        """Evaluation renders (``ReconModule``'s eval step clamps colour to [0, 1] for every method,
+        as GTR's official renderer does: the colour head's widened sigmoid reaches slightly outside)."""
         planes = self.triplanes(batch.inputs)
         if self.stage == "nerf":
-            out = self.render_volume(planes, cameras)
-        else:
-            out = self.render_mesh(planes, cameras, batch.object_ids, differentiable=False)
-        out["rgb"] = out["rgb"].clamp(0, 1)
-        return out
+            return self.render_volume(planes, cameras)
+        return self.render_mesh(planes, cameras, batch.object_ids, differentiable=False)
 
     # ------------------------------------------------------------------ losses
     def _random_patches(self, targets: Views) -> tuple[Cameras, torch.Tensor, torch.Tensor | None]:

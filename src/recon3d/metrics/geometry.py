@@ -467,8 +467,7 @@ def winding_number_grid(verts: Tensor, faces: Tensor, resolution: int, bound: fl
         raise ValueError(f"resolution: expected a positive number of voxels per axis, got {resolution}")
     v64 = verts.double()
     tri = v64[faces.long()]  # (F, 3, 3)
-    h = 2 * bound / resolution
-    centers = torch.arange(resolution, dtype=torch.float64, device=verts.device) * h - bound + h / 2
+    centers = _grid_centers(resolution, bound, verts.device)
 
     def counts(t: Tensor, wt: Tensor) -> Tensor:  # (6, R, R, R)
         return torch.stack([c for ax in range(3) for c in _axis_ray_counts(t, wt, ax, centers, chunk_pairs)])
@@ -497,10 +496,15 @@ def mesh_occupancy_grid(verts: Tensor, faces: Tensor, resolution: int, bound: fl
 
 def grid_points(resolution: int, bound: float = 1.0, device: torch.device | str | None = None) -> Tensor:
     """Voxel centres ``(R^3, 3)`` of a ``resolution^3`` grid over ``[-bound, bound]^3``."""
-    h = 2 * bound / resolution
-    c = torch.arange(resolution, dtype=torch.float64, device=device) * h - bound + h / 2
+    c = _grid_centers(resolution, bound, device)
     g = torch.stack(torch.meshgrid(c, c, c, indexing="ij"), -1)
     return g.reshape(-1, 3)
+
+
+def _grid_centers(resolution: int, bound: float, device: torch.device | str | None = None) -> Tensor:
+    """Voxel-centre coordinates ``(R,)`` along one axis of :func:`grid_points` (float64)."""
+    h = 2 * bound / resolution
+    return torch.arange(resolution, dtype=torch.float64, device=device) * h - bound + h / 2
 
 
 def occupancy_iou(pred_occ: Tensor, gt_occ: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from recon3d.data.batch import Geometry
-from recon3d.data.cameras import Cameras
+from recon3d.data.cameras import Cameras, fov_to_focal
 from recon3d.errors import DataError
 
 __all__ = ["RawViews", "ObjectDataset", "resolve_inside", "load_image", "image_format_note", "focal_from_fov"]
@@ -231,7 +231,7 @@ def focal_from_fov(fov: object, size: int, path: str | Path, key: str) -> float:
     """
     if isinstance(fov, bool) or not isinstance(fov, (int, float)) or not (0.0 < float(fov) < math.pi):
         raise DataError(path, f"{key}: expected a field of view in (0, pi) radians, got {fov!r}")
-    return 0.5 * size / math.tan(float(fov) / 2)
+    return fov_to_focal(float(fov), size)
 
 
 def check_finite_array(arr: np.ndarray, path: str | Path, what: str) -> np.ndarray:

@@ -166,9 +166,7 @@ class SyntheticDataset(ObjectDataset):
             return orbit_cameras(az, el, torch.full((V,), 0.5 * (rlo + rhi)), self.fov_deg, self.resolution, self.resolution, self.up_axis)
         g = torch.Generator().manual_seed(self._object_seed(index) + 1)
         az = (torch.arange(V) / V * 360.0 + torch.rand((), generator=g) * 360.0) % 360.0
-        lo, hi = self.elevation_range
         el = lo + (hi - lo) * torch.rand(V, generator=g)
-        rlo, rhi = self.radius_range
         rad = rlo + (rhi - rlo) * torch.rand(V, generator=g)
         return orbit_cameras(az, el, rad, self.fov_deg, self.resolution, self.resolution, self.up_axis)
 

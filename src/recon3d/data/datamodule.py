@@ -130,17 +130,15 @@ class ViewSamplingDataset(Dataset):
                 f"{self.source.name} object {self.source.object_ids()[index]}",
                 f"has {V} views; expected at least {need} ({self.n_in} input + {self.n_tgt} target)",
             )
-        if self.view_sampling == "fixed":
+        if self.view_sampling in ("fixed", "fixed_inputs"):
             inputs = sorted({round(k * V / self.n_in) % V for k in range(self.n_in)})
             rest = [v for v in range(V) if v not in inputs]
-            step = max(1, len(rest) // max(1, self.n_tgt))
-            targets = rest[::step][: self.n_tgt]
-        elif self.view_sampling == "fixed_inputs":
-            # Fixed inputs (as "fixed"), targets drawn afresh each epoch from the other views.
-            inputs = sorted({round(k * V / self.n_in) % V for k in range(self.n_in)})
-            rest = [v for v in range(V) if v not in inputs]
-            perm = torch.randperm(len(rest), generator=item_generator(self.seed, epoch, index)).tolist()
-            targets = [rest[perm[i % len(rest)]] for i in range(self.n_tgt)] if rest else []
+            if self.view_sampling == "fixed":
+                step = max(1, len(rest) // max(1, self.n_tgt))
+                targets = rest[::step][: self.n_tgt]
+            else:  # targets drawn afresh each epoch from the other views
+                perm = torch.randperm(len(rest), generator=item_generator(self.seed, epoch, index)).tolist()
+                targets = [rest[perm[i % len(rest)]] for i in range(self.n_tgt)] if rest else []
         else:
             perm = torch.randperm(V, generator=item_generator(self.seed, epoch, index)).tolist()
             inputs = perm[: self.n_in]

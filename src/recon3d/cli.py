@@ -528,7 +528,7 @@ def _lightning_cli_class():
             self._apply_checkpoint_hparams(node, ckpt_path, "--ckpt_path")
 
         def _apply_checkpoint_hparams(self, node, ckpt_path: str, flag: str) -> None:
-            from recon3d.utils.checkpoint import load_state_dict_file
+            from recon3d.utils.checkpoint import checkpoint_class_mismatch, load_state_dict_file
 
             ckpt = load_state_dict_file(ckpt_path, allow_pickle=self._allow_pickle())
             if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -543,8 +543,7 @@ def _lightning_cli_class():
             if not hparams:
                 return
             given = node.model
-            recorded = hparams.get("_class_path")
-            if recorded and str(recorded).rsplit(".", 1)[-1] != str(given.class_path).rsplit(".", 1)[-1]:
+            if checkpoint_class_mismatch(ckpt, str(given.class_path)):
                 # Another method's checkpoint: its options do not belong to this config's class; the
                 # weight check names the mismatch ("this checkpoint is an M3DModule, ...").
                 return
@@ -585,7 +584,7 @@ def _lightning_cli_class():
                 return
             problem = ck.state_dict_mismatch(own, sd)
             if problem:
-                other = getattr(ck, "checkpoint_class_mismatch", lambda *a: None)(ckpt, self.model)
+                other = ck.checkpoint_class_mismatch(ckpt, self.model)
                 problem = f"{other}; {problem}" if other else problem
                 raise CheckpointError(f"{ckpt_path}: weights do not match {type(self.model).__name__}: {problem}")
 

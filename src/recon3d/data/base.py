@@ -110,9 +110,10 @@ def _first_symlink(root: Path, path: Path) -> Path | None:
 #: PIL modes read as they are (8-bit grey / grey+alpha / colour / colour+alpha).
 _DIRECT_MODES = ("L", "LA", "RGB", "RGBA")
 #: PIL modes converted by PIL to a direct one: bilevel (0/255), premultiplied alpha, padding byte,
-#: other colour spaces (CMYK JPEGs, including Adobe's inverted ones, which PIL undoes), palettes.
+#: other colour spaces (CMYK JPEGs, including Adobe's inverted ones, which PIL undoes). Palettes
+#: (``P``, ``PA``) are handled in :func:`_image_array` (RGBA only when they carry transparency).
 _CONVERT = {"1": "L", "La": "LA", "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB",
-            "HSV": "RGB", "PA": "RGBA"}
+            "HSV": "RGB"}
 
 
 def _png_header(path: Path) -> tuple[int, int] | None:

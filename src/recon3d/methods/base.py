@@ -57,6 +57,17 @@ class NonFiniteGuard:
     max_consecutive: int = 10
 
 
+#: the metrics :meth:`EvaluationProtocol.update_geometry` reports (named when they are missing)
+GEOMETRY_METRICS = ("cd", "fscore", "precision", "recall", "nc")
+
+
+def geometry_metric_names(batch: Batch, predicts_normals: bool) -> tuple[str, ...]:
+    """The geometry metrics an object of ``batch`` can have: nc exists only where both the
+    prediction and the ground truth have normals (a note on it otherwise would mislead)."""
+    has_nc = predicts_normals and batch.geometry.surface_normals is not None
+    return GEOMETRY_METRICS if has_nc else GEOMETRY_METRICS[:4]
+
+
 class ReconModule(L.LightningModule):
     """Base LightningModule of recon3d methods (see module docstring).
 
@@ -240,7 +251,7 @@ class ReconModule(L.LightningModule):
             self._vis_done = True
 
     #: the metrics :meth:`EvaluationProtocol.update_geometry` reports (named when they are missing)
-    GEOMETRY_METRICS = ("cd", "fscore", "precision", "recall", "nc")
+    GEOMETRY_METRICS = GEOMETRY_METRICS
 
     def _eval_geometry(self, batch: Batch) -> None:
         """Feed :meth:`predict_geometry` to the protocol; objects it gives no geometry for are
@@ -250,8 +261,7 @@ class ReconModule(L.LightningModule):
         if geo is None:
             self.evaluation.note(ids, self.GEOMETRY_METRICS[:4], f"{type(self).__name__} predicts no geometry")
             return
-        # nc exists only where both sides have normals; a note on it otherwise would mislead
-        names = self.GEOMETRY_METRICS if geo.get("normals") is not None and batch.geometry.surface_normals is not None else self.GEOMETRY_METRICS[:4]
+        names = geometry_metric_names(batch, geo.get("normals") is not None)
         valid = geo.get("valid")
         keep = list(range(len(ids))) if valid is None else [i for i, v in enumerate(valid.tolist()) if v]
         dropped = [ids[i] for i in range(len(ids)) if i not in keep]

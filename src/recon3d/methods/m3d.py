@@ -94,7 +94,7 @@ from recon3d.data.batch import Batch
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError, DataError
-from recon3d.methods.base import NonFiniteGuard, ReconModule
+from recon3d.methods.base import NonFiniteGuard, ReconModule, geometry_metric_names
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.m3d import DepthEncoder, M3DNetwork, ResNetShallowEncoder, SelectiveAttentionDeepEncoder
 from recon3d.render.sdf_density import LaplaceDensity
@@ -614,8 +614,7 @@ class M3DModule(ReconModule):
             except EmptySurfaceError:
                 self._warn_once(f"empty:{batch.object_ids[b]}", f"M3D: {batch.object_ids[b]} has no SDF zero level set yet; scored as uniform points")
                 if self.evaluation is not None:
-                    names = self.GEOMETRY_METRICS if batch.geometry.surface_normals is not None else self.GEOMETRY_METRICS[:4]
-                    self.evaluation.note([batch.object_ids[b]], names,
+                    self.evaluation.note([batch.object_ids[b]], geometry_metric_names(batch, True),
                                          "no SDF zero level set: scored as uniform points in the object's box")
                 lo, hi = boxes[b].cpu()
                 p = lo + (hi - lo) * torch.rand(n, 3, generator=g)

@@ -26,9 +26,12 @@ def test_demo_runs_and_prints_a_table(tmp_path, capsys, monkeypatch):
     # not the end of the demo; anything exported is on disk.
     from pathlib import Path
 
+    predict_dir = Path(summary["metrics_csv"]).parent / "predict"  # where the run's predict step writes
+    assert f"files under {predict_dir}" in text
     for obj in exports.values():
         if "skipped" not in obj:
             assert Path(obj["mesh.glb"]).is_file() and Path(obj["mesh.obj"]).is_file()
+            assert predict_dir in Path(obj["mesh.glb"]).parents
         else:
             assert obj["skipped"].startswith("no surface")
     skipped = sum("skipped" in o for o in exports.values())

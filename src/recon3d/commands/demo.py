@@ -119,7 +119,7 @@ def summary_table(summary: dict, out: Path) -> str:
         f"checkpoint   {summary['checkpoint'] or '-'}",
         f"metrics      {summary['test_metrics_csv']} (per object: per_object.csv beside it)",
         f"grids        {summary['grids'][-1] if summary['grids'] else '-'}" + (f" (+{len(summary['grids']) - 1} more)" if len(summary["grids"]) > 1 else ""),
-        f"exports      {len(summary['exports']) - n_skipped} objects" + (f" ({n_skipped} skipped: no surface yet)" if n_skipped else "") + f", {n_files} files under {Path(summary['checkpoint']).parents[1] / 'predict' if summary['checkpoint'] else out}",
+        f"exports      {len(summary['exports']) - n_skipped} objects" + (f" ({n_skipped} skipped: no surface yet)" if n_skipped else "") + f", {n_files} files under {Path(summary['metrics_csv']).parent / 'predict'}",
         f"summary      {out / 'summary.json'}",
     ]
     return "\n".join(lines)

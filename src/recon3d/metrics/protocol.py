@@ -95,12 +95,16 @@ IMAGE_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "mask_iou")
 _ID_BYTES = 128
 
 
-def _encode_ids(ids: Sequence[str]) -> Tensor:
-    out = torch.zeros(len(ids), _ID_BYTES, dtype=torch.int64)
+def _encode_ids(ids: Sequence[str], width: int = _ID_BYTES, truncate: bool = False) -> Tensor:
+    # Fixed-width UTF-8 bytes, so strings travel through the ``cat`` sync of Metric states; with
+    # ``truncate`` a longer string is cut at a character boundary instead of rejected.
+    out = torch.zeros(len(ids), width, dtype=torch.int64)
     for k, s in enumerate(ids):
         b = str(s).encode("utf-8")
-        if len(b) > _ID_BYTES:
-            raise ValueError(f"object_ids: id {s!r} is longer than {_ID_BYTES} bytes in UTF-8")
+        if truncate:
+            b = b[:width].decode("utf-8", errors="ignore").encode("utf-8")
+        elif len(b) > width:
+            raise ValueError(f"object_ids: id {s!r} is longer than {width} bytes in UTF-8")
         if len(b):
             out[k, : len(b)] = torch.tensor(list(b), dtype=torch.int64)
     return out.reshape(-1)
@@ -164,13 +168,8 @@ _REASON_BYTES = 128
 
 
 def _encode_reason(reason: str) -> Tensor:
-    # Fixed-width UTF-8 bytes so reasons travel through the same ``cat`` sync as ids; a reason
-    # longer than the width is cut at a character boundary.
-    b = str(reason).encode("utf-8")[:_REASON_BYTES].decode("utf-8", errors="ignore").encode("utf-8")
-    out = torch.zeros(_REASON_BYTES, dtype=torch.int64)
-    if b:
-        out[: len(b)] = torch.tensor(list(b), dtype=torch.int64)
-    return out
+    # Reasons travel like ids (:func:`_encode_ids`); a longer one is cut at a character boundary.
+    return _encode_ids([reason], _REASON_BYTES, truncate=True)
 
 
 class NoteTable(Metric):

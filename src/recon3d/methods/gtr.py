@@ -386,8 +386,6 @@ class GTRModule(ReconModule):
         for b in range(planes.shape[0]):
             try:
                 verts, faces = self.mesh(planes[b : b + 1], batch.object_ids[b], differentiable=False, resolution=self.export_resolution)
-                if faces.shape[0] == 0:
-                    raise EmptySurfaceError("no faces")
             except EmptySurfaceError:
                 # An untrained model has no surface yet: the object gets no geometry metric (the
                 # reason goes to metrics.json); its image metrics still run.

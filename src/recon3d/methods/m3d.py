@@ -608,8 +608,6 @@ class M3DModule(ReconModule):
             g = torch.Generator().manual_seed(b)
             try:
                 verts, faces = self.mesh(batch, enc, b, self.mesh_resolution)
-                if faces.shape[0] == 0:
-                    raise EmptySurfaceError("no faces")
                 p, q = sample_surface(verts.float().cpu(), faces.cpu(), n, generator=g)
             except EmptySurfaceError:
                 self._warn_once(f"empty:{batch.object_ids[b]}", f"M3D: {batch.object_ids[b]} has no SDF zero level set yet; scored as uniform points")

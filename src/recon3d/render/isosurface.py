@@ -146,6 +146,13 @@ def _check_grid(sdf: torch.Tensor, level: float) -> None:
         raise EmptySurfaceError(f"sdf: no surface at level {level} (values span [{lo:.4g}, {hi:.4g}], no sign change)")
 
 
+def _nonempty(verts: torch.Tensor, faces: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every extractor's output check: a sign change that yields no triangle is no surface either."""
+    if faces.shape[0] == 0:
+        raise EmptySurfaceError(f"sdf: no surface at level {level} (the grid crosses it but yields no faces)")
+    return verts, faces
+
+
 def _to_world(idx_pos: torch.Tensor, dims: tuple[int, int, int], aabb) -> torch.Tensor:
     box = _box(aabb).to(device=idx_pos.device, dtype=idx_pos.dtype)
     scale = (box[1] - box[0]) / (torch.tensor(dims, device=idx_pos.device, dtype=idx_pos.dtype) - 1)
@@ -209,7 +216,7 @@ def marching_cubes(sdf: torch.Tensor, aabb=(-1.0, 1.0), level: float = 0.0) -> t
     s0, s1 = sdf.reshape(-1).index_select(0, torch.cat([i0, i1])).chunk(2)
     t = (level - s0) / (s1 - s0)
     pos = p0.to(sdf.dtype) + t[:, None] * step
-    return _to_world(pos, (X, Y, Z), aabb), faces
+    return _nonempty(_to_world(pos, (X, Y, Z), aabb), faces, level)
 
 
 def marching_cubes_fast(sdf: torch.Tensor, aabb=(-1.0, 1.0), level: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +234,7 @@ def marching_cubes_fast(sdf: torch.Tensor, aabb=(-1.0, 1.0), level: float = 0.0)
     faces = torch.from_numpy(f.astype(np.int64))
     if faces.numel() and _winding_points_inward(verts, faces, sdf, aabb):
         faces = faces[:, [0, 2, 1]]
-    return verts.to(sdf.device), faces.to(sdf.device)
+    return _nonempty(verts.to(sdf.device), faces.to(sdf.device), level)
 
 
 def _winding_points_inward(verts: torch.Tensor, faces: torch.Tensor, sdf: torch.Tensor, aabb) -> bool:
@@ -258,7 +265,7 @@ class DisoMarchingCubes:
         faces = faces.long()
         if faces.numel() and _winding_points_inward(verts.detach(), faces, sdf, aabb):
             faces = faces[:, [0, 2, 1]]
-        return verts, faces
+        return _nonempty(verts, faces, level)
 
 
 class IsoSurfaceExtractor:

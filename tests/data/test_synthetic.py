@@ -55,9 +55,31 @@ def test_cached_load_equals_fresh(tmp_path):
     first = ds.load_views(1, [0, 3])
     again = SyntheticDataset(num_objects=2, views_per_object=5, resolution=20, cache_dir=str(tmp_path)).load_views(1, [0, 3])
     assert torch.equal(first.rgb, again.rgb) and torch.equal(first.cameras.c2w, again.cameras.c2w)
-    # A corrupt cache entry is regenerated, not trusted.
+    # A corrupt cache entry is regenerated, not trusted (a fresh reader: no in-memory copy).
     ds._path(1).write_bytes(b"garbage")
-    assert torch.equal(ds.load_views(1, [0, 3]).rgb, first.rgb)
+    fresh = SyntheticDataset(num_objects=2, views_per_object=5, resolution=20, cache_dir=str(tmp_path), memory_cache_objects=0)
+    assert torch.equal(fresh.load_views(1, [0, 3]).rgb, first.rgb)
+
+
+def test_memory_cache_is_bounded_and_equal_to_disk(tmp_path):
+    ds = SyntheticDataset(num_objects=3, views_per_object=4, resolution=16, cache_dir=str(tmp_path), memory_cache_objects=2)
+    disk = SyntheticDataset(num_objects=3, views_per_object=4, resolution=16, cache_dir=str(tmp_path), memory_cache_objects=0)
+    for i in (0, 1, 2, 0):
+        a, b = ds.load_views(i, [1, 2]), disk.load_views(i, [1, 2])
+        assert torch.equal(a.rgb, b.rgb) and torch.equal(a.depths, b.depths)
+        assert torch.equal(ds.load_geometry(i).surface_points, disk.load_geometry(i).surface_points)
+    assert list(ds._memory) == [2, 0]  # least recently used (1) dropped
+    assert not disk._memory
+    # The cached arrays are shared between calls, so they are read-only, and what a caller
+    # receives is its own copy: editing it does not change the next load.
+    got = ds.load_views(0, [1])
+    got.rgb.add_(1.0)
+    assert torch.equal(ds.load_views(0, [1]).rgb, disk.load_views(0, [1]).rgb)
+    geo = ds.load_geometry(0)
+    geo.surface_points.zero_()
+    assert torch.equal(ds.load_geometry(0).surface_points, disk.load_geometry(0).surface_points)
+    with pytest.raises(ConfigError, match="memory_cache_objects"):
+        SyntheticDataset(num_objects=1, memory_cache_objects=-1, cache_dir=str(tmp_path))
 
 
 def test_geometry_is_consistent_with_renders(tmp_path):

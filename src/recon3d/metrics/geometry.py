@@ -81,6 +81,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from recon3d.errors import ConfigError
+# sampling lives below data/render/metrics (datasets sample ground-truth surfaces too); re-exported here
+from recon3d.geometry.surface import check_mesh, sample_surface
 from recon3d.utils.checks import check_shape
 
 __all__ = [
@@ -220,40 +222,6 @@ def normal_consistency(pred: Tensor, gt: Tensor, pred_normals: Tensor, gt_normal
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_mesh(verts: Tensor, faces: Tensor, name: str) -> None:
-    check_shape(verts, "V 3", f"{name} verts")
-    check_shape(faces, "F 3", f"{name} faces")
-    if faces.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} faces: expected an integer tensor, got {faces.dtype}")
-
-
-def sample_surface(verts: Tensor, faces: Tensor, num_points: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Area-weighted uniform samples on a triangle mesh with their face normals.
-
-    Args:
-        verts: ``(V, 3)``; faces: ``(F, 3)`` integer indices; ``num_points``: N.
-        generator: optional ``torch.Generator`` (on CPU) for reproducible samples.
-
-    Returns:
-        ``points (N, 3)`` and unit ``normals (N, 3)`` (right-hand rule on the face winding).
-    """
-    _check_mesh(verts, faces, "mesh")
-    tri = verts[faces.long()]  # (F, 3, 3)
-    cross = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
-    area = cross.norm(dim=-1)
-    if not bool((area > 0).any()):
-        raise ValueError("mesh: all faces have zero area; cannot sample its surface")
-    fidx = torch.multinomial(area.double().cpu(), num_points, replacement=True, generator=generator).to(verts.device)
-    u = torch.rand(num_points, generator=generator, dtype=torch.float64).to(verts.device)
-    v = torch.rand(num_points, generator=generator, dtype=torch.float64).to(verts.device)
-    su = u.sqrt()
-    w0, w1, w2 = 1 - su, su * (1 - v), su * v
-    t = tri[fidx].double()
-    pts = w0[:, None] * t[:, 0] + w1[:, None] * t[:, 1] + w2[:, None] * t[:, 2]
-    normals = cross[fidx] / area[fidx, None]
-    return pts.to(verts.dtype), normals.to(verts.dtype)
-
-
 def _solid_angle_sum(query: Tensor, a: Tensor, b: Tensor, c: Tensor, weight: Tensor | None = None, chunk_elems: int = 4_000_000) -> Tensor:
     """``sum_f weight_f * Omega_f(q) / (4 pi)`` ``(Q,)``: signed solid angles (Van Oosterom &
     Strackee) of the triangles ``(a_f, b_f, c_f)`` (each ``(F, 3)`` float64) seen from ``query (Q, 3)``.
@@ -290,7 +258,7 @@ def winding_number(verts: Tensor, faces: Tensor, query: Tensor, chunk_elems: int
     the sum of signed solid angles (Van Oosterom & Strackee) over ``4 pi``; ~1 inside, ~0 outside,
     graceful on open or non-manifold meshes (Jacobson et al. 2013). Cost ``O(Q F)`` (float64,
     chunked to ``chunk_elems`` pairs); on a regular grid :func:`winding_number_grid` is far faster."""
-    _check_mesh(verts, faces, "mesh")
+    check_mesh(verts, faces, "mesh")
     check_shape(query, "Q 3", "query")
     tri = verts.double()[faces.long()]  # (F, 3, 3)
     return _solid_angle_sum(query.double(), tri[:, 0], tri[:, 1], tri[:, 2], chunk_elems=chunk_elems)
@@ -462,7 +430,7 @@ def winding_number_grid(verts: Tensor, faces: Tensor, resolution: int, bound: fl
         resolution: R, voxels per axis over ``[-bound, bound]``.
         chunk_pairs: bound on the (face, grid line) and (voxel, cone face) pairs held in memory at once.
     """
-    _check_mesh(verts, faces, "mesh")
+    check_mesh(verts, faces, "mesh")
     if resolution < 1:
         raise ValueError(f"resolution: expected a positive number of voxels per axis, got {resolution}")
     v64 = verts.double()

@@ -9,57 +9,29 @@ relative models (larger = nearer), metres for the metric models. The official M3
 uint8 min-max disparity from Depth Anything V1; the loader normalises per image instead
 (``DepthEncoder(normalize="minmax")``).
 
-Cache layout: ``out_dir / <key>.npy``. A dataset passed in supplies ``(image_path, key)`` pairs
-through ``depth_cache_items()``; a plain list of image paths uses each file's stem as its key.
+Cache layout (:mod:`recon3d.data.depth_cache`, which datasets read without importing this
+model): ``out_dir / <key>.npy``. A dataset passed in supplies ``(image_path, key)`` pairs through
+``depth_cache_items()``; a plain list of image paths uses each file's stem as its key.
 
-Command line::
-
-    python -m recon3d.models.depth_prior --model-dir <local Depth Anything dir> --out <cache dir> IMAGE...
-    python -m recon3d.models.depth_prior --model-dir <dir> --out <cache dir> --front3d-root <root> --split <split.json>
+Command line: ``recon3d data depth`` (:mod:`recon3d.commands.data`).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from recon3d.data.depth_cache import DEPTH_CACHE_COMMAND, depth_cache_path, load_cached_depth
 from recon3d.errors import CheckpointError, DataError
 from recon3d.utils.io import atomic_write_bytes
 
+# The cache's path rule and reader live in the data layer; re-exported so callers of this module
+# keep one import for "make and read the cache".
 __all__ = ["compute_depth_cache", "depth_cache_path", "load_cached_depth", "DEPTH_CACHE_COMMAND"]
-
-#: The command named in errors about a missing cached depth.
-DEPTH_CACHE_COMMAND = "recon3d data depth --model-dir <depth-anything dir> --out {out_dir} ..."
-
-
-def depth_cache_path(out_dir: str | os.PathLike, key: str) -> Path:
-    """Path of the cached depth of ``key`` (a relative, suffix-less name) under ``out_dir``."""
-    rel = Path(key)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise DataError(key, "depth cache key must be a relative path without '..'")
-    return Path(out_dir) / rel.with_suffix(rel.suffix + ".npy") if rel.suffix else Path(out_dir) / f"{key}.npy"
-
-
-def load_cached_depth(out_dir: str | os.PathLike, key: str, expect_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read the cached ``float32 (H, W)`` depth of ``key``; :class:`DataError` naming the command if missing."""
-    path = depth_cache_path(out_dir, key)
-    if not path.is_file():
-        raise DataError(path, f"cached depth prior is missing; make it with: {DEPTH_CACHE_COMMAND.format(out_dir=out_dir)}")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(path, f"cannot read cached depth ({e}); delete it and rerun: {DEPTH_CACHE_COMMAND.format(out_dir=out_dir)}") from None
-    if arr.ndim != 2 or (expect_size is not None and arr.shape != tuple(expect_size)):
-        raise DataError(path, f"expected a depth map of shape {expect_size or '(H, W)'}, got {arr.shape}; rerun the depth cache")
-    if not np.isfinite(arr).all():
-        raise DataError(path, "cached depth contains NaN or inf")
-    return arr.astype(np.float32, copy=False)
 
 
 def _items(source) -> list[tuple[Path, str]]:
@@ -145,28 +117,3 @@ def compute_depth_cache(
                 np.save(buf, d.cpu().numpy().astype(np.float32), allow_pickle=False)
                 atomic_write_bytes(path, buf.getvalue())
     return paths
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry: ``python -m recon3d.models.depth_prior`` (see module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m recon3d.models.depth_prior", description="Cache Depth Anything depth priors.")
-    ap.add_argument("--model-dir", required=True, help="local Depth Anything directory (save_pretrained layout)")
-    ap.add_argument("--out", required=True, help="cache directory")
-    ap.add_argument("--front3d-root", help="3D-FRONT (SSR layout) data root; with --split")
-    ap.add_argument("--split", action="append", default=[], help="SSR split JSON(s) ([imgid, objid, class] entries)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("images", nargs="*", help="image files (keys = file stems)")
-    a = ap.parse_args(argv)
-    source: Iterable = a.images
-    if a.front3d_root:
-        from recon3d.data.formats.front3d import Front3DDataset
-
-        source = Front3DDataset(a.front3d_root, a.split, depth_dir=a.out, require_depth=False)
-    out = compute_depth_cache(source, a.model_dir, a.out, a.device, a.batch_size, a.overwrite)
-    print(f"{len(out)} depth maps in {a.out}")
-
-
-if __name__ == "__main__":
-    main()

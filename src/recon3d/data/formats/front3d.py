@@ -76,7 +76,9 @@ import torch.nn.functional as F
 from recon3d.data.base import ObjectDataset, RawViews, load_image, resolve_inside
 from recon3d.data.batch import Geometry
 from recon3d.data.cameras import OPENGL_TO_OPENCV, Cameras
+from recon3d.data.depth_cache import DEPTH_CACHE_COMMAND, depth_cache_path, load_cached_depth
 from recon3d.errors import ConfigError, DataError, ShapeError
+from recon3d.geometry import EmptySurfaceError, marching_cubes_fast, sample_surface
 
 __all__ = ["Front3DDataset", "FRONT3D_CLASSES", "GRID_MAPPINGS", "sample_sdf_grid", "voxel_step", "MASK_PADDING"]
 
@@ -175,7 +177,7 @@ class Front3DDataset(ObjectDataset):
         root: data root holding the ``imgid`` paths (SSR's ``data_path``).
         split: split JSON path(s) (absolute or relative to ``root``) of ``[imgid, objid, class]``.
         sdf_root: root of ``<class>/<jid>/voxels.npy.gz`` (default ``root/gt-sdf``).
-        depth_dir: Depth Anything cache (:mod:`recon3d.models.depth_prior`); None: no prior.
+        depth_dir: Depth Anything cache (:mod:`recon3d.data.depth_cache`, made by ``recon3d data depth``); None: no prior.
         require_depth: raise when ``depth_dir`` is None or an image's cached depth is missing.
         num_sdf_points: SDF samples per object.
         near_surface_fraction: share of samples near the surface (voxels with ``|sdf| < 0.1``).
@@ -268,7 +270,7 @@ class Front3DDataset(ObjectDataset):
         return 1
 
     def depth_cache_items(self) -> list[tuple[Path, str]]:
-        """``(image path, cache key)`` per distinct image, for :func:`recon3d.models.depth_prior.compute_depth_cache`."""
+        """``(image path, cache key)`` per distinct image, for ``recon3d data depth`` (:func:`recon3d.models.depth_prior.compute_depth_cache`)."""
         seen: dict[str, Path] = {}
         for it in self.items:
             if it.imgid not in seen:
@@ -371,19 +373,12 @@ class Front3DDataset(ObjectDataset):
             "world_to_obj": torch.from_numpy(self._world_to_obj(obj, path)).float(),
         }
         if self.depth_dir is not None:
-            from recon3d.models.depth_prior import DEPTH_CACHE_COMMAND, depth_cache_path
-
             key = it.imgid.rsplit(".", 1)[0]
-            dp = depth_cache_path(self.depth_dir, key)
-            if dp.is_file():
-                arr = np.load(dp, allow_pickle=False)
-                if arr.shape != (height, width) or not np.isfinite(arr).all():
-                    raise DataError(dp, f"cached depth prior: expected finite values of shape {(height, width)}, got {arr.shape}; recompute it")
-                out["depth_prior"] = torch.from_numpy(arr.astype(np.float32))[None]
-            elif self.require_depth:
-                raise DataError(dp, "cached depth prior is missing; make it with: "
-                                    + DEPTH_CACHE_COMMAND.format(out_dir=self.depth_dir).replace(" ...", "")
-                                    + f" --front3d-root {self.root} --split <split.json>")
+            if self.require_depth or depth_cache_path(self.depth_dir, key).is_file():
+                make = (DEPTH_CACHE_COMMAND.format(out_dir=self.depth_dir).replace(" ...", "")
+                        + f" --front3d-root {self.root} --split <split.json>")
+                arr = load_cached_depth(self.depth_dir, key, (height, width), how_to_make=make)
+                out["depth_prior"] = torch.from_numpy(arr)[None]
         if self.load_normals:
             npath = self._paths(it, "normal", ".npy.gz")
             n = _load_gz_npy(npath, "normal")
@@ -445,9 +440,6 @@ class Front3DDataset(ObjectDataset):
 
     def _surface_samples(self, voxels, sp, cen, ne, sc, vpath: Path, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Area-weighted samples (object frame) on the grid's zero level set, where ``grid_mapping`` reads it."""
-        from recon3d.metrics.geometry import sample_surface
-        from recon3d.render.isosurface import EmptySurfaceError, marching_cubes_fast
-
         r = voxels.shape[-1]
         # the box spanned by voxels 0 .. R-1 as sample_sdf_grid reads them (ssr: one step past +1)
         hi = (voxel_step(sp, r, self.grid_mapping) * (r - 1) - 1.0).tolist()

@@ -17,6 +17,7 @@ from recon3d.data.cameras import Cameras, orbit_cameras
 from recon3d.data.synthetic.raycast import render_sdf_views
 from recon3d.data.synthetic.shapes import FAMILIES, SyntheticObject, sample_object
 from recon3d.errors import ConfigError, DataError
+from recon3d.geometry import grid_points, marching_cubes_fast
 from recon3d.utils.io import atomic_path
 
 __all__ = ["SyntheticDataset", "default_cache_dir"]
@@ -268,14 +269,10 @@ class SyntheticDataset(ObjectDataset):
 
     @staticmethod
     def _marching_cubes(obj: SyntheticObject, res: int) -> tuple[np.ndarray, np.ndarray]:
-        import mcubes
-
-        xs = torch.linspace(-1, 1, res)
-        grid = torch.stack(torch.meshgrid(xs, xs, xs, indexing="ij"), -1)
-        sdf = obj.sdf(grid.reshape(-1, 3)).reshape(res, res, res).numpy()
-        v, f = mcubes.marching_cubes(-sdf.astype(np.float64), 0.0)  # mcubes extracts the "inside > iso" side
-        v = (v / (res - 1) * 2 - 1).astype(np.float32)
-        return v, f.astype(np.int64)
+        """The mesh of ``obj``'s SDF on a ``res^3`` grid over ``[-1, 1]^3``: ``verts (V, 3)`` float32, ``faces (F, 3)`` int64."""
+        sdf = obj.sdf(grid_points(res).reshape(-1, 3)).reshape(res, res, res)
+        verts, faces = marching_cubes_fast(sdf)
+        return verts.numpy(), faces.numpy()
 
     @staticmethod
     def _surface_samples(obj, verts, faces, n, rng) -> tuple[np.ndarray, np.ndarray]:

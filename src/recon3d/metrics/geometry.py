@@ -81,8 +81,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from recon3d.errors import ConfigError
-# sampling lives below data/render/metrics (datasets sample ground-truth surfaces too); re-exported here
-from recon3d.geometry.surface import check_mesh, sample_surface
+from recon3d.geometry.surface import check_mesh, sample_surface  # re-exported; datasets sample with it too
 from recon3d.utils.checks import check_shape
 
 __all__ = [

@@ -33,11 +33,12 @@ class RawViews:
     """Views of one object as loaded (unbatched): ``rgb (V,3,H,W)``, ``alpha (V,1,H,W)`` or None.
 
     ``rgb`` is straight (not premultiplied) colour; where ``alpha`` is None the images are
-    already composited and carry no mask.
+    already composited and carry no mask. ``cameras`` ``(V,)`` is None for unposed views (e.g.
+    single images for a method that predicts or does not need cameras).
     """
 
     rgb: torch.Tensor
-    cameras: Cameras
+    cameras: Cameras | None
     alpha: torch.Tensor | None = None
     depths: torch.Tensor | None = None
     normals: torch.Tensor | None = None

@@ -13,19 +13,41 @@ Convention (every dataset converts to it at load time; every backend converts fr
 
 OpenGL / Blender cameras (x right, y up, z backward) are converted by flipping the y and z axes
 of the camera frame: ``c2w_cv = c2w_gl @ diag(1, -1, -1, 1)``.
+
+Projection (``Cameras.projection``, one per batch):
+
+- ``"perspective"`` (default, pinhole): a camera-frame point ``(x, y, z)`` lands on pixel
+  ``(fx x / z + cx, fy y / z + cy)``; ``fx, fy`` are focal lengths in pixels. LGM's and most
+  renders' views.
+- ``"orthographic"``: it lands on ``(fx x + cx, fy y + cy)``; ``fx, fy`` are **pixels per world
+  unit** (an image ``W`` pixels wide spans ``W / fx`` world units). Rays are parallel to the
+  camera's +z axis, with origins on the camera's ``z = 0`` plane through its centre, so the
+  camera must sit in front of the scene as a perspective one would. Era3D's six generated views.
+
+In both, depth is the camera-frame ``z`` (distance along the view axis).
+
+Validation: constructing ``Cameras(...)`` (and ``from_w2c`` / ``from_opengl`` /
+``from_normalized_intrinsics``) checks shapes, finiteness, positive focal lengths and that the
+rotation is one; this costs a few hundred microseconds and, on CUDA, a device sync. Cameras made
+from already-checked cameras (indexing, slicing, ``.to``, ``reshape``, ``stack``, ``cat``,
+``resized``, ``cropped``) skip it through the private :meth:`Cameras._trusted` path.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from recon3d.errors import ShapeError
 from recon3d.utils.checks import check_finite, check_shape
 
-__all__ = ["Cameras", "look_at", "orbit_cameras", "intrinsics_from_fov", "OPENGL_TO_OPENCV"]
+__all__ = ["Cameras", "Projection", "look_at", "orbit_cameras", "intrinsics_from_fov", "orthographic_intrinsics", "OPENGL_TO_OPENCV"]
+
+Projection = Literal["perspective", "orthographic"]
+_PROJECTIONS = ("perspective", "orthographic")
 
 #: Right-multiply an OpenGL/Blender c2w by this to get an OpenCV c2w (and vice versa).
 OPENGL_TO_OPENCV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
@@ -65,23 +87,56 @@ def intrinsics_from_fov(fov_y_deg: float | torch.Tensor, width: int, height: int
     return K
 
 
+def orthographic_intrinsics(extent: float | torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Orthographic intrinsics ``(3, 3)`` (or ``(*B, 3, 3)``) for an image spanning ``extent`` world
+    units vertically (square pixels, principal point at the image centre): ``fx = fy = height / extent``.
+    """
+    extent = torch.as_tensor(extent, dtype=torch.float32)
+    K = torch.zeros(*extent.shape, 3, 3)
+    K[..., 0, 0] = K[..., 1, 1] = height / extent
+    K[..., 0, 2] = width / 2
+    K[..., 1, 2] = height / 2
+    K[..., 2, 2] = 1
+    return K
+
+
 @dataclass
 class Cameras:
-    """A batch of pinhole cameras in recon3d's convention (see module docstring).
+    """A batch of cameras in recon3d's convention (see module docstring).
 
     Attributes:
         c2w: ``(*B, 4, 4)`` OpenCV camera-to-world.
-        K: ``(*B, 3, 3)`` intrinsics in pixels.
+        K: ``(*B, 3, 3)`` intrinsics in pixels (perspective: focal lengths in pixels;
+            orthographic: ``fx, fy`` in pixels per world unit).
         width: image width in pixels.
         height: image height in pixels.
+        projection: ``"perspective"`` (default) or ``"orthographic"``, for the whole batch.
     """
 
     c2w: torch.Tensor
     K: torch.Tensor
     width: int
     height: int
+    projection: Projection = "perspective"
 
     def __post_init__(self) -> None:
+        self._validate()
+
+    @classmethod
+    def _trusted(cls, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int, projection: Projection) -> Cameras:
+        """Cameras from tensors derived from already-validated cameras, without re-validating.
+
+        Only for this module's own derivations (slices, ``.to``, stacks, resizes): the user-facing
+        constructor validates once, and repeating it on every slice cost 20x the slice itself.
+        """
+        self = object.__new__(cls)
+        self.c2w, self.K, self.width, self.height, self.projection = c2w, K, int(width), int(height), projection
+        return self
+
+    def _validate(self) -> None:
+        """Check shapes, finiteness, image size, focal lengths and rotations; raise :class:`ShapeError`."""
+        if self.projection not in _PROJECTIONS:
+            raise ShapeError(f"projection: expected 'perspective' or 'orthographic', got {self.projection!r}")
         dims: dict = {}
         check_shape(self.c2w, "*B 4 4", "c2w", dims)
         check_shape(self.K, "*B 3 3", "K", dims)
@@ -108,27 +163,56 @@ class Cameras:
     def __len__(self) -> int:
         return self.batch_shape[0] if len(self.batch_shape) else 1
 
+    @property
+    def is_orthographic(self) -> bool:
+        return self.projection == "orthographic"
+
+    def _derived(self, c2w: torch.Tensor, K: torch.Tensor, width: int | None = None, height: int | None = None) -> Cameras:
+        return Cameras._trusted(c2w, K, self.width if width is None else width, self.height if height is None else height,
+                                self.projection)
+
     def __getitem__(self, idx) -> Cameras:
-        return Cameras(self.c2w[idx], self.K[idx], self.width, self.height)
+        c2w, K = self.c2w[idx], self.K[idx]
+        if c2w.shape[-2:] != (4, 4) or K.shape[-2:] != (3, 3):
+            raise ShapeError(f"cameras[{idx!r}]: index only the batch dimensions {list(self.batch_shape)}, not the matrices")
+        return self._derived(c2w, K)
 
     def to(self, *args, **kwargs) -> Cameras:
-        return Cameras(self.c2w.to(*args, **kwargs), self.K.to(*args, **kwargs), self.width, self.height)
+        return self._derived(self.c2w.to(*args, **kwargs), self.K.to(*args, **kwargs))
 
     def reshape(self, *shape: int) -> Cameras:
-        return Cameras(self.c2w.reshape(*shape, 4, 4), self.K.reshape(*shape, 3, 3), self.width, self.height)
+        return self._derived(self.c2w.reshape(*shape, 4, 4), self.K.reshape(*shape, 3, 3))
 
     def flatten(self) -> Cameras:
         """Cameras with a single batch dimension ``(N,)``."""
         return self.reshape(-1)
 
     @staticmethod
-    def stack(cams: list[Cameras], dim: int = 0) -> Cameras:
-        """Stack cameras of equal image size along a new batch dimension."""
+    def _common(cams: list[Cameras], what: str) -> tuple[int, int, Projection]:
+        if not cams:
+            raise ShapeError(f"cameras: nothing to {what}")
         sizes = {(c.width, c.height) for c in cams}
         if len(sizes) != 1:
-            raise ShapeError(f"cameras: expected one image size to stack, got {sorted(sizes)}")
-        w, h = sizes.pop()
-        return Cameras(torch.stack([c.c2w for c in cams], dim), torch.stack([c.K for c in cams], dim), w, h)
+            raise ShapeError(f"cameras: expected one image size to {what}, got {sorted(sizes)}")
+        kinds = {c.projection for c in cams}
+        if len(kinds) != 1:
+            raise ShapeError(f"cameras: expected one projection to {what}, got {sorted(kinds)}")
+        (w, h), = sizes
+        return w, h, kinds.pop()
+
+    @staticmethod
+    def stack(cams: list[Cameras], dim: int = 0) -> Cameras:
+        """Stack cameras of equal image size and projection along a new batch dimension."""
+        w, h, proj = Cameras._common(cams, "stack")
+        return Cameras._trusted(torch.stack([c.c2w for c in cams], dim), torch.stack([c.K for c in cams], dim), w, h, proj)
+
+    @staticmethod
+    def cat(cams: list[Cameras], dim: int = 0) -> Cameras:
+        """Concatenate cameras of equal image size and projection along batch dimension ``dim``."""
+        w, h, proj = Cameras._common(cams, "concatenate")
+        if dim < 0:
+            dim -= 2  # count from the end of the batch dims, not of the matrix dims
+        return Cameras._trusted(torch.cat([c.c2w for c in cams], dim), torch.cat([c.K for c in cams], dim), w, h, proj)
 
     # ------------------------------------------------------------------ conversions
     @property
@@ -148,7 +232,7 @@ class Cameras:
         return self.c2w[..., :3, 3]
 
     @classmethod
-    def from_w2c(cls, w2c: torch.Tensor, K: torch.Tensor, width: int, height: int) -> Cameras:
+    def from_w2c(cls, w2c: torch.Tensor, K: torch.Tensor, width: int, height: int, projection: Projection = "perspective") -> Cameras:
         """Build from an OpenCV world-to-camera ``(*B, 4, 4)`` or ``(*B, 3, 4)``."""
         w2c = _to_4x4(w2c, "w2c")
         check_finite(w2c, "w2c")
@@ -158,20 +242,22 @@ class Cameras:
         c2w[..., :3, :3] = R.transpose(-1, -2)
         c2w[..., :3, 3:] = -R.transpose(-1, -2) @ w2c[..., :3, 3:]
         c2w[..., 3, 3] = 1
-        return cls(c2w, K, width, height)
+        return cls(c2w, K, width, height, projection)
 
     @classmethod
-    def from_opengl(cls, c2w_gl: torch.Tensor, K: torch.Tensor, width: int, height: int) -> Cameras:
+    def from_opengl(cls, c2w_gl: torch.Tensor, K: torch.Tensor, width: int, height: int,
+                    projection: Projection = "perspective") -> Cameras:
         """Build from an OpenGL/Blender camera-to-world ``(*B, 4, 4)`` or ``(*B, 3, 4)``."""
         c2w_gl = _to_4x4(c2w_gl, "c2w_gl")
-        return cls(c2w_gl @ OPENGL_TO_OPENCV.to(c2w_gl), K, width, height)
+        return cls(c2w_gl @ OPENGL_TO_OPENCV.to(c2w_gl), K, width, height, projection)
 
     def to_opengl(self) -> torch.Tensor:
         """``(*B, 4, 4)`` OpenGL/Blender camera-to-world (x right, y up, z backward)."""
         return self.c2w @ OPENGL_TO_OPENCV.to(self.c2w)
 
     @classmethod
-    def from_normalized_intrinsics(cls, c2w: torch.Tensor, fxfycxcy: torch.Tensor, width: int, height: int) -> Cameras:
+    def from_normalized_intrinsics(cls, c2w: torch.Tensor, fxfycxcy: torch.Tensor, width: int, height: int,
+                                   projection: Projection = "perspective") -> Cameras:
         """Build from intrinsics normalised by image size: ``(*B, 4)`` = fx/W, fy/H, cx/W, cy/H."""
         check_shape(fxfycxcy, "*B 4", "fxfycxcy")
         K = torch.zeros(*fxfycxcy.shape[:-1], 3, 3, dtype=fxfycxcy.dtype, device=fxfycxcy.device)
@@ -180,7 +266,7 @@ class Cameras:
         K[..., 0, 2] = fxfycxcy[..., 2] * width
         K[..., 1, 2] = fxfycxcy[..., 3] * height
         K[..., 2, 2] = 1
-        return cls(_to_4x4(c2w, "c2w"), K, width, height)
+        return cls(_to_4x4(c2w, "c2w"), K, width, height, projection)
 
     def normalized_intrinsics(self) -> torch.Tensor:
         """``(*B, 4)``: fx/W, fy/H, cx/W, cy/H (OpenLRM / TRELLIS / VGGT style)."""
@@ -189,45 +275,80 @@ class Cameras:
             [K[..., 0, 0] / self.width, K[..., 1, 1] / self.height, K[..., 0, 2] / self.width, K[..., 1, 2] / self.height], -1
         )
 
+    def _perspective_only(self, what: str) -> None:
+        if self.is_orthographic:
+            raise ShapeError(f"{what}: undefined for orthographic cameras (K holds pixels per world unit, not a focal length)")
+
     @property
     def fov_x(self) -> torch.Tensor:
-        """``(*B,)`` horizontal field of view in radians."""
+        """``(*B,)`` horizontal field of view in radians (perspective cameras only)."""
+        self._perspective_only("fov_x")
         return 2 * torch.atan(self.width / (2 * self.K[..., 0, 0]))
 
     @property
     def fov_y(self) -> torch.Tensor:
-        """``(*B,)`` vertical field of view in radians."""
+        """``(*B,)`` vertical field of view in radians (perspective cameras only)."""
+        self._perspective_only("fov_y")
         return 2 * torch.atan(self.height / (2 * self.K[..., 1, 1]))
 
     def resized(self, width: int, height: int) -> Cameras:
         """The same cameras for an image resized to ``width x height`` (K scaled about pixel edges)."""
+        _check_size(width, height)
         sx, sy = width / self.width, height / self.height
         K = self.K.clone()
         K[..., 0, :] *= sx
         K[..., 1, :] *= sy
         K[..., 2, :] = self.K[..., 2, :]
-        return Cameras(self.c2w, K, width, height)
+        return self._derived(self.c2w, K, width, height)
 
     def cropped(self, left: int, top: int, width: int, height: int) -> Cameras:
         """The same cameras for the crop ``[top:top+height, left:left+width]`` of the image."""
+        _check_size(width, height)
         K = self.K.clone()
         K[..., 0, 2] -= left
         K[..., 1, 2] -= top
-        return Cameras(self.c2w, K, width, height)
+        return self._derived(self.c2w, K, width, height)
+
+    def world_to_camera(self, points: torch.Tensor) -> torch.Tensor:
+        """World points ``(*B, N, 3)`` in each camera's OpenCV frame ``(*B, N, 3)``."""
+        check_shape(points, "*B N 3", "points")
+        w2c = self.w2c
+        return points @ w2c[..., :3, :3].transpose(-1, -2) + w2c[..., None, :3, 3]
 
     def project(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project world points ``(*B, N, 3)`` to pixels ``(*B, N, 2)`` and z-depth ``(*B, N)``.
 
         Pixel coordinates are continuous, with pixel ``(u, v)`` covering ``[u, u+1) x [v, v+1)``.
+        Perspective divides by ``z`` (clamped to 1e-8, so points behind the camera land on the
+        wrong side: check ``z > 0``); orthographic does not (module docstring).
         """
-        check_shape(points, "*B N 3", "points")
-        w2c = self.w2c
-        cam = points @ w2c[..., :3, :3].transpose(-1, -2) + w2c[..., None, :3, 3]
+        cam = self.world_to_camera(points)
         z = cam[..., 2]
-        uv = cam[..., :2] / z.clamp_min(1e-8)[..., None]
+        xy = cam[..., :2] if self.is_orthographic else cam[..., :2] / z.clamp_min(1e-8)[..., None]
         fx, fy = self.K[..., 0, 0, None], self.K[..., 1, 1, None]
         cx, cy = self.K[..., 0, 2, None], self.K[..., 1, 2, None]
-        return torch.stack([uv[..., 0] * fx + cx, uv[..., 1] * fy + cy], -1), z
+        return torch.stack([xy[..., 0] * fx + cx, xy[..., 1] * fy + cy], -1), z
+
+    def unproject(self, pixels: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """World points ``(*B, N, 3)`` at z-depth ``depth`` ``(*B, N)`` under pixels ``(*B, N, 2)``.
+
+        The inverse of :meth:`project` for both projections: ``project(unproject(p, z)) == (p, z)``.
+        """
+        check_shape(pixels, "*B N 2", "pixels")
+        if tuple(depth.shape) != tuple(pixels.shape[:-1]):
+            raise ShapeError(f"depth: expected shape {list(pixels.shape[:-1])} to match pixels, got {list(depth.shape)}")
+        fx, fy = self.K[..., 0, 0, None], self.K[..., 1, 1, None]
+        cx, cy = self.K[..., 0, 2, None], self.K[..., 1, 2, None]
+        x, y = (pixels[..., 0] - cx) / fx, (pixels[..., 1] - cy) / fy
+        if not self.is_orthographic:
+            x, y = x * depth, y * depth
+        cam = torch.stack([x, y, depth], -1)
+        return cam @ self.c2w[..., :3, :3].transpose(-1, -2) + self.c2w[..., None, :3, 3]
+
+
+def _check_size(width: int, height: int) -> None:
+    if int(width) <= 0 or int(height) <= 0:
+        raise ShapeError(f"width/height: expected positive image size, got {width}x{height}")
 
 
 def _to_4x4(m: torch.Tensor, name: str) -> torch.Tensor:

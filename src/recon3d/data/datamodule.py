@@ -154,24 +154,28 @@ class ViewSamplingDataset(Dataset):
             if alpha.shape[-2:] != rgb.shape[-2:]:
                 raise DataError(self.source.name, f"mask size {tuple(alpha.shape[-2:])} differs from image size {tuple(rgb.shape[-2:])}")
             rgb = rgb * alpha + torch.tensor(bg).view(1, 3, 1, 1) * (1 - alpha)
-        cams = raw.cameras
+        cams = raw.cameras  # None for unposed views: only the images are windowed and resized
         depths, normals = raw.depths, raw.normals
-        if cams.width != cams.height and self.square != "error":
+        height, width = rgb.shape[-2:]
+        if cams is not None and (cams.width, cams.height) != (width, height):
+            raise DataError(self.source.name, f"cameras of image size {cams.width}x{cams.height} for images of {width}x{height}")
+        if width != height and self.square != "error":
             # Integer window: K shifts by whole pixels, so the content under every projected
             # point is unchanged (no resampling here; the resize below is the only one).
-            left, top, side = _square_offsets(cams.width, cams.height, self.square)
+            left, top, side = _square_offsets(width, height, self.square)
             rgb = _to_square(rgb, left, top, side, bg)
             alpha = _to_square(alpha, left, top, side, 0.0)
             depths = _to_square(depths, left, top, side, 0.0)
             normals = _to_square(normals, left, top, side, 0.0)
-            cams = cams.cropped(left, top, side, side)
-        if size is not None and (cams.width, cams.height) != (size, size):
-            if cams.width != cams.height:
+            cams = None if cams is None else cams.cropped(left, top, side, side)
+            width = height = side
+        if size is not None and (width, height) != (size, size):
+            if width != height:
                 raise ConfigError(
-                    f"resolution: resizing non-square images ({cams.width}x{cams.height}) to {size}x{size} would distort "
+                    f"resolution: resizing non-square images ({width}x{height}) to {size}x{size} would distort "
                     "them; set data.square: center_crop or pad"
                 )
-            cams = cams.resized(size, size)
+            cams = None if cams is None else cams.resized(size, size)
         return Views(
             images=_resize(rgb, size, "bilinear").clamp(0, 1),
             cameras=cams,

@@ -5,6 +5,11 @@ length in world space. Plücker moments come in both sign conventions:
 
 - ``"oxd"``: ``m = o × d`` (the textbook moment; LGM's ``[o×d, d]`` embedding);
 - ``"dxo"``: ``m = d × o = -(o × d)`` (what GTR's released weights were trained on).
+
+Orthographic cameras (``Cameras.projection == "orthographic"``) give parallel rays: every
+direction is the camera's +z axis, and each origin is the pixel's point on the camera's ``z = 0``
+plane, ``c2w @ ((u - cx) / fx, (v - cy) / fy, 0)``. Depth along such a ray is then the camera
+z-depth, as for perspective rays scaled by their cosine.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ def camera_rays(cameras: Cameras, pixels: torch.Tensor | None = None) -> tuple[t
 
     Returns:
         ``(origins, directions)``: ``(*B, H, W, 3)`` each when ``pixels`` is None, else ``(*B, N, 3)``.
+        Perspective: origins are the camera centres; orthographic: points on the image plane and
+        one direction per camera (module docstring).
     """
     B = cameras.batch_shape
     if pixels is None:
@@ -52,10 +59,16 @@ def camera_rays(cameras: Cameras, pixels: torch.Tensor | None = None) -> tuple[t
     K = cameras.K.reshape(*B, *([1] * extra), 3, 3)
     x = (pix[..., 0] - K[..., 0, 2]) / K[..., 0, 0]
     y = (pix[..., 1] - K[..., 1, 2]) / K[..., 1, 1]
-    d_cam = torch.stack([x, y, torch.ones_like(x)], -1)
     R = cameras.c2w[..., :3, :3].reshape(*B, *([1] * extra), 3, 3)
+    t = cameras.c2w[..., :3, 3].reshape(*B, *([1] * extra), 3)
+    if cameras.is_orthographic:
+        # Parallel rays: (x, y) are world units on the image plane z = 0 through the centre.
+        o = (R @ torch.stack([x, y, torch.zeros_like(x)], -1)[..., None])[..., 0] + t
+        d = R[..., :, 2].expand_as(o)
+        return o, d
+    d_cam = torch.stack([x, y, torch.ones_like(x)], -1)
     d = torch.nn.functional.normalize((R @ d_cam[..., None])[..., 0], dim=-1)
-    o = cameras.c2w[..., :3, 3].reshape(*B, *([1] * extra), 3).expand_as(d)
+    o = t.expand_as(d)
     return o, d
 
 

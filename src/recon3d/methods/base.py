@@ -3,8 +3,9 @@
 A method subclasses it and implements
 
 - :meth:`training_losses` ``(batch) -> dict`` of named scalar terms with the total under ``"loss"``;
-- :meth:`render_views` ``(batch, cameras) -> dict`` with ``"rgb" (B,V,3,H,W)`` (and optionally
-  ``"mask"``, ``"depth"``) for the given target cameras;
+- :meth:`render_views` ``(batch, cameras) ->`` :class:`~recon3d.representations.RenderOutput` (or a
+  dict with its keys) with ``"rgb" (B,V,3,H,W)`` (and optionally ``"alpha"``, ``"depth"``) for the
+  given target cameras;
 - optionally :meth:`predict_geometry` ``(batch) -> dict`` with ``"points" (B,P,3)`` (and
   ``"normals"``; optionally ``"valid" (B,)`` bool and ``"invalid_reason"`` str for objects that
   have no geometry to score) for geometry metrics, and :meth:`export_object` for ``predict``.
@@ -17,12 +18,27 @@ weights-only initialisation from an earlier stage (``init_weights``, strict unle
 ``init_weights_ignore`` names the keys that may differ). Geometry metrics that cannot be computed
 for an object (no surface yet, no ``predict_geometry``) are recorded with the reason, which the
 protocol writes to ``metrics.json``.
+
+Weights and hyper-parameters (:mod:`recon3d.utils.checkpoint`, :mod:`recon3d.utils.hparams`):
+
+- a bare ``self.save_hyperparameters()`` is safe: a sub-model given as a config (``recon3d fit``)
+  is saved as its ``class_path`` + ``init_args``; one built in Python (an ``nn.Module`` object)
+  is omitted with the reason (``checkpoint["hyper_parameters_omitted"]``), never pickled, so the
+  checkpoint always loads weights-only. No hand-kept ``ignore=[...]`` list is needed.
+- loading a checkpoint's ``state_dict`` (resume, ``load_from_checkpoint``) is strict with the one
+  key-mismatch report of :func:`~recon3d.utils.checkpoint.key_mismatch_report` on one line.
+- frozen pretrained parts (:meth:`frozen_pretrained`; submodules marked with
+  :func:`~recon3d.utils.checkpoint.load_frozen` by default) are left out of checkpoints and
+  re-attached from their source file on load.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +48,7 @@ import torch
 
 from recon3d.data.batch import Batch
 from recon3d.data.cameras import Cameras
-from recon3d.errors import ConfigError, Recon3DError
+from recon3d.errors import CheckpointError, Recon3DError
 
 __all__ = ["ReconModule", "NonFiniteGuard", "NonFiniteLossError"]
 
@@ -76,9 +92,9 @@ class ReconModule(L.LightningModule):
         init_weights: weights-only initialisation from a checkpoint or safetensors file (the
             previous stage); unlike ``--ckpt_path`` it restores no optimizer, step or config.
             Strict: every key must match (one error line with the first missing / unexpected keys).
-        init_weights_ignore: glob patterns of keys that may be missing from ``init_weights``,
-            extra in it or of another shape (e.g. ``["lpips.*"]`` when the previous stage had no
-            LPIPS loss); those keys keep their initial values.
+        init_weights_ignore: glob patterns (or ``"re:<regex>"``) of keys that may be missing
+            from ``init_weights``, extra in it or of another shape (e.g. ``["lpips.*"]`` when the
+            previous stage had no LPIPS loss); those keys keep their initial values.
         nonfinite: non-finite loss/gradient policy.
         vis_views: how many target views per object the PNG grids show.
 
@@ -92,6 +108,12 @@ class ReconModule(L.LightningModule):
     #: Init args the command line sets even when a checkpoint is given (class docstring).
     RUNTIME_OPTIONS: frozenset[str] = frozenset({"evaluation", "vis_views"})
 
+    #: The representation type :meth:`export_object` writes (``recon3d export --format`` offers
+    #: what :func:`recon3d.render.export.export_formats` says it supports); None: no export.
+    EXPORT_REPRESENTATION: type | None = None
+    #: Formats :meth:`export_object` writes; None: the method's default (``recon3d export --format``).
+    export_formats: tuple[str, ...] | None = None
+
     def __init__(
         self,
         evaluation: Any = None,
@@ -103,11 +125,9 @@ class ReconModule(L.LightningModule):
         super().__init__()
         self.evaluation = evaluation
         self.init_weights = init_weights
-        if init_weights_ignore is not None and (
-            isinstance(init_weights_ignore, str) or not all(isinstance(p, str) and p for p in init_weights_ignore)
-        ):
-            raise ConfigError(f"model.init_weights_ignore: expected a list of glob patterns (e.g. ['lpips.*']), got {init_weights_ignore!r}")
-        self.init_weights_ignore = list(init_weights_ignore or [])
+        from recon3d.utils.checkpoint import check_ignore_patterns
+
+        self.init_weights_ignore = check_ignore_patterns(init_weights_ignore, "model.init_weights_ignore")
         self.nonfinite = nonfinite or NonFiniteGuard()
         self.vis_views = vis_views
         self.nonfinite_steps = 0
@@ -138,6 +158,100 @@ class ReconModule(L.LightningModule):
             load_weights_into(self, self.init_weights, strict=True, ignore=self.init_weights_ignore)
             self._init_weights_loaded = True
             log.info("initialised weights from %s", self.init_weights)
+
+    # ------------------------------------------------------------------ hyper-parameters and weights
+    def save_hyperparameters(self, *args: Any, ignore: Any = None, frame: Any = None, logger: bool = True) -> None:
+        """Lightning's ``save_hyperparameters`` whose result always loads weights-only.
+
+        Same arguments as Lightning's. Afterwards every value is plain data
+        (:func:`recon3d.utils.hparams.safe_hparams`): configs stay configs, an ``nn.Module`` or other
+        object built in Python is left out and its reason kept in :attr:`hparams_omitted`
+        (written to the checkpoint as ``"hyper_parameters_omitted"``). Module objects are left out
+        before Lightning deep-copies the arguments, so a large sub-model is never copied.
+        """
+        from lightning.pytorch.core.mixins.hparams_mixin import HyperparametersMixin, _given_hyperparameters
+        from lightning.pytorch.utilities.parsing import collect_init_args
+
+        from recon3d.utils.hparams import safe_hparams, safe_value, OmittedValue
+
+        if frame is None:
+            frame = inspect.currentframe().f_back
+        ignore = [ignore] if isinstance(ignore, str) else [i for i in (ignore or []) if isinstance(i, str)]
+        omitted: dict[str, str] = {}
+        if _given_hyperparameters.get() is None and not args:
+            init: dict[str, Any] = {}
+            for local in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
+                init.update(local)
+            for name, value in init.items():
+                if name not in ignore and isinstance(value, torch.nn.Module):
+                    try:
+                        safe_value(value, name)
+                    except OmittedValue as why:
+                        omitted[name] = str(why)
+        with warnings.catch_warnings():
+            # Lightning advises an ignore list for module arguments; they are handled here.
+            warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module` and is already saved")
+            super().save_hyperparameters(*args, ignore=ignore + sorted(omitted), frame=frame, logger=logger)
+        kept, more = safe_hparams(self._hparams)
+        omitted.update(more)
+        self._hparams = type(self._hparams)(kept)
+        self._hparams_initial = copy.deepcopy(self._hparams)
+        self.hparams_omitted = {**getattr(self, "hparams_omitted", {}), **omitted}
+        for name in kept:
+            self.hparams_omitted.pop(name, None)
+        if omitted:
+            log.info("%s: hyper-parameters not saved (built in Python, no config to record): %s",
+                     type(self).__name__, "; ".join(omitted.values()))
+
+    def frozen_pretrained(self) -> dict[str, Any]:
+        """``{submodule name: source}`` of the frozen pretrained parts that checkpoints leave out
+        and re-attach from ``source`` (a :class:`~recon3d.utils.checkpoint.FrozenSource` or a file
+        path whose keys are the submodule's own). Default: the submodules marked by
+        :func:`~recon3d.utils.checkpoint.load_frozen` / ``mark_frozen``; a method may override it."""
+        from recon3d.utils.checkpoint import frozen_parts_of
+
+        return frozen_parts_of(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make the hyper-parameters weights-only safe (also those set by other means than
+        :meth:`save_hyperparameters`, and the datamodule's) and leave frozen parts out."""
+        from recon3d.utils.checkpoint import strip_frozen_parts
+        from recon3d.utils.hparams import safe_hparams
+
+        omitted = dict(getattr(self, "hparams_omitted", {}))
+        for key, mine in (("hyper_parameters", True), ("datamodule_hyper_parameters", False)):
+            hp = checkpoint.get(key)
+            if isinstance(hp, dict):
+                kept, more = safe_hparams(hp)
+                checkpoint[key] = kept
+                omitted.update(more if mine else {f"datamodule.{k}": v for k, v in more.items()})
+        if omitted:
+            checkpoint["hyper_parameters_omitted"] = omitted
+        strip_frozen_parts(checkpoint, self.frozen_pretrained())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Re-attach the frozen parts a checkpoint left out, from their source files."""
+        from recon3d.utils.checkpoint import attach_frozen_parts
+
+        attach_frozen_parts(checkpoint, where=self._checkpoint_name())
+
+    def _checkpoint_name(self) -> str:
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return str(path) if path else "checkpoint"
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` whose mismatch is one :class:`CheckpointError` line (the
+        report of :func:`~recon3d.utils.checkpoint.key_mismatch_report`), not torch's multi-line
+        RuntimeError. Tied weights count as present when any of their names is."""
+        from recon3d.utils.checkpoint import tied_keys, compare_state_dicts
+
+        own = self.state_dict()
+        if own:  # a model built lazily (configure_model) has nothing to compare yet
+            mm = compare_state_dicts(own, state_dict, strict=strict, aliases=tied_keys(self))
+            if mm:
+                raise CheckpointError(f"{self._checkpoint_name()}: weights do not match {type(self).__name__}: {mm.line()}")
+            strict = False  # checked above, with tied weights understood
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ learning-rate schedule
     def lr_factor(self, step: int) -> float:
@@ -242,7 +356,7 @@ class ReconModule(L.LightningModule):
         out = self.render_views(batch, batch.targets.cameras)
         pred = out["rgb"].clamp(0, 1)
         if self.evaluation is not None:
-            alpha = out.get("opacity", out.get("mask"))
+            alpha = out.get("alpha")
             self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks, alpha)
             if batch.geometry.surface_points is not None:
                 self._eval_geometry(batch)

@@ -108,12 +108,6 @@ class ReconModule(L.LightningModule):
     #: Init args the command line sets even when a checkpoint is given (class docstring).
     RUNTIME_OPTIONS: frozenset[str] = frozenset({"evaluation", "vis_views"})
 
-    #: The representation type :meth:`export_object` writes (``recon3d export --format`` offers
-    #: what :func:`recon3d.render.export.export_formats` says it supports); None: no export.
-    EXPORT_REPRESENTATION: type | None = None
-    #: Formats :meth:`export_object` writes; None: the method's default (``recon3d export --format``).
-    export_formats: tuple[str, ...] | None = None
-
     def __init__(
         self,
         evaluation: Any = None,
@@ -356,7 +350,7 @@ class ReconModule(L.LightningModule):
         out = self.render_views(batch, batch.targets.cameras)
         pred = out["rgb"].clamp(0, 1)
         if self.evaluation is not None:
-            alpha = out.get("alpha")
+            alpha = out.get("opacity", out.get("mask"))
             self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks, alpha)
             if batch.geometry.surface_points is not None:
                 self._eval_geometry(batch)

@@ -3,9 +3,8 @@
 A method subclasses it and implements
 
 - :meth:`training_losses` ``(batch) -> dict`` of named scalar terms with the total under ``"loss"``;
-- :meth:`render_views` ``(batch, cameras) ->`` :class:`~recon3d.representations.RenderOutput` (or a
-  dict with its keys) with ``"rgb" (B,V,3,H,W)`` (and optionally ``"alpha"``, ``"depth"``) for the
-  given target cameras;
+- :meth:`render_views` ``(batch, cameras) -> dict`` with ``"rgb" (B,V,3,H,W)`` (and optionally
+  ``"mask"``, ``"depth"``) for the given target cameras;
 - optionally :meth:`predict_geometry` ``(batch) -> dict`` with ``"points" (B,P,3)`` (and
   ``"normals"``; optionally ``"valid" (B,)`` bool and ``"invalid_reason"`` str for objects that
   have no geometry to score) for geometry metrics, and :meth:`export_object` for ``predict``.

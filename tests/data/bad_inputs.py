@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from recon3d.data.formats import BlenderDataset, GTRViewsDataset, InstantMeshDataset, OpenLRMDataset
+from recon3d.data.formats import BlenderDataset, GTRViewsDataset, ImageFolderDataset, InstantMeshDataset, OpenLRMDataset
 
 Factory = Callable[[], object]
 Case = tuple[Factory, str]
@@ -401,6 +401,70 @@ def mixed_rgb_rgba_objects_batch(root: Path) -> Case:
     return factory, "objects ['table_rgb']: have no inputs.masks while ['chair_rgba'] in the same batch do"
 
 
+# ---------------------------------------------------------------------------------- single-image folders
+def _image_folder(root: Path, n: int = 2, channels: int = 4) -> Path:
+    for i in range(n):
+        _png(root / f"img{i}.png", channels=channels)
+    return root
+
+
+def garbage_image_image_folder(root: Path) -> Case:
+    _image_folder(root)
+    (root / "img1.png").write_bytes(b"GIF89a but not really" * 4)
+    return lambda: load_all(ImageFolderDataset(str(root))), "img1.png: cannot decode image"
+
+
+def missing_mask_image_folder(root: Path) -> Case:
+    _image_folder(root, channels=3)
+    _png(root / "masks" / "img0.png", channels=1)
+    return lambda: load_all(ImageFolderDataset(str(root), mask_dir="masks")), "img1.png: mask file not found for img1.png"
+
+
+def mask_wrong_size_image_folder(root: Path) -> Case:
+    _image_folder(root, n=1, channels=3)
+    _png(root / "masks" / "img0.png", 4, 4, channels=1)
+    return lambda: load_all(ImageFolderDataset(str(root), mask_dir="masks")), "img0.png: expected image size 8x8"
+
+
+def garbled_json_cameras_image_folder(root: Path) -> Case:
+    _image_folder(root)
+    (root / "cameras.json").write_text('{"img0.png": {"c2w": [1, 2,')
+    return lambda: load_all(ImageFolderDataset(str(root), cameras_file="cameras.json")), "cameras.json: cannot parse JSON"
+
+
+def camera_wrong_shape_image_folder(root: Path) -> Case:
+    _image_folder(root, n=1)
+    (root / "cameras.json").write_text(json.dumps({"img0.png": {"c2w": [[1, 0, 0], [0, 1, 0]], "K": np.eye(3).tolist()}}))
+    factory = lambda: load_all(ImageFolderDataset(str(root), cameras_file="cameras.json"))  # noqa: E731
+    return factory, "cameras.json['img0.png']: c2w: expected a 4x4 or 3x4 list of numbers, got shape [2, 3]"
+
+
+def singular_rotation_image_folder(root: Path) -> Case:
+    _image_folder(root, n=1)
+    bad = np.array(_GL_POSE)
+    bad[:3, :3] *= 2.0
+    (root / "cameras.json").write_text(json.dumps({"img0.png": {"c2w": bad.tolist(), "K": [[8, 0, 4], [0, 8, 4], [0, 0, 1]]}}))
+    return lambda: load_all(ImageFolderDataset(str(root), cameras_file="cameras.json")), "invalid camera: c2w: expected a rotation"
+
+
+def image_without_camera_image_folder(root: Path) -> Case:
+    _image_folder(root)
+    (root / "cameras.json").write_text(json.dumps({"img0.png": {"c2w": np.eye(4).tolist(), "K": np.eye(3).tolist()}}))
+    return lambda: load_all(ImageFolderDataset(str(root), cameras_file="cameras.json")), "cameras.json: no camera for img1.png"
+
+
+def empty_folder_image_folder(root: Path) -> Case:
+    root.mkdir(parents=True)
+    (root / "readme.txt").write_text("no images here")
+    return lambda: ImageFolderDataset(str(root)), "no images found"
+
+
+def same_stem_twice_image_folder(root: Path) -> Case:
+    _image_folder(root, n=1)
+    _png(root / "img0.jpeg", channels=3)
+    return lambda: ImageFolderDataset(str(root)), "img0.png: the object id 'img0' is also img0.jpeg"
+
+
 CASES: list[Callable[[Path], Case]] = [
     missing_image_blender, missing_image_instantmesh, missing_camera_gtr, missing_intrinsics_openlrm,
     garbage_image_openlrm, truncated_png_gtr, empty_image_file_blender,
@@ -416,6 +480,9 @@ CASES: list[Callable[[Path], Case]] = [
     empty_folder_blender, empty_folder_openlrm, empty_folder_instantmesh, empty_folder_gtr, missing_root,
     object_without_views_openlrm, blender_empty_frames,
     jpeg_in_png_blender, symlink_leaving_root_blender, camera_angle_zero_blender,
+    garbage_image_image_folder, missing_mask_image_folder, mask_wrong_size_image_folder, garbled_json_cameras_image_folder,
+    camera_wrong_shape_image_folder, singular_rotation_image_folder, image_without_camera_image_folder,
+    empty_folder_image_folder, same_stem_twice_image_folder,
 ]
 
 #: Cases whose error names objects of a batch rather than a file (same contract otherwise).

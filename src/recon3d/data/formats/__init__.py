@@ -7,6 +7,8 @@ class                  layout                                      writer
 ``OpenLRMDataset``     ``<uid>/{rgba,pose}/NNN`` + intrinsics.npy  :func:`write_openlrm`
 ``InstantMeshDataset`` ``<uid>/NNN.png`` + ``cameras.npz``         :func:`write_instantmesh`
 ``GTRViewsDataset``    ``rgb_XXX.png`` + ``cam_XXX.txt``           :func:`write_gtr_views`
+``ImageFolderDataset`` ``<name>.png`` per object (single images,   none
+                       unposed; optional masks/ + cameras.json)
 =====================  ==========================================  ==========================
 
 Each module's docstring states the file convention and the conversion to OpenCV c2w + pixel K.
@@ -15,6 +17,7 @@ Bad files raise :class:`recon3d.errors.DataError` naming the file and what was e
 
 from recon3d.data.formats.blender import BlenderDataset, write_blender
 from recon3d.data.formats.gtr_views import GTRViewsDataset, read_gtr_camera, write_gtr_views
+from recon3d.data.formats.image_folder import ImageFolderDataset
 from recon3d.data.formats.instantmesh import InstantMeshDataset, write_instantmesh
 from recon3d.data.formats.openlrm import OpenLRMDataset, write_openlrm
 
@@ -23,4 +26,5 @@ __all__ = [
     "OpenLRMDataset", "write_openlrm",
     "InstantMeshDataset", "write_instantmesh",
     "GTRViewsDataset", "write_gtr_views", "read_gtr_camera",
+    "ImageFolderDataset",
 ]

@@ -55,18 +55,18 @@ def test_class_path_on_the_command_line_starts_from_the_new_defaults():
     given = {"root": "/data/3dfront", "split": "split/train.json"}
     cfg = _resolved(["-c", M3D_CPU, "--data.dataset.class_path", FRONT3D,
                      "--data.dataset.init_args.root", given["root"], "--data.dataset.init_args.split", given["split"]])
-    ds = cfg["data"]["dataset"]
+    ds = cfg["data"]["init_args"]["dataset"]  # resolved data: {class_path, init_args} (subclass_mode_data)
     assert ds["class_path"] == FRONT3D
     _assert_fresh(ds["init_args"], Front3DDataset, given)  # num_surface_points 0, num_sdf_points 4096
     # Options outside the swapped part are untouched.
-    assert cfg["data"]["batch_size"] == 2 and cfg["model"]["class_path"] == "recon3d.methods.m3d.M3DModule"
+    assert cfg["data"]["init_args"]["batch_size"] == 2 and cfg["model"]["class_path"] == "recon3d.methods.m3d.M3DModule"
 
 
 def test_class_path_in_a_later_config_file_starts_from_the_new_defaults(tmp_path):
     given = {"root": "/data/3dfront", "split": "split/val.json", "num_sdf_points": 512}
     override = tmp_path / "front3d.yaml"
     override.write_text(yaml.safe_dump({"data": {"dataset": {"class_path": FRONT3D, "init_args": given}}}))
-    ds = _resolved(["-c", M3D_CPU, "-c", str(override)])["data"]["dataset"]
+    ds = _resolved(["-c", M3D_CPU, "-c", str(override)])["data"]["init_args"]["dataset"]
     _assert_fresh(ds["init_args"], Front3DDataset, given)
 
 
@@ -75,7 +75,7 @@ def test_same_class_keeps_earlier_init_args():
     base = yaml.safe_load(Path(M3D_CPU).read_text())["data"]["dataset"]["init_args"]
     for extra in (["--data.dataset.init_args.num_objects", "5"],
                   ["--data.dataset.class_path", "recon3d.data.synthetic.SyntheticDataset", "--data.dataset.init_args.num_objects", "5"]):
-        ds = _resolved(["-c", M3D_CPU, *extra])["data"]["dataset"]["init_args"]
+        ds = _resolved(["-c", M3D_CPU, *extra])["data"]["init_args"]["dataset"]["init_args"]
         assert ds["num_objects"] == 5
         assert {k: ds[k] for k in base if k != "num_objects"} == {k: v for k, v in base.items() if k != "num_objects"}
     _assert_fresh(ds, SyntheticDataset, {**base, "num_objects": 5})

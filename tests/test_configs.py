@@ -39,7 +39,9 @@ def test_config_parses(path, capsys):
     assert exit_.value.code in (0, None), capsys.readouterr().err
     resolved = yaml.safe_load(out.getvalue())
     assert resolved["model"]["class_path"].startswith("recon3d.methods.")
-    assert "dataset" in resolved["data"]
+    # `data:` resolves to {class_path, init_args} (subclass_mode_data); the YAMLs give init_args only.
+    assert resolved["data"]["class_path"].startswith("recon3d.")
+    assert "dataset" in resolved["data"]["init_args"]
 
 
 def test_unknown_key_is_one_line_error(capsys):

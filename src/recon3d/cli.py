@@ -47,6 +47,15 @@ To start a *new* stage from an earlier checkpoint, pass the weights with
 devices, callbacks, logging) live in ``trainer``, never in the model's hyper-parameters, so they
 always come from the command line.
 
+The datamodule is a part like the model (``subclass_mode_data``): ``data:`` takes
+``class_path`` + ``init_args`` naming a subclass of :class:`~recon3d.data.datamodule.ReconDataModule`
+(a method's own sampling or batching), and a ``data:`` block without ``class_path`` (every config
+under ``configs/``) is ``ReconDataModule``'s init_args, as before. Keys are given with or without
+``init_args`` (``--data.batch_size 4`` or ``--data.init_args.batch_size 4``); ``--print_config``
+and the saved ``config.yaml`` show the resolved form, ``data: {class_path: ..., init_args: {...}}``.
+A new datamodule class starts from its own defaults (the rule below), so give its ``dataset``
+after its ``class_path``.
+
 Changing a part's class (``class_path`` in a later ``-c`` file or on the command line, e.g.
 ``--data.dataset.class_path recon3d.data.formats.BlenderDataset``) starts that part from the new
 class's defaults: the init_args given for the previous class are dropped, also those the new class
@@ -131,7 +140,8 @@ def lightning_help(command: str) -> str:
     opts = [
         ("-c, --config FILE", "a config file; several compose left to right"),
         ("--KEY VALUE", "any config key, e.g. --trainer.max_steps 100, --model.init_args.lr 1e-4,"),
-        ("", "--data.dataset.class_path recon3d.data.formats.BlenderDataset"),
+        ("", "--data.dataset.class_path recon3d.data.formats.BlenderDataset,"),
+        ("", "--data.class_path my.DataModule (another datamodule; then its init_args)"),
         ("--print_config", "print the resolved config (every key and its value) and exit"),
         ("--ckpt_path PATH|last", _CKPT_HELP[command]),
     ]
@@ -391,6 +401,9 @@ def _lightning_cli_class():
             kwargs.setdefault("model_class", ReconModule)
             kwargs.setdefault("subclass_mode_model", True)
             kwargs.setdefault("datamodule_class", ReconDataModule)
+            # `data:` swappable by class_path like `model:`; a block without class_path (every
+            # config in configs/) still means ReconDataModule (module docstring).
+            kwargs.setdefault("subclass_mode_data", True)
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             kwargs.setdefault("auto_configure_optimizers", False)
             kwargs.setdefault(

@@ -43,6 +43,7 @@ class GsplatGaussianRasterizer(nn.Module):
                 viewmats=cameras.w2c[b], Ks=cameras.K[b], width=cameras.width, height=cameras.height,
                 near_plane=self.near, far_plane=self.far, eps2d=self.eps2d, tile_size=self.tile_size,
                 sh_degree=g.sh_degree, render_mode="RGB+ED", backgrounds=None, packed=False,
+                camera_model="ortho" if cameras.is_orthographic else "pinhole",  # gsplat's ortho: u = fx x + cx, as ours
             )
             outs.append((img, alpha, meta))
         rgb = torch.stack([o[0][..., :3] for o in outs]).permute(0, 1, 4, 2, 3)

@@ -78,6 +78,8 @@ def project_gaussians(gaussians: Gaussians, cameras: Cameras, eps2d: float = 0.3
     ty = zs * torch.minimum(torch.maximum(y / zs, -lim_yn), lim_yp)
     zero = torch.zeros_like(zs)
     J = torch.stack([fx / zs, zero, -fx * tx / zs**2, zero, fy / zs, -fy * ty / zs**2], -1).reshape(B, V, -1, 2, 3)
+    if cameras.is_orthographic:  # u = fx x + cx is linear: a constant Jacobian diag(fx, fy), no 1/z terms
+        J = torch.stack([fx.expand_as(zs), zero, zero, zero, fy.expand_as(zs), zero], -1).reshape(B, V, -1, 2, 3)
     cov_world = gaussians.covariances()  # B N 3 3
     cov_cam = R[:, :, None] @ cov_world[:, None] @ R[:, :, None].transpose(-1, -2)
     cov2d = J @ cov_cam @ J.transpose(-1, -2)
@@ -87,6 +89,8 @@ def project_gaussians(gaussians: Gaussians, cameras: Cameras, eps2d: float = 0.3
     det_safe = torch.where(det > 0, det, torch.ones_like(det))
     conics = torch.stack([c / det_safe, -b / det_safe, a / det_safe], -1)
     means2d = torch.stack([fx * x / zs + cx, fy * y / zs + cy], -1)
+    if cameras.is_orthographic:
+        means2d = torch.stack([fx * x + cx, fy * y + cy], -1)
     opac = gaussians.opacities[:, None].expand(B, V, -1)
     with torch.no_grad():
         mid = 0.5 * (a + c)

@@ -4,6 +4,8 @@ Conversion at this edge: OpenCV camera points ``(x, y, z)`` go to clip space wit
 ``x_c = (2 fx / W) x + (2 cx / W - 1) z``, ``y_c = (2 fy / H) y + (2 cy / H - 1) z``, ``w_c = z``.
 Keeping image-down ``y`` as clip ``+y`` makes nvdiffrast's row 0 (clip ``y = -1``) image row 0,
 so no flip is needed; the mirrored winding does not matter because nvdiffrast does not cull.
+Orthographic cameras: ``x_c = (2 fx / W) x + 2 cx / W - 1`` (likewise ``y``), ``w_c = 1``, and
+``z_c`` the same linear map of ``z`` onto ``[-1, 1]``; depth is then recovered from ``z_c``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def opencv_to_clip(verts: torch.Tensor, cameras: Cameras, near: float, far: floa
     xc = (2 * K[..., 0, 0, None] / W) * x + (2 * K[..., 0, 2, None] / W - 1) * z
     yc = (2 * K[..., 1, 1, None] / H) * y + (2 * K[..., 1, 2, None] / H - 1) * z
     zc = (far + near) / (far - near) * z - 2 * far * near / (far - near)
+    if cameras.is_orthographic:  # affine: w_c = 1, z_c linear in z
+        xc = (2 * K[..., 0, 0, None] / W) * x + (2 * K[..., 0, 2, None] / W - 1)
+        yc = (2 * K[..., 1, 1, None] / H) * y + (2 * K[..., 1, 2, None] / H - 1)
+        return torch.stack([xc, yc, (2 * z - far - near) / (far - near), torch.ones_like(z)], -1)
     return torch.stack([xc, yc, zc, z], -1)
 
 
@@ -65,6 +71,8 @@ class NvdiffrastMeshRasterizer(nn.Module):
         # nvdiffrast's (u, v) weight vertices 0 and 1; interpolate() already corrects for perspective.
         bary = torch.stack([u, v, 1 - u - v], -1) * covered[..., None]
         zcam = clip[..., 3:4].contiguous()
+        if cameras.is_orthographic:  # w_c is 1 there: camera z from the linear z_c
+            zcam = (0.5 * (clip[..., 2:3] * (self.far - self.near) + self.far + self.near)).contiguous()
         depth, _ = dr.interpolate(zcam, rast, tri)
         depth = depth[..., 0] * covered
         mask = covered.to(verts.dtype)

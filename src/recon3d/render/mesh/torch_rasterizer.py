@@ -15,6 +15,9 @@ The hard mask has no gradient w.r.t. where the silhouette lies; ``sigma > 0`` ad
 soft silhouette ``1 - prod_f (1 - sigmoid(-d_f / sigma))`` (``d_f`` the signed pixel distance to
 triangle ``f``, negative inside) whose gradient moves silhouette vertices, which is what
 mesh-stage training (GTR) needs on CPU. nvdiffrast's analytic antialiasing plays this role on GPU.
+
+Orthographic cameras: screen positions are ``fx x + cx`` (no division by ``z``), so screen-space
+barycentrics are the surface's own and depth interpolates linearly instead of as ``1/z``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ def project_vertices(verts: torch.Tensor, cameras: Cameras) -> torch.Tensor:
     p = torch.einsum("bvij,bnj->bvni", w2c[..., :3, :3], verts) + w2c[:, :, None, :3, 3]
     z = p[..., 2]
     zs = torch.where(z.abs() < 1e-8, torch.full_like(z, 1e-8), z)
+    if cameras.is_orthographic:
+        zs = torch.ones_like(z)  # no perspective division
     K = cameras.K.to(verts.dtype)
     x = K[..., 0, 0, None] * p[..., 0] / zs + K[..., 0, 2, None]
     y = K[..., 1, 1, None] * p[..., 1] / zs + K[..., 1, 2, None]
@@ -117,7 +122,8 @@ def _candidates(tri: torch.Tensor, H: int, W: int, margin: float, max_pixels: in
 
 
 def rasterize_screen(
-    screen: torch.Tensor, faces: torch.Tensor, height: int, width: int, near: float = 1e-3, max_pixels: int = 1 << 22
+    screen: torch.Tensor, faces: torch.Tensor, height: int, width: int, near: float = 1e-3, max_pixels: int = 1 << 22,
+    perspective: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Visibility pass on screen-space vertices (no gradients).
 
@@ -126,6 +132,7 @@ def rasterize_screen(
         faces: ``(F, 3)`` vertex indices.
         near: faces with a vertex at depth ``<= near`` are skipped.
         max_pixels: candidate (face, pixel) pairs processed at once.
+        perspective: depth interpolates as ``1/z`` (perspective) or linearly (orthographic).
 
     Returns:
         ``face_ids (I, H, W)`` int64 (-1 empty) and ``zbuf (I, H, W)`` (inf empty).
@@ -148,7 +155,8 @@ def rasterize_screen(
         w2 = 1 - w0 - w1
         inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
         inv_z = w0 / t[:, 0, 2] + w1 / t[:, 1, 2] + w2 / t[:, 2, 2]
-        z = torch.where(inside, 1 / inv_z, torch.full_like(inv_z, float("inf")))
+        z_px = 1 / inv_z if perspective else w0 * t[:, 0, 2] + w1 * t[:, 1, 2] + w2 * t[:, 2, 2]
+        z = torch.where(inside, z_px, torch.full_like(inv_z, float("inf")))
         pid = (owner // F) * height * width + py * width + px
         zbuf_new = zbuf.scatter_reduce(0, pid, z, "amin")
         win = inside & (z == zbuf_new[pid])
@@ -237,7 +245,7 @@ class TorchMeshRasterizer(nn.Module):
         H, W = cameras.height, cameras.width
         screen = project_vertices(verts, cameras).reshape(B * V, -1, 3)
         with torch.no_grad():
-            fid, _ = rasterize_screen(screen, faces, H, W, self.near, self.max_pixels)
+            fid, _ = rasterize_screen(screen, faces, H, W, self.near, self.max_pixels, not cameras.is_orthographic)
         covered = fid >= 0
         img_idx = torch.arange(B * V, device=fid.device)[:, None, None].expand_as(fid)[covered]
         f = fid[covered]
@@ -251,6 +259,8 @@ class TorchMeshRasterizer(nn.Module):
         w = lam / t[..., 2]
         inv_z = w.sum(-1)
         bary_c = w / inv_z[:, None]
+        if cameras.is_orthographic:  # affine projection: screen barycentrics are exact, depth is linear
+            bary_c, inv_z = lam, 1 / (lam * t[..., 2]).sum(-1)  # depth = 1 / inv_z: the linear mix of z
         bary = torch.zeros(B * V, H, W, 3, dtype=verts.dtype, device=verts.device).index_put((covered.nonzero(as_tuple=True)), bary_c)
         depth = torch.zeros(B * V, H, W, dtype=verts.dtype, device=verts.device).index_put((covered.nonzero(as_tuple=True)), 1 / inv_z)
         soft = None

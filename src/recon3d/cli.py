@@ -591,7 +591,8 @@ def _lightning_cli_class():
             from recon3d.utils import checkpoint as ck
 
             ckpt = ck.load_state_dict_file(ckpt_path, allow_pickle=self._allow_pickle())
-            sd = ckpt.get("state_dict", {})
+            # frozen pretrained parts left out of the file count with their recorded shapes
+            sd = ck.checkpoint_state_dict(ckpt, str(ckpt_path)) if isinstance(ckpt, dict) else {}
             own = self.model.state_dict()
             if not own:  # built lazily (configure_model): Lightning checks after setup
                 return

@@ -179,7 +179,7 @@ class GTRModule(ReconModule):
         if stage not in ("nerf", "mesh"):
             raise ConfigError(f"model.stage: expected 'nerf' or 'mesh', got {stage!r}")
         _check_options(locals())
-        self.save_hyperparameters(ignore=["encoder", "generator", "field", "refine", "evaluation"])
+        self.save_hyperparameters()  # sub-models: their config (recon3d fit) or left out, never pickled (ReconModule)
         self.net = GTRNetwork(encoder, generator, field)
         self.stage = stage
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps

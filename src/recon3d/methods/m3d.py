@@ -252,7 +252,7 @@ class M3DModule(ReconModule):
             )
         if num_sdf_samples < 0 or num_surface_rays < 0 or num_render_rays < 1 or full_loss_ramp < 0:
             raise ConfigError("model: num_sdf_samples, num_surface_rays, full_loss_ramp must be >= 0 and num_render_rays >= 1")
-        self.save_hyperparameters(ignore=["shallow", "deep", "depth_encoder", "fusion", "density", "evaluation"])
+        self.save_hyperparameters()  # sub-models: their config (recon3d fit) or left out, never pickled (ReconModule)
         self.net = M3DNetwork(shallow, deep, depth_encoder, fusion, pixel_features, num_classes, multires, hidden,
                               num_layers, feature_size, sphere_radius)
         self.density = density

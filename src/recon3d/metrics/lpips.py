@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from recon3d.errors import CheckpointError
+from recon3d.utils.checkpoint import compare_state_dicts
 from recon3d.utils.checks import check_shape
 
 __all__ = [
@@ -326,18 +327,19 @@ class LPIPSNet(nn.Module):
     def load_backbone(self, state: dict[str, Tensor], source: str = "state dict") -> None:
         """Load torchvision-layout weights (``features.N.weight`` ...; other keys ignored), strictly."""
         feats = {k: v for k, v in state.items() if k.startswith("features.")}
-        try:
-            self.trunk.load_state_dict(feats, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"{source}: not a torchvision {self.net_name} checkpoint ({err})") from err
+        problem = compare_state_dicts(self.trunk.state_dict(), feats).line()
+        if problem:
+            raise CheckpointError(f"{source}: not a torchvision {self.net_name} checkpoint: {problem}")
+        self.trunk.load_state_dict(feats, strict=True)
 
     def load_heads(self, state: dict[str, Tensor], source: str = "state dict") -> None:
         """Load lpips v0.1 heads (``lin{k}.model.1.weight``), strictly."""
         heads = {k: v for k, v in state.items() if k.startswith("lin")}
-        try:
-            self.lins.load_state_dict({k[3:]: v for k, v in heads.items()}, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"{source}: not an lpips v0.1 '{self.net_name}' heads file ({err})") from err
+        own = {f"lin{k}": v for k, v in self.lins.state_dict().items()}  # named as in the file
+        problem = compare_state_dicts(own, heads).line()
+        if problem:
+            raise CheckpointError(f"{source}: not an lpips v0.1 '{self.net_name}' heads file: {problem}")
+        self.lins.load_state_dict({k[3:]: v for k, v in heads.items()}, strict=True)
 
     def train(self, mode: bool = True) -> LPIPSNet:  # frozen: always eval
         return super().train(False)

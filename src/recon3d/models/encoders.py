@@ -15,7 +15,14 @@ Every constructor argument is a plain value (int, float, str, dict of plain valu
 the encoder of a method is one ``class_path`` line in its YAML. Pretrained backbones are built
 from a **local** directory (``from_pretrained(..., local_files_only=True)``) or, for tests and
 random initialisation, from a config dict; nothing is downloaded. ``transformers`` and
-``diffusers`` are imported only when such an encoder is built.
+``diffusers`` are imported only when such an encoder is built. Loading is strict: a key the
+directory's weights lack or hold extra, or of another shape, is one
+:class:`~recon3d.errors.CheckpointError` line (recon3d's one key-mismatch report,
+:func:`recon3d.utils.checkpoint.key_mismatch_report`) unless ``pretrained_ignore`` names it
+(transformers and diffusers would only log it and leave random weights). A backbone that is
+both pretrained and frozen is marked as a frozen pretrained part
+(:func:`recon3d.utils.checkpoint.mark_frozen`): method checkpoints leave its tensors out and
+re-attach them from the directory's weight file.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch.nn as nn
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import plucker_embedding
 from recon3d.errors import CheckpointError, ConfigError, ShapeError
+from recon3d.utils.checkpoint import check_ignore_patterns, key_matcher, key_mismatch_report, mark_frozen
 from recon3d.utils.checks import check_shape
 
 __all__ = ["ImageEncoder", "ConvPatchEncoder", "DinoV2Encoder", "VAEEncoder", "ray_input_channels"]
@@ -163,10 +171,13 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _load_hf(cls: Any, pretrained_path: str | None, config: dict | None, config_cls: Any, who: str) -> Any:
-    """Build a HF model from a local directory or from a config dict (never downloads)."""
+def _load_hf(cls: Any, pretrained_path: str | None, config: dict | None, config_cls: Any, who: str,
+             ignore: list[str] | None = None) -> Any:
+    """Build a HF model from a local directory (strictly, see module docstring; ``ignore``:
+    patterns of keys that may differ) or from a config dict (never downloads)."""
     if (pretrained_path is None) == (config is None):
         raise ConfigError(f"{who}: give exactly one of pretrained_path (a local directory) or config (a dict)")
+    ignore = check_ignore_patterns(ignore, f"{who}.pretrained_ignore")
     if config is not None:
         return cls(config_cls(**config)) if config_cls is not None else cls(**config)
     path = Path(pretrained_path).expanduser()
@@ -175,10 +186,33 @@ def _load_hf(cls: Any, pretrained_path: str | None, config: dict | None, config_
             f"{who}: pretrained_path {str(path)!r} is not a directory; download the model files "
             "(config.json + weights) there first, nothing is fetched at run time"
         )
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
+    if config_cls is not None:  # transformers: report other shapes instead of raising a multi-line error
+        kwargs["ignore_mismatched_sizes"] = True
     try:
-        return cls.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{who}: cannot load weights from {str(path)!r}: {err}") from err
+        model, info = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise CheckpointError(f"{who}: cannot load weights from {str(path)!r}: {first[:300]}") from None
+    match = key_matcher(ignore)
+    missing_all = sorted(info.get("missing_keys") or ())
+    missing = [k for k in missing_all if not match(k)]
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not match(k))
+    shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(info.get("mismatched_keys") or ()) if not match(k)]
+    n_model = len(model.state_dict())
+    problem = key_mismatch_report(missing, unexpected, shapes, n_model, n_model - len(missing_all))
+    if problem:
+        raise CheckpointError(f"{who}: weights in {str(path)!r} do not match {cls.__name__}: {problem}; "
+                              "to load part of them, name the keys that may differ in pretrained_ignore")
+    return model
+
+
+def _weights_file(path: str | None) -> Path | None:
+    """The single safetensors weight file of a HF/diffusers directory (None if sharded or absent)."""
+    if path is None:
+        return None
+    files = sorted(Path(path).expanduser().glob("*.safetensors"))
+    return files[0] if len(files) == 1 else None
 
 
 class DinoV2Encoder(ImageEncoder):
@@ -201,7 +235,10 @@ class DinoV2Encoder(ImageEncoder):
         out_dim: if given, a linear projection to this width; else the ViT hidden size.
         camera_conditioning: ``"plucker_input"``, ``"plucker_output"`` or ``"none"``.
         moment: Plücker moment sign (``"dxo"`` like GTR, or ``"oxd"``).
-        freeze_backbone: keep the ViT's own weights fixed (the camera and output projections train).
+        freeze_backbone: keep the ViT's own weights fixed (the camera and output projections train);
+            with ``pretrained_path`` it is a frozen pretrained part (module docstring).
+        pretrained_ignore: patterns (globs or ``"re:<regex>"``) of backbone keys that may be
+            missing from ``pretrained_path``'s weights, extra in them or of another shape.
     """
 
     def __init__(
@@ -212,18 +249,22 @@ class DinoV2Encoder(ImageEncoder):
         camera_conditioning: Literal["plucker_input", "plucker_output", "none"] = "plucker_input",
         moment: Literal["dxo", "oxd"] = "dxo",
         freeze_backbone: bool = False,
+        pretrained_ignore: list[str] | None = None,
     ):
         super().__init__()
         if camera_conditioning not in ("plucker_input", "plucker_output", "none"):
             raise ConfigError(f"camera_conditioning: expected 'plucker_input', 'plucker_output' or 'none', got {camera_conditioning!r}")
         from transformers import Dinov2Config, Dinov2Model
 
-        self.backbone = _load_hf(Dinov2Model, pretrained_path, config, Dinov2Config, "DinoV2Encoder")
+        self.backbone = _load_hf(Dinov2Model, pretrained_path, config, Dinov2Config, "DinoV2Encoder", pretrained_ignore)
         cfg = self.backbone.config
         self.patch_size, self.hidden = int(cfg.patch_size), int(cfg.hidden_size)
         self.camera_conditioning, self.moment = camera_conditioning, moment
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+            weights = _weights_file(pretrained_path)
+            if weights is not None:
+                mark_frozen(self.backbone, weights)
         self.camera_proj = None
         if camera_conditioning != "none":
             self.camera_proj = nn.Conv2d(6, self.hidden, self.patch_size, self.patch_size)
@@ -293,7 +334,10 @@ class VAEEncoder(ImageEncoder):
         width: token width ``D``.
         patch_size: pixels per token side; a multiple of the VAE's downsampling factor.
         moment: Plücker moment sign of the ray input.
-        freeze_vae: keep the VAE weights fixed (only the assembling convolution trains).
+        freeze_vae: keep the VAE weights fixed (only the assembling convolution trains); with
+            ``pretrained_path`` they are a frozen pretrained part (module docstring).
+        pretrained_ignore: patterns of VAE keys that may be missing from ``pretrained_path``'s
+            weights or extra in them.
     """
 
     def __init__(
@@ -305,13 +349,15 @@ class VAEEncoder(ImageEncoder):
         patch_size: int = 16,
         moment: Literal["dxo", "oxd"] = "dxo",
         freeze_vae: bool = False,
+        pretrained_ignore: list[str] | None = None,
     ):
         super().__init__()
         from diffusers import AutoencoderKL, AutoencoderTiny
 
         if arch not in ("kl", "tiny"):
             raise ConfigError(f"arch: expected 'kl' or 'tiny', got {arch!r}")
-        vae = _load_hf(AutoencoderKL if arch == "kl" else AutoencoderTiny, pretrained_path, config, None, "VAEEncoder")
+        vae = _load_hf(AutoencoderKL if arch == "kl" else AutoencoderTiny, pretrained_path, config, None, "VAEEncoder",
+                       pretrained_ignore)
         cfg = vae.config
         blocks = cfg.block_out_channels if arch == "kl" else cfg.encoder_block_out_channels
         self.vae_factor = 2 ** (len(blocks) - 1)
@@ -326,6 +372,11 @@ class VAEEncoder(ImageEncoder):
             self.vae_encoder.requires_grad_(False)
             if self.quant_conv is not None:
                 self.quant_conv.requires_grad_(False)
+            weights = _weights_file(pretrained_path)
+            if weights is not None:
+                mark_frozen(self.vae_encoder, weights, prefix="encoder.")
+                if self.quant_conv is not None:
+                    mark_frozen(self.quant_conv, weights, prefix="quant_conv.")
         s = self.patch_size // self.vae_factor
         self.assemble = nn.Conv2d(4 * self.latent_channels, self.width, kernel_size=s, stride=s)
 

@@ -443,8 +443,12 @@ def strip_frozen_parts(checkpoint: dict, parts: Mapping[str, FrozenSource | str 
     """Drop the tensors of frozen ``parts`` (``{submodule name: source}``) from
     ``checkpoint["state_dict"]`` and record them under ``checkpoint[FROZEN_KEY]``.
 
-    Only tensors equal (SHA-256 of their bytes, dtype and shape) to the source's under the same
-    key are dropped; the others stay in the checkpoint. Returns ``{part: tensors dropped}``.
+    A tensor of a part is dropped when the source holds a byte-identical one (same SHA-256 of
+    dtype, shape and bytes), under the same key or another: a library may name a tensor in its
+    files differently from its module (transformers 5 does), and an identical tensor restores
+    the same values whatever its name. The manifest records, per dropped key, the source key,
+    shape, dtype and checksum. Tensors the source does not hold stay in the checkpoint.
+    Returns ``{part: tensors dropped}``.
     """
     sd = checkpoint.get("state_dict")
     if not isinstance(sd, dict) or not parts:
@@ -454,25 +458,28 @@ def strip_frozen_parts(checkpoint: dict, parts: Mapping[str, FrozenSource | str 
     for name, src in parts.items():
         src = src if isinstance(src, FrozenSource) else FrozenSource(str(Path(src).expanduser().resolve()))
         pre = f"{name}." if name else ""
-        manifest, differ = {}, []
         try:
             digests = _source_digests(src, name)
         except CheckpointError as e:  # never lose weights at save time: keep them, say why
             log.warning("frozen part %r kept in the checkpoint: its source cannot be read (%s)", name, e)
             continue
-        for key, (shape, dtype, digest) in digests.items():
-            t = sd.get(pre + key)
-            if not isinstance(t, torch.Tensor):
+        by_digest: dict[str, str] = {}
+        for key, (_, _, digest) in sorted(digests.items()):
+            by_digest.setdefault(digest, key)
+        manifest, kept = {}, []
+        for full in [k for k, v in sd.items() if k.startswith(pre) and isinstance(v, torch.Tensor)]:
+            key, t = full[len(pre):], sd[full]
+            digest = _digest(t)
+            same_name = digests.get(key)
+            src_key = key if same_name is not None and same_name[2] == digest else by_digest.get(digest)
+            if src_key is None:
+                kept.append(key)
                 continue
-            if list(t.shape) == shape and str(t.dtype) == dtype and _digest(t) == digest:
-                manifest[key] = {"shape": shape, "dtype": dtype, "sha256": digest}
-            else:
-                differ.append(key)
-        for key in manifest:
-            del sd[pre + key]
-        if differ:
-            log.warning("frozen part %r: %d tensors differ from %s (trained, or statistics updated), kept in the checkpoint (e.g. %s)",
-                        name, len(differ), src.path, sorted(differ)[:3])
+            manifest[key] = {"key": src_key, "shape": list(t.shape), "dtype": str(t.dtype), "sha256": digest}
+            del sd[full]
+        if kept:
+            log.warning("frozen part %r: %d tensors are not in %s (trained, statistics updated, or not from that file); "
+                        "kept in the checkpoint (e.g. %s)", name, len(kept), src.path, sorted(kept)[:3])
         if manifest:
             record[name] = {"source": src.path, "prefix": src.prefix, "tensors": manifest}
         dropped_counts[name] = len(manifest)
@@ -508,16 +515,17 @@ def attach_frozen_parts(checkpoint: dict, where: str = "checkpoint") -> list[str
             continue
         src = FrozenSource(rec["source"], str(rec.get("prefix") or ""))
         got = _read_source(src, where, name)
-        missing = [k for k in manifest if k not in got]
-        shapes = [f"{k} {tuple(got[k].shape)} {got[k].dtype} vs {tuple(m['shape'])} {m['dtype']}" for k, m in manifest.items()
+        want = {m.get("key", k): m for k, m in manifest.items()}  # source key -> its record
+        missing = sorted(k for k in want if k not in got)
+        shapes = [f"{k} {tuple(got[k].shape)} {got[k].dtype} vs {tuple(m['shape'])} {m['dtype']}" for k, m in want.items()
                   if k in got and (list(got[k].shape) != list(m["shape"]) or str(got[k].dtype) != m["dtype"])]
         bad = {s.split(" ", 1)[0] for s in shapes}
-        changed = [k for k, m in manifest.items() if k in got and k not in bad and _digest(got[k]) != m.get("sha256")]
-        problem = key_mismatch_report(missing, (), shapes, len(manifest), len(manifest) - len(missing), changed)
+        changed = sorted(k for k, m in want.items() if k in got and k not in bad and _digest(got[k]) != m.get("sha256"))
+        problem = key_mismatch_report(missing, (), shapes, len(want), len(want) - len(missing), changed)
         if problem:
             raise CheckpointError(f"{where}: frozen part {name!r}: {src.path} does not hold the tensors this checkpoint was saved with: {problem}")
-        for k in manifest:
-            sd[pre + k] = got[k]
+        for k, m in manifest.items():
+            sd[pre + k] = got[m.get("key", k)]
         done.append(name)
     return done
 

@@ -23,9 +23,10 @@ Layout of the official file (verified against ``snap-research/snap_gtr`` at comm
     ckpt["scalers"]                  GradScaler state (ignored)
 
 The mapping is an explicit key table (:func:`official_key_table`); loading is strict: a key
-missing from the file, a key the table does not know, or a shape mismatch raises
-:class:`~recon3d.errors.CheckpointError` listing them. The file is read with
-``torch.load(weights_only=True)``.
+missing from the file, a key the table does not know, or a shape mismatch raises one
+:class:`~recon3d.errors.CheckpointError` line, worded by recon3d's one key-mismatch report
+(:func:`recon3d.utils.checkpoint.key_mismatch_report`; official keys are named ``part:key``). The
+file is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from recon3d.errors import CheckpointError
 from recon3d.models.encoders import ConvPatchEncoder
 from recon3d.models.gtr.generator import PixelShuffleUpsampler
 from recon3d.models.gtr.network import GTRNetwork, gtr_official
+from recon3d.utils.checkpoint import key_mismatch_report
 
 __all__ = ["official_key_table", "convert_official_state_dict", "load_official_gtr", "read_official_checkpoint"]
 
@@ -125,12 +127,6 @@ def official_key_table(net: GTRNetwork) -> dict[tuple[str, str], str]:
     return table
 
 
-def _fmt(keys) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:12])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
-
-
 def convert_official_state_dict(pipeline: dict, net: GTRNetwork) -> dict[str, torch.Tensor]:
     """Map ``ckpt["pipeline"]`` (``{"field": ..., "generator": ...}``) to ``net.state_dict()`` names.
 
@@ -159,20 +155,16 @@ def convert_official_state_dict(pipeline: dict, net: GTRNetwork) -> dict[str, to
             target = table[(part, key)]
             if not isinstance(value, torch.Tensor) or value.shape != ours[target].shape:
                 got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                shapes.append(f"{part}:{key} {got} vs {target} {list(ours[target].shape)}")
+                shapes.append(f"{part}:{key} {tuple(got) if isinstance(got, list) else got} vs {target} {tuple(ours[target].shape)}")
                 continue
             out[target] = value
         missing += [f"{part}:{k}" for k in sorted(expected - set(sd))]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_fmt(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches: {_fmt(shapes)}")
-    uncovered = set(ours) - set(table.values())
-    if uncovered:
-        problems.append(f"network entries with no checkpoint key: {_fmt(uncovered)}")
+    n_table = len(table)
+    problems = [key_mismatch_report(missing, unexpected, shapes, n_table, n_table - len(missing))]
+    uncovered = sorted(set(ours) - set(table.values()))
+    if uncovered:  # the key table itself is incomplete for this network (a recon3d bug, not the file's)
+        problems.append(f"{len(uncovered)} network entries with no checkpoint key (e.g. {uncovered[:3]})")
+    problems = [p for p in problems if p]
     if problems:
         raise CheckpointError("GTR checkpoint does not match the network: " + "; ".join(problems))
     aabb = pipeline["field"].get("aabb")

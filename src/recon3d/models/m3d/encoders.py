@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from recon3d.errors import CheckpointError, ConfigError
 from recon3d.models.m3d.selective_attention import SelectiveAttentionModule
+from recon3d.utils.checkpoint import compare_state_dicts, key_mismatch_report
 from recon3d.utils.checks import check_shape
 
 __all__ = [
@@ -154,9 +155,11 @@ class ResNetShallowEncoder(nn.Module):
 def load_torchvision_resnet(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> list[str]:
     """Load a torchvision ResNet ``state_dict`` file (``torch.save``d) into ``module``.
 
-    Keys of stages the module does not build (``layer4.*``, ``fc.*``) are ignored and returned;
-    with ``strict`` every parameter/buffer of ``module`` must be present with the same shape,
-    else :class:`CheckpointError` names the file and the first offending keys.
+    Keys of the stages the module does not build (``layer{i}.*`` for each ``layer{i}`` it lacks,
+    and ``fc.*``) are the explicit partial part: they are skipped and returned. Any other key of
+    the file the module lacks, and (with ``strict``) any parameter/buffer of ``module`` the file
+    lacks, or another shape, is one :class:`CheckpointError` line naming the file
+    (:func:`recon3d.utils.checkpoint.key_mismatch_report`).
     """
     path = Path(path)
     if not path.is_file():
@@ -168,15 +171,17 @@ def load_torchvision_resnet(module: nn.Module, path: str | os.PathLike, strict: 
         raise CheckpointError(f"{path}: cannot read a state dict ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path}: expected a ResNet state dict, got {type(sd).__name__}")
     own = module.state_dict()
-    ignored = sorted(k for k in sd if k not in own)
-    use = {k: v for k, v in sd.items() if k in own}
-    missing = sorted(k for k in own if k not in use)
-    bad = [f"{k}: {list(use[k].shape)} vs {list(own[k].shape)}" for k in use if use[k].shape != own[k].shape]
-    if bad or (strict and missing):
-        raise CheckpointError(f"{path}: does not match the encoder; missing {missing[:5]}, shape mismatch {bad[:5]}")
-    module.load_state_dict(use, strict=False)
-    return ignored
+    unbuilt = ["fc.*"] + [f"layer{i}.*" for i in range(1, 5) if not hasattr(module, f"layer{i}")]
+    problem = compare_state_dicts(own, sd, ignore=unbuilt, strict=True)
+    if problem.shapes or problem.unexpected or (strict and problem.missing):
+        report = key_mismatch_report(problem.missing if strict else (), problem.unexpected, problem.shapes,
+                                     problem.n_model, problem.n_found)
+        raise CheckpointError(f"{path}: weights do not match {type(module).__name__}: {report}")
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return sorted(k for k in sd if k not in own)
 
 
 def roi_grid(boxes: torch.Tensor, width: int, height: int, size: int) -> torch.Tensor:

@@ -100,3 +100,30 @@ def test_export_refuses_a_checkpoint_of_another_method(setup, tmp_path, capsys):
     assert len(err) == 1 and "this checkpoint is an M3DModule, the config is a GTRModule" in err[0]
     assert f"0 of {n} model keys found" in err[0]
     assert not (out / "exports.json").exists()
+
+
+def test_export_format_comes_from_the_representation(setup, tmp_path, capsys):
+    """Issue 14: ``--format`` names output files from what the method's representation (a mesh for
+    GTR) supports; the views reader moved to ``--views-format`` (``--format gtr`` still reads as it)."""
+    import trimesh
+
+    from recon3d.data.formats import write_gtr_views
+
+    args, cli, batch = setup
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": cli.model.state_dict()}, ckpt)
+    v = batch.inputs
+    write_gtr_views(tmp_path / "views", "obj", v.images[0], v.masks[0], v.cameras[0])
+    level = args[args.index("--model.init_args.mesh_density_level") + 1]
+    common = ["export", "-c", BASE[1], "-c", BASE[3], "--ckpt", str(ckpt), "--views", str(tmp_path / "views")]
+    runtime = ["--", "--model.init_args.mesh_density_level", level, "--model.init_args.export_resolution", "24"]
+    out = tmp_path / "out"
+    assert main([*common, "--views-format", "gtr", "--format", "ply", "--format", "glb", "--out", str(out), *runtime]) == 0
+    files = sorted(p.name for p in (out / "obj").iterdir())
+    assert files == ["mesh.glb", "mesh.ply"]
+    assert len(trimesh.load(out / "obj" / "mesh.ply", force="mesh").faces) > 0
+    capsys.readouterr()
+    # a format a mesh cannot be written as: one line listing the supported ones, exit status 2
+    assert main([*common, "--format", "gtr,splat", "--out", str(tmp_path / "bad"), *runtime]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "--format: Meshes cannot be exported as splat; supported: glb, obj, ply, gif, mp4" in err[0]

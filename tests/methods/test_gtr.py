@@ -90,7 +90,7 @@ def test_mesh_stage_gradients_move_the_surface(batch):
     out = model.render_mesh(planes[:1], batch.targets.cameras[:1], batch.object_ids[:1], differentiable=True)
     # Mask and depth depend on geometry only: a gradient on the triplane here has come through
     # rasterisation and marching cubes.
-    geo = (out["mask"] - batch.targets.masks[:1]).square().mean() + out["depth"].mean()
+    geo = (out["alpha"] - batch.targets.masks[:1]).square().mean() + out["depth"].mean()
     geo.backward()
     assert planes.grad is not None and planes.grad.abs().sum() > 0
 

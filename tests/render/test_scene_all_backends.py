@@ -93,7 +93,7 @@ def renders(cams):
         pts, nrm = surface_samples(24000, 4500, INSET * GS_SIGMA)
         g = TorchGaussianRasterizer(eps2d=EPS2D)(flat_gaussians(pts, nrm, GS_SIGMA), cams)
     return {
-        "volume": (v["opacity"] > 0.5, v["depth"]),
+        "volume": (v["alpha"] > 0.5, v["depth"]),
         "mesh": (m.mask > 0.5, m.depth),
         "gaussians": (g["alpha"] > 0.5, g["depth"]),
     }

@@ -86,7 +86,7 @@ def test_sphere_depth_normals_and_background(density):
     assert out["rgb"].shape == (1, 2, 3, 24, 24) and out["depth"].shape == (1, 2, 1, 24, 24) and out["normal"].shape == (1, 2, 3, 24, 24)
     c = 12  # pixel (12, 12) centre is the image centre + 0.5 px; its ray passes ~0 from the origin
     assert abs(float(out["depth"][0, 0, 0, c, c]) - 2.5) < 0.01
-    assert float(out["opacity"][0, 0, 0, 0, 0]) < 1e-3  # corner misses the sphere
+    assert float(out["alpha"][0, 0, 0, 0, 0]) < 1e-3  # corner misses the sphere
     torch.testing.assert_close(out["rgb"][0, 0, :, 0, 0], torch.ones(3), atol=1e-3, rtol=0)  # white background
     torch.testing.assert_close(out["rgb"][0, 0, :, c, c], torch.full((3,), 0.25), atol=2e-2, rtol=0)
     # Normal at the centre pixel points back at the camera.
@@ -102,7 +102,7 @@ def test_plane_normals_from_density():
     field = lambda p: {"density": 40 * torch.nn.functional.softplus((0.2 - p[..., 0]) * 10), "rgb": torch.ones_like(p)}
     out = VolumeRenderer(n_samples=64, normals="auto", perturb=False)(field, cams)
     n = out["normal"][0, 0].reshape(3, -1)
-    hit = out["opacity"][0, 0].reshape(-1) > 0.5
+    hit = out["alpha"][0, 0].reshape(-1) > 0.5
     nn = torch.nn.functional.normalize(n[:, hit], dim=0)
     assert hit.any() and (nn[0] > 0.99).all()
 
@@ -125,7 +125,7 @@ def test_gradcheck_double():
     def fn(c):
         field = lambda p: {"density": 5 * torch.exp(-((p - c) ** 2).sum(-1) * 4), "rgb": torch.sigmoid(p)}
         r = vr.render_rays(field, o, d)
-        return r.rgb, r.opacity
+        return r.rgb, r.alpha
 
     assert torch.autograd.gradcheck(fn, (center,))
 
@@ -171,7 +171,7 @@ def test_empty_box_renders_background_exactly(perturb):
     o, d = _box_rays(64)
     r = VolumeRenderer(n_samples=32, perturb=perturb, background="white").double()
     out = r.render_rays(lambda p: {"density": torch.zeros(p.shape[:-1], dtype=p.dtype), "rgb": torch.zeros_like(p)}, o, d)
-    assert torch.equal(out.opacity, torch.zeros_like(out.opacity))
+    assert torch.equal(out.alpha, torch.zeros_like(out.alpha))
     assert torch.equal(out.rgb, torch.ones_like(out.rgb))
 
 
@@ -186,10 +186,10 @@ def test_near_empty_field_lets_the_background_through():
 
         for perturb in (False, True):
             out = VolumeRenderer(n_samples=32, perturb=perturb).render_rays(field, o, d)
-            torch.testing.assert_close(out.opacity, 1 - torch.exp(-level * chord), rtol=1e-7, atol=1e-15)
+            torch.testing.assert_close(out.alpha, 1 - torch.exp(-level * chord), rtol=1e-7, atol=1e-15)
             assert float((1 - out.rgb).abs().max()) < 1e-4  # white shows through
         legacy = VolumeRenderer(n_samples=32, perturb=False, last_delta="inf").render_rays(field, o, d)
-        assert float(legacy.opacity.min()) > 0.99  # the unbounded rule, kept as an option
+        assert float(legacy.alpha.min()) > 0.99  # the unbounded rule, kept as an option
 
 
 @pytest.mark.parametrize("sigma", [0.3, 2.0, 8.0])
@@ -203,7 +203,7 @@ def test_constant_density_matches_closed_form_transmittance(sigma):
 
     for S, perturb in ((2, False), (7, True), (64, True)):
         out = VolumeRenderer(n_samples=S, perturb=perturb).render_rays(field, o, d)
-        torch.testing.assert_close(out.opacity, 1 - torch.exp(-sigma * chord), rtol=1e-7, atol=1e-8)
+        torch.testing.assert_close(out.alpha, 1 - torch.exp(-sigma * chord), rtol=1e-7, atol=1e-8)
 
 
 def test_density_slab_matches_closed_form_chord():
@@ -221,7 +221,7 @@ def test_density_slab_matches_closed_form_chord():
     out = VolumeRenderer(n_samples=S, perturb=False).render_rays(field, o, d)
     expected = 1 - torch.exp(-sigma * 2 * a / d[..., 0].abs())
     bin_depth = sigma * 2 * (2.0 / d.abs().amax(-1)) / S  # two bins of optical depth at the slab faces
-    assert ((out.opacity - expected).abs() <= bin_depth).all()
+    assert ((out.alpha - expected).abs() <= bin_depth).all()
 
 
 def test_matches_official_uniform_renderer_on_a_random_field():
@@ -248,7 +248,7 @@ def test_matches_official_uniform_renderer_on_a_random_field():
     ref_rgb, ref_acc = _official_uniform_composite(sigma_rgb, o, d, near, far, 48)
     ref_rgb = torch.where(hit[..., None], ref_rgb, torch.ones_like(ref_rgb))
     torch.testing.assert_close(out.rgb, ref_rgb, rtol=0, atol=1e-7)  # the old infinite last segment: off by up to 0.5
-    torch.testing.assert_close(out.opacity, torch.where(hit, ref_acc, torch.zeros_like(ref_acc)), rtol=0, atol=1e-7)
+    torch.testing.assert_close(out.alpha, torch.where(hit, ref_acc, torch.zeros_like(ref_acc)), rtol=0, atol=1e-7)
 
 
 def test_last_delta_and_min_near_are_checked():

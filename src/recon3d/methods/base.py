@@ -3,8 +3,9 @@
 A method subclasses it and implements
 
 - :meth:`training_losses` ``(batch) -> dict`` of named scalar terms with the total under ``"loss"``;
-- :meth:`render_views` ``(batch, cameras) -> dict`` with ``"rgb" (B,V,3,H,W)`` (and optionally
-  ``"mask"``, ``"depth"``) for the given target cameras;
+- :meth:`render_views` ``(batch, cameras) ->`` :class:`~recon3d.representations.RenderOutput` (or a
+  dict with its keys) with ``"rgb" (B,V,3,H,W)`` (and optionally ``"alpha"``, ``"depth"``) for the
+  given target cameras;
 - optionally :meth:`predict_geometry` ``(batch) -> dict`` with ``"points" (B,P,3)`` (and
   ``"normals"``; optionally ``"valid" (B,)`` bool and ``"invalid_reason"`` str for objects that
   have no geometry to score) for geometry metrics, and :meth:`export_object` for ``predict``.
@@ -106,6 +107,12 @@ class ReconModule(L.LightningModule):
 
     #: Init args the command line sets even when a checkpoint is given (class docstring).
     RUNTIME_OPTIONS: frozenset[str] = frozenset({"evaluation", "vis_views"})
+
+    #: The representation type :meth:`export_object` writes (``recon3d export --format`` offers
+    #: what :func:`recon3d.render.export.export_formats` says it supports); None: no export.
+    EXPORT_REPRESENTATION: type | None = None
+    #: Formats :meth:`export_object` writes; None: the method's default (``recon3d export --format``).
+    export_formats: tuple[str, ...] | None = None
 
     def __init__(
         self,
@@ -349,7 +356,7 @@ class ReconModule(L.LightningModule):
         out = self.render_views(batch, batch.targets.cameras)
         pred = out["rgb"].clamp(0, 1)
         if self.evaluation is not None:
-            alpha = out.get("opacity", out.get("mask"))
+            alpha = out.get("alpha")
             self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks, alpha)
             if batch.geometry.surface_points is not None:
                 self._eval_geometry(batch)

@@ -56,6 +56,7 @@ from recon3d.models.texture_refiner import TextureRefiner
 from recon3d.render.isosurface import IsoSurfaceExtractor
 from recon3d.render.mesh import MeshRasterizer
 from recon3d.render.volume import VolumeRenderer, ray_aabb
+from recon3d.representations import Meshes, RenderOutput
 from recon3d.utils.checks import check_option, check_weights
 
 __all__ = ["GTRModule", "PAPER_MESH_LOSS", "OFFICIAL_MESH_LOSS"]
@@ -140,6 +141,7 @@ class GTRModule(ReconModule):
         "eval_chunk", "mesh_resolution", "mesh_density_level", "render_backend", "refine", "export_resolution",
         "turntable_frames", "lpips_weights_dir",
     }
+    EXPORT_REPRESENTATION = Meshes
 
     def __init__(
         self,
@@ -244,11 +246,12 @@ class GTRModule(ReconModule):
         )
 
     # ------------------------------------------------------------------ rendering
-    def render_volume(self, planes: torch.Tensor, cameras: Cameras) -> dict[str, torch.Tensor]:
+    def render_volume(self, planes: torch.Tensor, cameras: Cameras) -> RenderOutput:
         return self.volume(self._field_fn(planes), cameras)
 
-    def render_mesh(self, planes: torch.Tensor, cameras: Cameras, object_ids: list[str], differentiable: bool) -> dict[str, torch.Tensor]:
-        """Mesh-render each object's extracted mesh: ``rgb``, ``mask`` (soft if available), ``depth``."""
+    def render_mesh(self, planes: torch.Tensor, cameras: Cameras, object_ids: list[str], differentiable: bool) -> RenderOutput:
+        """Mesh-render each object's extracted mesh: ``rgb``, ``alpha`` (the soft silhouette if
+        available), ``depth`` and the extra ``hard_mask``."""
         outs = []
         for b in range(planes.shape[0]):
             p = planes[b : b + 1]
@@ -262,10 +265,10 @@ class GTRModule(ReconModule):
             rgb = col * hard + (1 - hard) * 1.0
             # The soft silhouette carries the gradient that moves silhouette vertices.
             rgb = rgb * mask + (1 - mask) * 1.0 if frags.soft_mask is not None else rgb
-            outs.append({"rgb": rgb, "mask": mask, "depth": frags.depth, "hard_mask": hard})
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+            outs.append(RenderOutput(rgb, mask, frags.depth, extras={"hard_mask": hard}))
+        return RenderOutput.cat(outs)
 
-    def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
+    def render_views(self, batch: Batch, cameras: Cameras) -> RenderOutput:
         """Evaluation renders (``ReconModule``'s eval step clamps colour to [0, 1] for every method,
         as GTR's official renderer does: the colour head's widened sigmoid reaches slightly outside)."""
         planes = self.triplanes(batch.inputs)
@@ -316,7 +319,7 @@ class GTRModule(ReconModule):
             terms["lpips"] = self._lpips(out["rgb"], target)
             loss = loss + self.lambda_lpips * terms["lpips"]
         if self.lambda_mask > 0 and mask is not None:
-            terms["mask"] = F.mse_loss(out["opacity"], mask)
+            terms["mask"] = F.mse_loss(out["alpha"], mask)
             loss = loss + self.lambda_mask * terms["mask"]
         terms["psnr"] = -10 * torch.log10(terms["rgb"].detach().clamp_min(1e-10))
         terms["loss"] = loss
@@ -327,7 +330,7 @@ class GTRModule(ReconModule):
         tg = batch.targets
         out = self.render_mesh(planes, tg.cameras, batch.object_ids, differentiable=True)
         w = self.mesh_loss_weights
-        terms = {"rgb": F.mse_loss(out["rgb"], tg.images), "mask": F.mse_loss(out["mask"], tg.masks)}
+        terms = {"rgb": F.mse_loss(out["rgb"], tg.images), "mask": F.mse_loss(out["alpha"], tg.masks)}
         both = (out["hard_mask"] > 0.5) & (tg.masks > 0.5)
         terms["depth"] = ((out["depth"] - tg.depths).square() * both).sum() / both.sum().clamp_min(1)
         terms["opacity"] = self._free_space_opacity(planes, tg)
@@ -402,9 +405,10 @@ class GTRModule(ReconModule):
                 "invalid_reason": f"empty surface: the density never reaches mesh_density_level {self.mesh_density_level:g}"}
 
     def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
-        """Write ``mesh.glb``, ``mesh.obj`` (vertex colours), a turntable GIF and, with
-        ``refine``, the refined variants, for object ``index`` of ``batch``."""
-        from recon3d.render.export import save_mesh, save_video, turntable_cameras
+        """Write object ``index`` of ``batch`` as a mesh (vertex colours from the colour MLP) in the
+        ``export_formats`` (default ``mesh.glb``, ``mesh.obj`` and, with ``turntable_frames``,
+        ``turntable.gif``) and, with ``refine``, the refined variants (``mesh_refined.glb`` …)."""
+        from recon3d.render.export import export_representation, turntable_cameras
 
         out_dir = Path(out_dir)
         views = Views(
@@ -422,27 +426,14 @@ class GTRModule(ReconModule):
             files["refine_psnr"] = f"{res.psnr_history[0]:.2f}->{res.psnr_history[-1]:.2f}"
         cams = turntable_cameras(self.turntable_frames, radius=float(batch.inputs.cameras.centers[index].norm(dim=-1).mean()),
                                  fov_y_deg=float(torch.rad2deg(batch.inputs.cameras.fov_y[index].mean())), size=128) if self.turntable_frames else None
+        formats = self.export_formats or (("glb", "obj", "gif") if cams is not None else ("glb", "obj"))
         for suffix, p, net in variants:
             with torch.no_grad():
                 colors = self._color_with(p, verts[None].to(p), net)[0].clamp(0, 1)
-            for ext in ("glb", "obj"):
-                path = out_dir / f"mesh{suffix}.{ext}"
-                save_mesh(path, verts.cpu(), faces.cpu(), colors.cpu())
-                files[f"mesh{suffix}.{ext}"] = str(path)
-            if cams is not None:
-                frames = self._turntable(verts, faces, colors, cams.to(verts.device))
-                path = out_dir / f"turntable{suffix}.gif"
-                save_video(path, frames, fps=12)
-                files[f"turntable{suffix}.gif"] = str(path)
+            files.update(export_representation(Meshes.single(verts, faces, colors), out_dir, formats, suffix=suffix, turntable=cams, fps=12,
+                                               render_opts={"backend": self._backend("nvdiffrast")}))
         return files
 
     def _color_with(self, planes: torch.Tensor, points: torch.Tensor, color_net) -> torch.Tensor:
         e = self.field.color_saturation
         return torch.sigmoid(color_net(self.field.features(planes, points))) * (1 + 2 * e) - e
-
-    @torch.no_grad()
-    def _turntable(self, verts, faces, colors, cams: Cameras) -> torch.Tensor:
-        rast = MeshRasterizer(self._backend("nvdiffrast"), device=verts.device)
-        frags = rast(verts[None], faces, cams)
-        img = frags.interpolate(colors[None])
-        return (img * frags.mask + (1 - frags.mask))[0]

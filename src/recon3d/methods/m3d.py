@@ -99,6 +99,7 @@ from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.m3d import DepthEncoder, M3DNetwork, ResNetShallowEncoder, SelectiveAttentionDeepEncoder
 from recon3d.render.sdf_density import LaplaceDensity
 from recon3d.render.volume import VolumeRenderer
+from recon3d.representations import Meshes, RenderOutput
 from recon3d.utils.checks import check_option, check_weights
 from recon3d.utils.io import atomic_path
 
@@ -171,6 +172,7 @@ class M3DModule(ReconModule):
     RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {
         "eval_max_side", "eval_chunk", "mesh_resolution", "export_resolution", "class_names", "class_pattern",
     }
+    EXPORT_REPRESENTATION = Meshes
 
     def __init__(
         self,
@@ -391,7 +393,7 @@ class M3DModule(ReconModule):
     # ------------------------------------------------------------------ rendering
     def _render_rays(self, batch: Batch, enc: dict, o: torch.Tensor, d: torch.Tensor, fwd: torch.Tensor,
                      renderer: VolumeRenderer | None = None) -> dict[str, torch.Tensor]:
-        """Render rays ``(B, R, 3)``, each object in its own box: ``rgb (B,R,3)``, ``depth``, ``opacity (B,R)``
+        """Render rays ``(B, R, 3)``, each object in its own box: ``rgb (B,R,3)``, ``depth``, ``alpha (B,R)``
         and, with the training renderer, ``normal (B,R,3)``."""
         renderer = renderer or self.renderer
         boxes = self.object_boxes(batch)
@@ -401,15 +403,15 @@ class M3DModule(ReconModule):
             parts = [renderer.render_rays(self._field(batch, enc, b), o[b : b + 1, i : i + self.eval_chunk],
                                           d[b : b + 1, i : i + self.eval_chunk], fwd[b : b + 1, i : i + self.eval_chunk])
                      for i in range(0, o.shape[1], self.eval_chunk)]
-            res = {k: torch.cat([getattr(p, k) for p in parts], 1) for k in ("rgb", "depth", "opacity")}
+            res = {k: torch.cat([getattr(p, k) for p in parts], 1) for k in ("rgb", "depth", "alpha")}
             if parts[0].normal is not None:
                 res["normal"] = torch.cat([p.normal for p in parts], 1)
             outs.append(res)
         return {k: torch.cat([x[k] for x in outs]) for k in outs[0]}
 
     @torch.no_grad()
-    def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
-        """VolSDF renders ``rgb (B,V,3,H,W)``, ``depth (B,V,1,H,W)``, ``mask`` (opacity) of ``cameras``.
+    def render_views(self, batch: Batch, cameras: Cameras) -> RenderOutput:
+        """VolSDF renders ``rgb (B,V,3,H,W)``, ``depth (B,V,1,H,W)``, ``alpha`` (opacity) of ``cameras``.
 
         Rendered at most ``eval_max_side`` pixels on the longer side and upsampled to the cameras'
         size; deterministic samples (no jitter), no normals (evaluation runs without autograd).
@@ -436,7 +438,7 @@ class M3DModule(ReconModule):
                 x = F.interpolate(x.flatten(0, 1), (H, W), mode="bilinear", align_corners=False).reshape(B, V, c, H, W)
             return x
 
-        return {"rgb": img(out["rgb"], 3), "depth": img(out["depth"][..., None], 1), "mask": img(out["opacity"][..., None], 1)}
+        return RenderOutput(img(out["rgb"], 3), alpha=img(out["alpha"][..., None], 1), depth=img(out["depth"][..., None], 1))
 
     # ------------------------------------------------------------------ losses
     def curriculum_factor(self) -> float:
@@ -622,8 +624,9 @@ class M3DModule(ReconModule):
         return {"points": torch.stack(pts), "normals": torch.stack(nrm)}
 
     def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
-        """Write ``mesh.glb`` and ``mesh.obj`` (vertex colours from the colour head) of object ``index``."""
-        from recon3d.render.export import save_mesh
+        """Write object ``index``'s mesh (vertex colours from the colour head) in the ``export_formats``
+        (default ``mesh.glb`` and ``mesh.obj``)."""
+        from recon3d.render.export import export_representation
         from recon3d.render.isosurface import EmptySurfaceError
 
         out_dir = Path(out_dir)
@@ -636,12 +639,8 @@ class M3DModule(ReconModule):
                 return {}
             colors = torch.cat([self._decode(batch, enc, verts[None, i : i + self.eval_chunk].to(self.device), slice(index, index + 1))["rgb"][0]
                                 for i in range(0, verts.shape[0], self.eval_chunk)]) if verts.shape[0] else verts
-        files = {}
-        for ext in ("glb", "obj"):
-            path = out_dir / f"mesh.{ext}"
-            save_mesh(path, verts.cpu(), faces.cpu(), colors.clamp(0, 1).cpu())
-            files[f"mesh.{ext}"] = str(path)
-        return files
+        mesh = Meshes.single(verts.cpu(), faces.cpu(), colors.clamp(0, 1).cpu())
+        return export_representation(mesh, out_dir, self.export_formats or ("glb", "obj"))
 
     # ------------------------------------------------------------------ per-class evaluation (Table I)
     def _class_of(self, batch: Batch, i: int) -> str:

@@ -129,7 +129,7 @@ class ToyTriplaneModule(ReconModule):
         color = (w[..., None] * rgb).sum(-2)
         bg = torch.ones(B, 3, dtype=o.dtype, device=o.device) if background is None else background.to(o.dtype)
         color = color + (1 - acc) * bg.view(B, 1, 1, 1, 3)
-        return {"rgb": color.permute(0, 1, 4, 2, 3), "mask": acc.permute(0, 1, 4, 2, 3)}
+        return {"rgb": color.permute(0, 1, 4, 2, 3), "alpha": acc.permute(0, 1, 4, 2, 3)}
 
     # ------------------------------------------------------------------ ReconModule API
     def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
@@ -139,7 +139,7 @@ class ToyTriplaneModule(ReconModule):
         out = self.render_views(batch, batch.targets.cameras)
         terms = {"rgb": F.mse_loss(out["rgb"], batch.targets.images)}
         if batch.targets.masks is not None:
-            terms["mask"] = F.mse_loss(out["mask"], batch.targets.masks)
+            terms["mask"] = F.mse_loss(out["alpha"], batch.targets.masks)
         if self.global_step in self.nan_steps:
             terms["rgb"] = terms["rgb"] * float("nan")
         terms["loss"] = terms["rgb"] + self.mask_weight * terms.get("mask", 0.0)

@@ -1,5 +1,13 @@
-"""Export: meshes (.glb / .obj, vertex colours or a baked UV texture), Gaussians (.ply),
-turntable videos (.mp4 / .gif) and PNG grids. Every write is atomic (:func:`recon3d.utils.io.atomic_path`)."""
+"""Export by representation: meshes (.glb / .obj / .ply, vertex colours or a baked UV texture),
+Gaussians (the 3DGS .ply), sparse voxels (.ply points), turntable videos (.gif / .mp4) of
+anything :func:`recon3d.render.render` draws, and PNG grids. Every write is atomic
+(:func:`recon3d.utils.io.atomic_path`).
+
+Which formats a representation can be written to is :func:`export_formats` (the registry
+:func:`register_exporter` fills); :func:`export_representation` writes one object in the formats
+asked for, named ``<stem><suffix>.<ext>`` (``mesh.glb``, ``gaussians.ply``, ``voxels.ply``) and
+``turntable<suffix>.<ext>`` for videos.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +20,17 @@ import torch
 
 from recon3d.data.cameras import Cameras, orbit_cameras
 from recon3d.errors import BackendUnavailableError, ConfigError, ShapeError
-from recon3d.render.gaussians.ply import save_ply
+from recon3d.render.gaussians.ply import save_ply, write_vertex_ply
 from recon3d.render.mesh.torch_rasterizer import rasterize_screen
+from recon3d.representations import Gaussians, Meshes, NeuralField, SparseVoxels, Triplanes
 from recon3d.utils.checks import check_shape
 from recon3d.utils.io import atomic_path
 
-__all__ = ["save_mesh", "bake_texture", "save_gaussians", "save_video", "save_image_grid", "turntable_cameras", "to_uint8_frames"]
+__all__ = [
+    "save_mesh", "save_meshes", "bake_texture", "save_gaussians", "save_voxels", "save_video", "save_image_grid",
+    "turntable_cameras", "to_uint8_frames", "export_formats", "check_export_formats", "export_representation",
+    "register_exporter", "VIDEO_FORMATS",
+]
 
 save_gaussians = save_ply
 
@@ -34,7 +47,7 @@ def save_mesh(
     uvs: torch.Tensor | None = None,
     texture: torch.Tensor | None = None,
 ) -> None:
-    """Write a mesh to ``.glb`` or ``.obj`` (format from the suffix).
+    """Write a mesh to ``.glb``, ``.obj`` or ``.ply`` (format from the suffix).
 
     Args:
         verts: ``(V, 3)``; faces: ``(F, 3)``.
@@ -42,37 +55,32 @@ def save_mesh(
         uvs: optional ``(V, 2)`` (OBJ convention, v up) with ``texture`` ``(H, W, 3)`` in [0, 1];
             the OBJ gets a ``.mtl`` and a PNG beside it (written atomically too).
     """
-    import trimesh
-
-    check_shape(verts, "V 3", "verts")
-    check_shape(faces, "F 3", "faces")
     path = Path(path)
-    if path.suffix.lower() not in (".glb", ".obj"):
-        raise ConfigError(f"save_mesh: expected a .glb or .obj path, got {str(path)!r}")
+    if path.suffix.lower() not in (".glb", ".obj", ".ply"):
+        raise ConfigError(f"save_mesh: expected a .glb, .obj or .ply path, got {str(path)!r}")
     if (uvs is None) != (texture is None):
         raise ConfigError("save_mesh: uvs and texture go together")
-    if uvs is not None:
-        check_shape(uvs, "V 2", "uvs", {"V": verts.shape[0]})
-        check_shape(texture, "H W 3", "texture")
-        from PIL import Image
+    check_shape(verts, "V 3", "verts")
+    check_shape(faces, "F 3", "faces")
+    save_meshes(path, Meshes.single(verts, faces, vertex_colors, uvs, texture))
 
-        img = Image.fromarray((_np(texture).clip(0, 1) * 255).round().astype(np.uint8))
-        visual = trimesh.visual.TextureVisuals(uv=_np(uvs), material=trimesh.visual.material.SimpleMaterial(image=img))
-        mesh = trimesh.Trimesh(_np(verts), _np(faces), visual=visual, process=False)
-    else:
-        colors = None
-        if vertex_colors is not None:
-            check_shape(vertex_colors, "V 3", "vertex_colors", {"V": verts.shape[0]})
-            colors = (_np(vertex_colors).clip(0, 1) * 255).round().astype(np.uint8)
-        mesh = trimesh.Trimesh(_np(verts), _np(faces), vertex_colors=colors, process=False)
-    if path.suffix.lower() == ".glb":
+
+def save_meshes(path: str | os.PathLike, meshes: Meshes, index: int = 0) -> None:
+    """Write object ``index`` of ``meshes`` to ``.glb`` / ``.obj`` (+ ``.mtl`` and texture PNG) /
+    ``.ply`` (format from the suffix), every file atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".glb", ".obj", ".ply"):
+        raise ConfigError(f"save_meshes: expected a .glb, .obj or .ply path, got {str(path)!r}")
+    mesh = meshes.to_trimesh(index)
+    if suffix in (".glb", ".ply"):
         with atomic_path(path) as tmp:
-            mesh.export(tmp, file_type="glb")
+            mesh.export(tmp, file_type=suffix[1:])
         return
     # OBJ: trimesh returns the .obj text plus its material files; write each atomically.
     from trimesh.exchange.obj import export_obj
 
-    text, files = export_obj(mesh, include_color=vertex_colors is not None, return_texture=True, mtl_name=f"{path.stem}.mtl")
+    text, files = export_obj(mesh, include_color=meshes.vertex_colors is not None, return_texture=True, mtl_name=f"{path.stem}.mtl")
     for name, data in files.items():
         with atomic_path(path.parent / name) as tmp:
             tmp.write_bytes(data)
@@ -196,3 +204,118 @@ def turntable_cameras(n_frames: int = 36, elevation_deg: float = 20.0, radius: f
     """``(1, n_frames)`` cameras circling the origin, for turntable renders."""
     az = torch.linspace(0, 360, n_frames + 1)[:-1]
     return orbit_cameras(az, torch.full_like(az, elevation_deg), radius, fov_y_deg, size, size, up_axis).reshape(1, n_frames)
+
+
+def save_voxels(path: str | os.PathLike, voxels: SparseVoxels, index: int = 0, aabb: tuple[float, float] = (-1.0, 1.0)) -> None:
+    """Write object ``index`` of ``voxels`` as a ``.ply`` point cloud: one vertex per voxel at its
+    centre in the cube ``aabb`` (``x y z``), then its features (``feat_0..feat_{C-1}``), float32."""
+    if Path(path).suffix.lower() != ".ply":
+        raise ConfigError(f"save_voxels: expected a .ply path, got {str(path)!r}")
+    one = voxels[index]
+    data = torch.cat([one.centers(aabb).float(), one.feats.detach().float()], 1).cpu().numpy()
+    write_vertex_ply(path, ["x", "y", "z"] + [f"feat_{i}" for i in range(one.num_channels)], data)
+
+
+# ---------------------------------------------------------------------- registry
+#: Formats written by rendering a turntable (any representation :func:`recon3d.render.render` draws).
+VIDEO_FORMATS = ("gif", "mp4")
+
+#: representation type -> {format: (file stem, writer(path, one_object))}
+_EXPORTERS: dict[type, dict[str, tuple[str, Callable | None]]] = {}
+
+
+def register_exporter(kind: type, fmt: str, stem: str, writer: Callable | None) -> None:
+    """Say that ``kind`` exports to ``fmt``: ``writer(path, rep_of_one_object)`` writes
+    ``<stem><suffix>.<fmt>``; ``writer=None`` for a turntable video (rendered)."""
+    _EXPORTERS.setdefault(kind, {})[fmt] = (stem, writer)
+
+
+def _table(kind: type) -> dict[str, tuple[str, Callable | None]]:
+    for k in kind.__mro__:
+        if k in _EXPORTERS:
+            return _EXPORTERS[k]
+    return {}
+
+
+def export_formats(representation) -> tuple[str, ...]:
+    """The formats a representation (an instance or its type) can be exported to (empty: none)."""
+    kind = representation if isinstance(representation, type) else type(representation)
+    return tuple(_table(kind))
+
+
+def check_export_formats(representation, formats, what: str = "format") -> tuple[str, ...]:
+    """``formats`` (names, ``.`` and case ignored) if ``representation`` supports all of them, else
+    one :class:`ConfigError` line naming the unsupported ones and listing the supported."""
+    kind = representation if isinstance(representation, type) else type(representation)
+    want = tuple(dict.fromkeys(f.lower().lstrip(".") for f in formats))
+    supported = export_formats(kind)
+    bad = [f for f in want if f not in supported]
+    if bad:
+        listed = ", ".join(supported) if supported else "none"
+        raise ConfigError(f"{what}: {kind.__name__} cannot be exported as {', '.join(bad)}; supported: {listed}")
+    return want
+
+
+def export_representation(
+    representation,
+    out_dir: str | os.PathLike,
+    formats,
+    *,
+    index: int = 0,
+    suffix: str = "",
+    turntable: Cameras | None = None,
+    fps: int = 12,
+    render_opts: dict | None = None,
+) -> dict[str, str]:
+    """Write object ``index`` of ``representation`` under ``out_dir`` in each of ``formats``.
+
+    Args:
+        formats: names from :func:`export_formats` (others: one ``ConfigError`` line).
+        suffix: added to every file stem (``mesh_refined.glb``).
+        turntable: ``(1, T)`` cameras for ``gif`` / ``mp4`` (default: :func:`turntable_cameras`).
+        render_opts: options of :func:`recon3d.render.render` for the turntable (``backend``, …).
+
+    Returns:
+        ``{file name: path}`` of the files written, in the order of ``formats``.
+    """
+    formats = check_export_formats(representation, formats)
+    out_dir = Path(out_dir)
+    n = representation.batch_size
+    if not 0 <= index < n:
+        raise ShapeError(f"index: expected 0 <= index < {n}, got {index}")
+    one = representation if n == 1 else representation[index]
+    table = _table(type(representation))
+    files: dict[str, str] = {}
+    for fmt in formats:
+        stem, writer = table[fmt]
+        path = out_dir / f"{stem}{suffix}.{fmt}"
+        if writer is None:
+            from recon3d.render.dispatch import render
+
+            cams = turntable if turntable is not None else turntable_cameras()
+            with torch.no_grad():
+                frames = render(one, cams.to(_device_of(one, cams)), "white", **(render_opts or {})).rgb[0]
+            save_video(path, frames, fps=fps)
+        else:
+            writer(path, one)
+        files[path.name] = str(path)
+    return files
+
+
+def _device_of(rep, cams: Cameras) -> torch.device:
+    for name in ("means", "planes", "feats"):
+        x = getattr(rep, name, None)
+        if isinstance(x, torch.Tensor):
+            return x.device
+    if isinstance(rep, Meshes) and rep.batch_size:
+        return rep.verts[0].device
+    return cams.c2w.device
+
+
+for _fmt in ("glb", "obj", "ply"):
+    register_exporter(Meshes, _fmt, "mesh", save_meshes)
+register_exporter(Gaussians, "ply", "gaussians", save_ply)
+register_exporter(SparseVoxels, "ply", "voxels", save_voxels)
+for _kind in (Meshes, Gaussians, Triplanes, NeuralField):
+    for _fmt in VIDEO_FORMATS:
+        register_exporter(_kind, _fmt, "turntable", None)

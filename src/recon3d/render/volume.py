@@ -34,6 +34,7 @@ from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError, ShapeError
 from recon3d.render.sdf_density import density_to_alpha
+from recon3d.representations.render_output import RenderOutput
 from recon3d.utils.checks import check_shape
 
 __all__ = [
@@ -183,7 +184,7 @@ class RayBundleOutput:
 
     rgb: torch.Tensor  # (B, R, 3), background composited
     depth: torch.Tensor  # (B, R) z-depth (0 where empty)
-    opacity: torch.Tensor  # (B, R)
+    alpha: torch.Tensor  # (B, R) accumulated opacity (coverage)
     normal: torch.Tensor | None  # (B, R, 3) world-space, unnormalised accumulation of unit normals
     weights: torch.Tensor  # (B, R, S)
     t: torch.Tensor  # (B, R, S) sample distances
@@ -304,7 +305,7 @@ class VolumeRenderer(nn.Module):
         rgb = acc["rgb"] + (1 - opacity[..., None]) * bg
         return RayBundleOutput(rgb, depth, opacity, acc.get("normal"), weights, t)
 
-    def forward(self, field: Field, cameras: Cameras) -> dict[str, torch.Tensor]:
+    def forward(self, field: Field, cameras: Cameras) -> RenderOutput:
         """Render full images.
 
         Args:
@@ -312,8 +313,9 @@ class VolumeRenderer(nn.Module):
             cameras: batch ``(B, V)``.
 
         Returns:
-            dict with ``rgb (B, V, 3, H, W)``, ``depth (B, V, 1, H, W)`` (z-depth),
-            ``opacity (B, V, 1, H, W)`` and, with ``normals="auto"``, ``normal (B, V, 3, H, W)``.
+            :class:`RenderOutput` with ``rgb (B, V, 3, H, W)``, ``depth (B, V, 1, H, W)`` (z-depth),
+            ``alpha (B, V, 1, H, W)`` (accumulated opacity) and, with ``normals="auto"``,
+            ``normal (B, V, 3, H, W)``.
         """
         if len(cameras.batch_shape) != 2:
             raise ShapeError(f"cameras: expected batch shape (B, V), got {list(cameras.batch_shape)}")
@@ -327,11 +329,9 @@ class VolumeRenderer(nn.Module):
         def img(xs: list[torch.Tensor], c: int) -> torch.Tensor:
             return torch.cat(xs, 1).reshape(B, V, H, W, c).permute(0, 1, 4, 2, 3)
 
-        res = {
-            "rgb": img([p.rgb for p in parts], 3),
-            "depth": img([p.depth[..., None] for p in parts], 1),
-            "opacity": img([p.opacity[..., None] for p in parts], 1),
-        }
-        if parts[0].normal is not None:
-            res["normal"] = img([p.normal for p in parts], 3)
-        return res
+        return RenderOutput(
+            rgb=img([p.rgb for p in parts], 3),
+            alpha=img([p.alpha[..., None] for p in parts], 1),
+            depth=img([p.depth[..., None] for p in parts], 1),
+            normal=img([p.normal for p in parts], 3) if parts[0].normal is not None else None,
+        )

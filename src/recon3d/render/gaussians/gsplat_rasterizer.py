@@ -14,6 +14,7 @@ from recon3d.data.cameras import Cameras
 from recon3d.errors import ShapeError
 from recon3d.render.gaussians.model import Gaussians
 from recon3d.render.volume import make_background
+from recon3d.representations.render_output import RenderOutput
 
 __all__ = ["GsplatGaussianRasterizer"]
 
@@ -27,9 +28,11 @@ class GsplatGaussianRasterizer(nn.Module):
 
         self.tile_size, self.eps2d, self.near, self.far, self.background = tile_size, eps2d, near, far, background
 
-    def forward(self, gaussians: Gaussians, cameras: Cameras) -> dict[str, torch.Tensor]:
+    def forward(self, gaussians: Gaussians, cameras: Cameras) -> RenderOutput:
         from gsplat import rasterization
 
+        if gaussians.is_packed:
+            raise ShapeError("gaussians: the rasterizer takes the dense layout (B, N); render a packed batch with GaussianRasterizer or recon3d.render.render (per object)")
         if len(cameras.batch_shape) != 2 or cameras.batch_shape[0] != gaussians.batch_size:
             raise ShapeError(f"cameras: expected batch shape (B={gaussians.batch_size}, V), got {list(cameras.batch_shape)}")
         B, V = cameras.batch_shape
@@ -53,4 +56,4 @@ class GsplatGaussianRasterizer(nn.Module):
         depth = torch.where(alpha > 1e-6, depth, torch.zeros_like(depth))
         means2d = torch.cat([o[2]["means2d"] for o in outs]).reshape(B * V, -1, 2)
         radii = torch.cat([o[2]["radii"] for o in outs]).reshape(B * V, gaussians.num_gaussians, -1).amax(-1)
-        return {"rgb": rgb, "alpha": alpha, "depth": depth, "means2d": means2d, "radii": radii}
+        return RenderOutput(rgb, alpha, depth, extras={"means2d": means2d, "radii": radii})

@@ -24,28 +24,28 @@ from recon3d.errors import DataError, ShapeError
 from recon3d.render.gaussians.model import Gaussians, rgb_to_sh_dc
 from recon3d.utils.io import atomic_path
 
-__all__ = ["save_ply", "load_ply"]
+__all__ = ["save_ply", "load_ply", "write_vertex_ply"]
 
 
 def _attributes(gaussians: Gaussians, index: int) -> tuple[list[str], np.ndarray]:
-    g = gaussians[index]
+    g = gaussians[index].packed()  # (n, ...) tensors of object `index`, n may be 0 in a ragged batch
     n = g.num_gaussians
     if g.sh_degree is None:
-        dc, rest = rgb_to_sh_dc(g.colors[0]), g.colors.new_zeros(n, 3, 0)
+        dc, rest = rgb_to_sh_dc(g.colors), g.colors.new_zeros(n, 3, 0)
     else:
         k = (g.sh_degree + 1) ** 2
-        sh = g.colors[0, :, :k]  # N K 3
+        sh = g.colors[:, :k]  # N K 3
         dc, rest = sh[:, 0], sh[:, 1:].transpose(1, 2)  # N 3 (K-1), channel-major once flattened
     eps = 1e-6
-    opac = g.opacities[0].clamp(eps, 1 - eps)
+    opac = g.opacities.clamp(eps, 1 - eps)
     cols = [
-        g.means[0],
-        torch.zeros_like(g.means[0]),
+        g.means,
+        torch.zeros_like(g.means),
         dc,
-        rest.reshape(n, -1),
+        rest.reshape(n, rest.shape[1] * rest.shape[2]),
         torch.log(opac / (1 - opac))[:, None],
-        torch.log(g.scales[0].clamp_min(1e-12)),
-        g.quats[0],
+        torch.log(g.scales.clamp_min(1e-12)),
+        g.quats,
     ]
     names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
     names += [f"f_rest_{i}" for i in range(rest.shape[1] * rest.shape[2])]
@@ -55,10 +55,19 @@ def _attributes(gaussians: Gaussians, index: int) -> tuple[list[str], np.ndarray
 
 
 def save_ply(path: str | os.PathLike, gaussians: Gaussians, index: int = 0) -> None:
-    """Write batch entry ``index`` of ``gaussians`` to ``path`` (atomically)."""
+    """Write object ``index`` of ``gaussians`` (dense or packed; an empty object writes 0 vertices) to ``path`` (atomically)."""
     if not 0 <= index < gaussians.batch_size:
         raise ShapeError(f"index: expected 0 <= index < {gaussians.batch_size}, got {index}")
     names, data = _attributes(gaussians, index)
+    write_vertex_ply(path, names, data)
+
+
+def write_vertex_ply(path: str | os.PathLike, names: list[str], data: np.ndarray) -> None:
+    """Write one binary little-endian ``vertex`` element of float32 properties ``names`` (one
+    column of ``data (N, len(names))`` each) to ``path``, atomically."""
+    if data.ndim != 2 or data.shape[1] != len(names):
+        raise ShapeError(f"data: expected shape (N, {len(names)}) for properties {names[:4]}..., got {list(data.shape)}")
+    data = np.ascontiguousarray(data, dtype="<f4")
     header = "ply\nformat binary_little_endian 1.0\n" + f"element vertex {data.shape[0]}\n"
     header += "".join(f"property float {n}\n" for n in names) + "end_header\n"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -67,7 +76,10 @@ def save_ply(path: str | os.PathLike, gaussians: Gaussians, index: int = 0) -> N
 
 
 def load_ply(path: str | os.PathLike, device=None) -> Gaussians:
-    """Read a 3DGS .ply into a batch of one :class:`Gaussians` (SH colours when ``f_rest_*`` exist, else RGB)."""
+    """Read a 3DGS .ply into a batch of one :class:`Gaussians` (SH colours when ``f_rest_*`` exist, else RGB).
+
+    Dense ``(1, N, ...)``; a file of 0 vertices gives a packed batch with ``counts [0]``.
+    """
     with open(path, "rb") as f:
         raw = f.read()
     end = raw.find(b"end_header\n")
@@ -103,8 +115,9 @@ def load_ply(path: str | os.PathLike, device=None) -> Gaussians:
         colors, sh_degree = torch.cat([dc[:, None], rest], 1), degree
     else:
         colors, sh_degree = (dc * 0.28209479177387814 + 0.5), None
-    g = Gaussians.from_raw(
-        col("x", "y", "z")[None], col("rot_0", "rot_1", "rot_2", "rot_3")[None], col("scale_0", "scale_1", "scale_2")[None],
-        col("opacity")[:, 0][None], colors[None], sh_degree,
-    )
+    raw = (col("x", "y", "z"), col("rot_0", "rot_1", "rot_2", "rot_3"), col("scale_0", "scale_1", "scale_2"), col("opacity")[:, 0], colors)
+    if n == 0:
+        g = Gaussians.from_raw(*raw, sh_degree, counts=[0])
+    else:
+        g = Gaussians.from_raw(*(x[None] for x in raw), sh_degree)
     return g.to(device) if device is not None else g

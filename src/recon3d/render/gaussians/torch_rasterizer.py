@@ -30,6 +30,7 @@ from recon3d.data.cameras import Cameras
 from recon3d.errors import ConfigError, ShapeError
 from recon3d.render.gaussians.model import Gaussians
 from recon3d.render.volume import make_background
+from recon3d.representations.render_output import RenderOutput
 
 __all__ = ["TorchGaussianRasterizer", "project_gaussians", "Projected"]
 
@@ -55,6 +56,8 @@ def project_gaussians(gaussians: Gaussians, cameras: Cameras, eps2d: float = 0.3
         the inverse covariance), ``cov2d (I, N, 2, 2)``, ``depths (I, N)`` (camera z),
         ``radii (I, N)`` (pixels, 0 = culled), ``opacities (I, N)``, ``valid (I, N)``.
     """
+    if gaussians.is_packed:
+        raise ShapeError("gaussians: the rasterizer takes the dense layout (B, N); render a packed batch with GaussianRasterizer or recon3d.render.render (per object)")
     if len(cameras.batch_shape) != 2 or cameras.batch_shape[0] != gaussians.batch_size:
         raise ShapeError(f"cameras: expected batch shape (B={gaussians.batch_size}, V), got {list(cameras.batch_shape)}")
     B, V = cameras.batch_shape
@@ -289,13 +292,13 @@ class TorchGaussianRasterizer(nn.Module):
         self.tile_size, self.eps2d, self.near, self.far = tile_size, eps2d, near, far
         self.background, self.chunk, self.checkpoint_chunks = background, chunk, checkpoint_chunks
 
-    def forward(self, gaussians: Gaussians, cameras: Cameras) -> dict[str, torch.Tensor]:
-        """Render ``B`` Gaussian sets into ``(B, V)`` cameras.
+    def forward(self, gaussians: Gaussians, cameras: Cameras) -> RenderOutput:
+        """Render ``B`` Gaussian sets (dense layout) into ``(B, V)`` cameras.
 
         Returns:
-            dict with ``rgb (B, V, 3, H, W)`` (background composited), ``alpha (B, V, 1, H, W)``,
+            :class:`RenderOutput` with ``rgb (B, V, 3, H, W)`` (background composited), ``alpha (B, V, 1, H, W)``,
             ``depth (B, V, 1, H, W)`` (expected z-depth of the visible Gaussians, 0 where empty),
-            ``means2d (B*V, N, 2)`` and ``radii (B*V, N)`` (for densification heuristics).
+            and extras ``means2d (B*V, N, 2)``, ``radii (B*V, N)`` (for densification heuristics).
         """
         proj = project_gaussians(gaussians, cameras, self.eps2d, self.near, self.far)
         B, V = cameras.batch_shape
@@ -336,4 +339,4 @@ class TorchGaussianRasterizer(nn.Module):
         rgb = to_img(feat_img) + (1 - alpha) * bg
         depth_acc = to_img(depth_img[..., None])
         depth = torch.where(alpha > 1e-6, depth_acc / alpha.clamp_min(1e-6), torch.zeros_like(depth_acc))
-        return {"rgb": rgb, "alpha": alpha, "depth": depth, "means2d": proj["means2d"], "radii": proj["radii"]}
+        return RenderOutput(rgb, alpha, depth, extras={"means2d": proj["means2d"], "radii": proj["radii"]})

@@ -9,18 +9,9 @@ from recon3d.data.cameras import Cameras
 from recon3d.render.backends import resolve_backend
 from recon3d.render.mesh.texture import sample_texture
 from recon3d.render.mesh.torch_rasterizer import Fragments, TorchMeshRasterizer, project_vertices, rasterize_screen
+from recon3d.representations.meshes import vertex_normals  # moved; re-exported here
 
 __all__ = ["MeshRasterizer", "TorchMeshRasterizer", "Fragments", "sample_texture", "project_vertices", "rasterize_screen", "vertex_normals"]
-
-
-def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals ``(B, Nv, 3)`` of ``verts (B, Nv, 3)``, ``faces (F, 3)`` (CCW outward)."""
-    a, b, c = verts[:, faces[:, 0]], verts[:, faces[:, 1]], verts[:, faces[:, 2]]
-    fn = torch.linalg.cross(b - a, c - a)
-    n = torch.zeros_like(verts)
-    for i in range(3):
-        n = n.index_add(1, faces[:, i], fn)
-    return torch.nn.functional.normalize(n, dim=-1, eps=1e-12)
 
 
 class MeshRasterizer(nn.Module):

@@ -27,6 +27,7 @@ import torch
 
 from recon3d.data.depth_cache import DEPTH_CACHE_COMMAND, depth_cache_path, load_cached_depth
 from recon3d.errors import CheckpointError, DataError
+from recon3d.utils.checkpoint import load_hf_pretrained
 from recon3d.utils.io import atomic_write_bytes
 
 # The cache's path rule and reader live in the data layer; re-exported so callers of this module
@@ -58,9 +59,10 @@ def _load_model(model_dir: str | os.PathLike, device: str | torch.device):
         )
     try:
         processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForDepthEstimation.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{model_dir}: cannot load a depth-estimation model ({e})") from None
+    # strict: transformers would only log weights the folder lacks and leave them random
+    model = load_hf_pretrained(AutoModelForDepthEstimation, model_dir, "depth model")
     return processor, model.to(device).eval()
 
 

@@ -37,7 +37,7 @@ import torch.nn as nn
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import plucker_embedding
 from recon3d.errors import CheckpointError, ConfigError, ShapeError
-from recon3d.utils.checkpoint import check_ignore_patterns, key_matcher, key_mismatch_report, mark_frozen
+from recon3d.utils.checkpoint import check_ignore_patterns, load_hf_pretrained, mark_frozen
 from recon3d.utils.checks import check_shape
 
 __all__ = ["ImageEncoder", "ConvPatchEncoder", "DinoV2Encoder", "VAEEncoder", "ray_input_channels"]
@@ -186,25 +186,7 @@ def _load_hf(cls: Any, pretrained_path: str | None, config: dict | None, config_
             f"{who}: pretrained_path {str(path)!r} is not a directory; download the model files "
             "(config.json + weights) there first, nothing is fetched at run time"
         )
-    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True}
-    if config_cls is not None:  # transformers: report other shapes instead of raising a multi-line error
-        kwargs["ignore_mismatched_sizes"] = True
-    try:
-        model, info = cls.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
-        raise CheckpointError(f"{who}: cannot load weights from {str(path)!r}: {first[:300]}") from None
-    match = key_matcher(ignore)
-    missing_all = sorted(info.get("missing_keys") or ())
-    missing = [k for k in missing_all if not match(k)]
-    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not match(k))
-    shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(info.get("mismatched_keys") or ()) if not match(k)]
-    n_model = len(model.state_dict())
-    problem = key_mismatch_report(missing, unexpected, shapes, n_model, n_model - len(missing_all))
-    if problem:
-        raise CheckpointError(f"{who}: weights in {str(path)!r} do not match {cls.__name__}: {problem}; "
-                              "to load part of them, name the keys that may differ in pretrained_ignore")
-    return model
+    return load_hf_pretrained(cls, path, who, ignore)
 
 
 def _weights_file(path: str | None) -> Path | None:

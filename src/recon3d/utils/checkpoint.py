@@ -56,7 +56,7 @@ __all__ = [
     "load_state_dict_file", "load_weights_into", "extract_state_dict", "state_dict_mismatch", "checkpoint_class",
     "checkpoint_class_mismatch", "KeyMismatch", "compare_state_dicts", "key_mismatch_report", "key_matcher",
     "check_ignore_patterns", "tied_keys", "FrozenSource", "FROZEN_KEY", "load_frozen", "mark_frozen", "frozen_parts_of",
-    "strip_frozen_parts", "attach_frozen_parts", "checkpoint_state_dict",
+    "strip_frozen_parts", "attach_frozen_parts", "checkpoint_state_dict", "load_hf_pretrained",
 ]
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,34 @@ def load_weights_into(
         why = f"allowed by ignore patterns {ignore}" if ignore else "strict=False"
         log.info("%s: %d model keys received no tensor and keep their initial values (%s; e.g. %s)", path, len(left), why, left[:3])
     return left
+
+
+def load_hf_pretrained(cls, path: str | Path, who: str, ignore: Sequence[str] | None = None, **kwargs):
+    """``cls.from_pretrained(path, local_files_only=True)`` (a transformers or diffusers model
+    class), strictly: transformers and diffusers only log keys the files lack or hold extra and
+    leave those weights random; here any such key, or one of another shape, not matching
+    ``ignore`` is one :class:`CheckpointError` line (:func:`key_mismatch_report`) naming ``who``
+    and the folder. ``kwargs`` go to ``from_pretrained``. Returns the model."""
+    ignore = check_ignore_patterns(ignore, f"{who}.pretrained_ignore")
+    kwargs = {"local_files_only": True, **kwargs, "output_loading_info": True}
+    if getattr(cls, "__module__", "").startswith("transformers"):
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # report other shapes here, not as a multi-line error
+    try:
+        model, info = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+        raise CheckpointError(f"{who}: cannot load weights from {str(path)!r}: {first[:300]}") from None
+    match = key_matcher(ignore)
+    missing_all = sorted(info.get("missing_keys") or ())
+    missing = [k for k in missing_all if not match(k)]
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not match(k))
+    shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(info.get("mismatched_keys") or ()) if not match(k)]
+    n_model = len(model.state_dict())
+    problem = key_mismatch_report(missing, unexpected, shapes, n_model, n_model - len(missing_all))
+    if problem:
+        raise CheckpointError(f"{who}: weights in {str(path)!r} do not match {cls.__name__}: {problem}; "
+                              "to load part of them, name the keys that may differ in pretrained_ignore")
+    return model
 
 
 # ---------------------------------------------------------------------- frozen pretrained parts

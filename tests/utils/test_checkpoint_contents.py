@@ -244,8 +244,13 @@ def test_missing_or_changed_source_is_one_line_naming_the_file(tmp_path, datamod
     _fit_and_save(model, datamodule, path)
     fresh = FrozenBackboneMethod(None)
 
+    built = FrozenBackboneMethod(str(src_path))  # built from the source before it moved
     moved = tmp_path / "elsewhere.safetensors"
     shutil.move(src_path, moved)
+    # a model that already holds exactly the recorded tensors needs no file
+    load_weights_into(built, path)
+    x = torch.rand(3, 3)
+    assert torch.equal(built(x), model(x))
     for load in (lambda: load_weights_into(fresh, path),
                  lambda: FrozenBackboneMethod.load_from_checkpoint(path, backbone_path=None, weights_only=True)):
         with pytest.raises(CheckpointError) as e:
@@ -262,3 +267,28 @@ def test_missing_or_changed_source_is_one_line_naming_the_file(tmp_path, datamod
     msg = str(e.value)
     assert "\n" not in msg and str(src_path.resolve()) in msg
     assert "1 missing (e.g. ['2.bias'])" in msg and "1 with other values (e.g. ['0.weight'])" in msg
+
+
+def test_lpips_weights_are_frozen_parts(tmp_path):
+    """LPIPS's backbone and heads come from local files: checkpoints leave them out."""
+    from recon3d.metrics.lpips import BACKBONE_FILES, AlexNetFeatures, LPIPSNet
+    from recon3d.utils.checkpoint import attach_frozen_parts, frozen_parts_of, strip_frozen_parts
+
+    torch.manual_seed(0)
+    tv = {k: v.clone() for k, v in AlexNetFeatures().state_dict().items()}
+    tv["classifier.1.weight"] = torch.randn(8, 4)  # torchvision files hold more than the trunk
+    torch.save(tv, tmp_path / BACKBONE_FILES["alex"])
+    holder = nn.Module()
+    holder.lpips = LPIPSNet("alex", pretrained=True, weights_dir=tmp_path)
+    parts = frozen_parts_of(holder)
+    assert set(parts) == {"lpips.trunk", "lpips.lins"}
+    assert parts["lpips.trunk"].path == str((tmp_path / BACKBONE_FILES["alex"]).resolve())
+    full = holder.state_dict()
+    ckpt = {"state_dict": dict(full)}
+    strip_frozen_parts(ckpt, parts)
+    assert ckpt["state_dict"] == {}
+    (tmp_path / BACKBONE_FILES["alex"]).unlink()
+    with pytest.raises(CheckpointError, match=r"frozen part 'lpips.trunk' .*alexnet.*does not exist"):
+        attach_frozen_parts(dict(ckpt, state_dict={}), where="gtr.ckpt")
+    attach_frozen_parts(ckpt, module=holder)  # the network on this machine holds the same tensors
+    assert set(ckpt["state_dict"]) == set(full) and all(torch.equal(ckpt["state_dict"][k], v) for k, v in full.items())

@@ -233,7 +233,7 @@ class ReconModule(L.LightningModule):
         """Re-attach the frozen parts a checkpoint left out, from their source files."""
         from recon3d.utils.checkpoint import attach_frozen_parts
 
-        attach_frozen_parts(checkpoint, where=self._checkpoint_name())
+        attach_frozen_parts(checkpoint, where=self._checkpoint_name(), module=self)
 
     def _checkpoint_name(self) -> str:
         path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from recon3d.errors import CheckpointError
-from recon3d.utils.checkpoint import compare_state_dicts
+from recon3d.utils.checkpoint import compare_state_dicts, mark_frozen
 from recon3d.utils.checks import check_shape
 
 __all__ = [
@@ -309,14 +309,19 @@ class LPIPSNet(nn.Module):
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(_SCALE).view(1, 3, 1, 1), persistent=False)
         self.pretrained = pretrained
+        # Weights read from local files are frozen pretrained parts: a method checkpoint leaves
+        # them out and re-attaches them (recon3d.utils.checkpoint.mark_frozen).
         if pretrained:
             bb, hd = find_lpips_weights(net, weights_dir, backbone_path, heads_path)
             self.load_backbone(_load_state(bb), source=str(bb))
             self.load_heads(_load_state(hd), source=str(hd))
+            mark_frozen(self.trunk, bb)
+            mark_frozen(self.lins, hd)
         else:
             hd = _first_file(_heads_candidates(net, weights_dir, heads_path))
             if hd is not None:
                 self.load_heads(_load_state(hd), source=str(hd))
+                mark_frozen(self.lins, hd)
             else:
                 for lin, c in zip(self.lins, self.trunk.channels):
                     nn.init.constant_(lin.model[1].weight, 1.0 / c)

@@ -336,7 +336,7 @@ def load_weights_into(
     ignore = check_ignore_patterns(ignore, "ignore")
     obj = load_state_dict_file(path, allow_pickle)
     if isinstance(obj, dict) and obj.get(FROZEN_KEY) and isinstance(obj.get("state_dict"), dict):
-        attach_frozen_parts(obj, where=str(path))
+        attach_frozen_parts(obj, where=str(path), module=module if not prefix else None)
     sd = extract_state_dict(obj, prefix)
     own = module.state_dict()
     aliases = tied_keys(module)
@@ -525,13 +525,29 @@ def _frozen_record(checkpoint: dict, where: str) -> dict:
     return record
 
 
-def attach_frozen_parts(checkpoint: dict, where: str = "checkpoint") -> list[str]:
-    """Put the tensors :func:`strip_frozen_parts` left out back into ``checkpoint["state_dict"]``,
-    read from their source files; returns the parts attached (idempotent: parts already present
-    are skipped).
+def _held_by(module: torch.nn.Module | None, name: str, manifest: Mapping[str, Mapping]) -> dict[str, torch.Tensor] | None:
+    """The part's tensors as ``module`` holds them now, if they are exactly the recorded ones
+    (every key, same checksums), else None."""
+    if module is None:
+        return None
+    try:
+        own = module.get_submodule(name).state_dict() if name else module.state_dict()
+    except AttributeError:
+        return None
+    if not all(isinstance(own.get(k), torch.Tensor) and _digest(own[k]) == m.get("sha256") for k, m in manifest.items()):
+        return None
+    return {k: own[k].detach() for k in manifest}
 
-    Raises one :class:`CheckpointError` line naming the source file when it is missing, lacks
-    keys, holds other shapes/dtypes, or other values (checksums) than the checkpoint recorded.
+
+def attach_frozen_parts(checkpoint: dict, where: str = "checkpoint", module: torch.nn.Module | None = None) -> list[str]:
+    """Put the tensors :func:`strip_frozen_parts` left out back into ``checkpoint["state_dict"]``;
+    returns the parts attached (idempotent: parts already present are skipped).
+
+    A part comes from ``module`` (the model about to be loaded) when it already holds exactly
+    the recorded tensors (it was built from its own copy of the source, as an LPIPS network or a
+    frozen encoder is), else from the recorded source file. Raises one :class:`CheckpointError`
+    line naming the source file when it is needed and missing, lacks keys, or holds other
+    shapes/dtypes or values (checksums) than the checkpoint recorded.
     """
     record = _frozen_record(checkpoint, where)
     sd = checkpoint.setdefault("state_dict", {})
@@ -540,6 +556,11 @@ def attach_frozen_parts(checkpoint: dict, where: str = "checkpoint") -> list[str
         pre = f"{name}." if name else ""
         manifest = rec["tensors"]
         if all(pre + k in sd for k in manifest):
+            continue
+        held = _held_by(module, name, manifest)
+        if held is not None:
+            sd.update({pre + k: v for k, v in held.items()})
+            done.append(name)
             continue
         src = FrozenSource(rec["source"], str(rec.get("prefix") or ""))
         got = _read_source(src, where, name)

@@ -24,7 +24,7 @@ from recon3d.data.batch import Batch
 from recon3d.data.datamodule import ReconDataModule
 from recon3d.data.synthetic import SyntheticDataset
 from recon3d.errors import CheckpointError
-from recon3d.methods.base import ReconModule
+from recon3d.methods.base import NonFiniteGuard, ReconModule
 from recon3d.utils.checkpoint import FROZEN_KEY, load_frozen, load_state_dict_file, load_weights_into
 
 
@@ -48,8 +48,8 @@ def _pooled(batch: Batch) -> torch.Tensor:
 class NewMethod(ReconModule):
     """A new method written the obvious way: a bare ``save_hyperparameters()`` and a module argument."""
 
-    def __init__(self, net: nn.Module, lr: float = 1e-2, note: str = "x", evaluation=None):
-        super().__init__(evaluation=evaluation)
+    def __init__(self, net: nn.Module, lr: float = 1e-2, note: str = "x", evaluation=None, nonfinite: NonFiniteGuard | None = None):
+        super().__init__(evaluation=evaluation, nonfinite=nonfinite)
         self.save_hyperparameters()
         self.net, self.lr = net, lr
 
@@ -123,12 +123,13 @@ def test_bare_save_hyperparameters_gives_a_weights_only_checkpoint(tmp_path, dat
         load_state_dict_file(control)
 
     torch.manual_seed(0)
-    model = NewMethod(ColourNet(width=8), lr=0.05, note="kept")
+    model = NewMethod(ColourNet(width=8), lr=0.05, note="kept", nonfinite=NonFiniteGuard("halt", 3))
     path = tmp_path / "new.ckpt"
     _fit_and_save(model, datamodule, path)
     ckpt = load_state_dict_file(path)  # weights-only
     hp = ckpt["hyper_parameters"]
     assert hp["lr"] == 0.05 and hp["note"] == "kept" and hp["evaluation"] is None
+    assert hp["nonfinite"] == {"policy": "halt", "max_consecutive": 3}  # a dataclass as its fields
     assert "net" not in hp
     reason = ckpt["hyper_parameters_omitted"]["net"]
     assert "ColourNet nn.Module built in Python" in reason and "class_path + init_args" in reason and "\n" not in reason
@@ -143,6 +144,7 @@ def test_bare_save_hyperparameters_gives_a_weights_only_checkpoint(tmp_path, dat
     # and through Lightning's own loader, weights-only
     again = NewMethod.load_from_checkpoint(path, net=ColourNet(width=8), weights_only=True)
     assert torch.equal(again.net(x), model.net(x)) and again.lr == 0.05
+    assert again.nonfinite == NonFiniteGuard("halt", 3)
 
 
 def test_module_given_as_config_is_saved_as_its_config(tmp_path, datamodule, monkeypatch):
@@ -292,3 +294,34 @@ def test_lpips_weights_are_frozen_parts(tmp_path):
         attach_frozen_parts(dict(ckpt, state_dict={}), where="gtr.ckpt")
     attach_frozen_parts(ckpt, module=holder)  # the network on this machine holds the same tensors
     assert set(ckpt["state_dict"]) == set(full) and all(torch.equal(ckpt["state_dict"][k], v) for k, v in full.items())
+
+
+def test_safe_hparams_values_load_weights_only(tmp_path):
+    """Every kind of value an init arg may take comes out as plain data torch's own
+    weights-only unpickler accepts; objects are omitted with the reason."""
+    import enum
+    from collections import namedtuple
+    from pathlib import Path
+
+    import numpy as np
+
+    from recon3d.utils.hparams import safe_hparams
+
+    class Mode(enum.Enum):
+        FAST = "fast"
+
+    Pair = namedtuple("Pair", "a b")
+    hp = {"path": Path("/data/x"), "mode": Mode.FAST, "n": np.int64(3), "f": np.float64(0.5), "arr": np.arange(3),
+          "betas": (0.9, 0.99), "pair": Pair(1, 2), "cls": nn.Linear, "tags": {"b", "a"}, "dtype": torch.float16,
+          "guard": NonFiniteGuard("skip", 2), "cfg": {"class_path": "x.Y", "init_args": {"k": [1, 2]}},
+          "net": ColourNet(), "nested": [1, {"m": ColourNet()}], "t": torch.ones(2)}
+    kept, omitted = safe_hparams(hp)
+    assert set(omitted) == {"net", "nested"} and "nested[1].m" in omitted["nested"]
+    torch.save(kept, tmp_path / "hp.pt")
+    back = torch.load(tmp_path / "hp.pt", weights_only=True)  # torch's own weights-only loader
+    assert back["path"] == "/data/x" and back["mode"] == "fast" and back["n"] == 3 and type(back["n"]) is int
+    assert type(back["f"]) is float and back["arr"] == [0, 1, 2] and back["betas"] == (0.9, 0.99)
+    assert back["pair"] == {"a": 1, "b": 2} and back["cls"] == "torch.nn.modules.linear.Linear"
+    assert back["tags"] == ["a", "b"] and back["dtype"] == "torch.float16"
+    assert back["guard"] == {"policy": "skip", "max_consecutive": 2} and back["cfg"] == hp["cfg"]
+    assert torch.equal(back["t"], hp["t"])

@@ -128,6 +128,8 @@ class ReconModule(L.LightningModule):
         from recon3d.utils.checkpoint import check_ignore_patterns
 
         self.init_weights_ignore = check_ignore_patterns(init_weights_ignore, "model.init_weights_ignore")
+        if isinstance(nonfinite, dict):  # as saved in hyper-parameters (recon3d.utils.hparams: a dataclass's fields)
+            nonfinite = NonFiniteGuard(**nonfinite)
         self.nonfinite = nonfinite or NonFiniteGuard()
         self.vis_views = vis_views
         self.nonfinite_steps = 0

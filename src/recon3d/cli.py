@@ -273,8 +273,9 @@ def _os_error_line(e: OSError) -> str | None:
     reason, hint = _OS_REASONS[e.errno]
     # A failed write()/close() carries no file name: name the run folder then.
     where = str(e.filename or (f"a file in {_RUN_FOLDERS[-1][0]}" if _RUN_FOLDERS else "an output file"))
-    # An atomic write fails on its hidden temporary file (.last.ckpt.<pid>.<hex>.tmp): name the target.
-    m = re.match(r"^\.(.+)\.\d+\.[0-9a-f]+\.tmp$", Path(where).name)
+    # An atomic write fails on its hidden temporary file (recon3d.utils.io.atomic_path:
+    # .<name>.<8 random chars><suffix>, e.g. .last.ckpt.k2x9_q0a.tmp): name the target.
+    m = re.match(r"^\.(.+)\.[a-z0-9_]{8}(?:\.[^.]+)?$", Path(where).name)
     if m:
         where = str(Path(where).with_name(m.group(1)))
     return f"cannot write {where}: {reason}; {hint} (--run_dir / --trainer.logger.init_args.save_dir / --out)"

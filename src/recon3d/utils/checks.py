@@ -28,7 +28,7 @@ import torch
 
 from recon3d.errors import ConfigError, ShapeError
 
-__all__ = ["check_shape", "check_finite", "check_range", "check_option", "check_weights"]
+__all__ = ["check_shape", "check_finite", "check_range", "check_option", "check_weights", "merge_weights"]
 
 
 def check_shape(
@@ -109,3 +109,21 @@ def check_weights(name: str, weights: Mapping[str, object]) -> None:
     tests ``weight > 0``)."""
     for key, w in weights.items():
         check_option(f"{name}.{key}", w, 0.0)
+
+
+def merge_weights(name: str, defaults: Mapping[str, float], overrides: Mapping[str, object] | None) -> dict[str, float]:
+    """``defaults`` updated by ``overrides`` (a method's loss weights over its paper's), checked.
+
+    Raises :class:`ConfigError` naming ``name`` for a key ``defaults`` does not have (a typo would
+    otherwise train without the term it meant to weight), or naming ``name.key`` for a weight that
+    is not a finite number ``>= 0`` (:func:`check_weights`). ``None`` or ``{}`` gives the defaults.
+    """
+    merged = dict(defaults)
+    if overrides:
+        unknown = set(overrides) - set(merged)
+        if unknown:
+            raise ConfigError(f"{name}: unknown terms {sorted(unknown)}; expected {sorted(merged)}")
+        check_weights(name, overrides)
+        merged.update(overrides)
+    return merged
+

@@ -34,46 +34,28 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from recon3d.errors import CheckpointError
+from recon3d.utils.io import atomic_path
 
 __all__ = ["AtomicCheckpointIO", "RNGStateCallback", "atomic_torch_save", "write_atomically"]
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, rename onto ``path``.
+    """Call ``write(fileobj)`` on a temporary file beside ``path`` and move it onto ``path`` with
+    :func:`recon3d.utils.io.atomic_path` (fsync the file, rename, fsync the folder).
 
-    Stale temporary files of ``path`` from a killed earlier write are removed first.
+    The temporary is ``.<name>.<random>.tmp``: never ``*.ckpt``, so ``--ckpt_path last`` and
+    checkpoint globs never see it. Stale temporaries of ``path`` from a killed earlier write are
+    removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            stale.unlink()
-        except OSError:
-            pass
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

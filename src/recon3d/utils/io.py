@@ -1,8 +1,13 @@
 """Atomic file writes: outputs are written to a temporary file beside the target, then renamed.
 
-A process killed mid-write leaves the previous file (or none), never a truncated one. The file
-gets the permissions a plain ``open(path, "w")`` would give (``0o666`` minus the umask), not the
-``0o600`` of the ``mkstemp`` temporary, so outputs on a shared cluster stay readable by the group.
+The one rule every writer in recon3d follows (:func:`atomic_path`; checkpoints, caches, exports,
+metric tables, compiled kernels): write a hidden temporary file in the target's own folder,
+``fsync`` it, ``os.replace`` it onto the name, then ``fsync`` the folder where the OS allows it
+(so the rename itself survives a power loss, not only the bytes). A process killed mid-write
+leaves the previous file (or none), never a truncated one; the temporary sits in the same folder
+because a rename across file systems is a copy, which is not atomic. The file gets the permissions
+a plain ``open(path, "w")`` would give (``0o666`` minus the umask), not the ``0o600`` of the
+``mkstemp`` temporary, so outputs on a shared cluster stay readable by the group.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "current_umask"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "current_umask", "fsync_dir"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -37,12 +42,35 @@ def current_umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success rename it onto ``path``.
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """``fsync`` a folder so a rename inside it is durable; a no-op where folders cannot be opened
+    or synced (Windows, some network file systems), since the rename is still atomic there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
-    ``suffix`` defaults to the target's suffix, since some writers (imageio, trimesh) pick the
-    format from the extension. On error the temporary file is removed and ``path`` is untouched.
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None, mode: int = 0o666) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success fsync it, rename it onto ``path``
+    and fsync the folder (module docstring).
+
+    Args:
+        path: the target file; its folder is created if missing.
+        suffix: the temporary's suffix; defaults to the target's, since some writers (imageio,
+            trimesh) pick the format from the extension. Give another one where the target's
+            would make the temporary match a glob the target is found by (checkpoints: ``.tmp``).
+        mode: permissions before the umask (``0o777`` for an executable or shared library).
+
+    The temporary is named ``.<name>.<random><suffix>``. The caller may write it in place or
+    replace it (a compiler's ``-o``). On error it is removed and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +82,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file what open() would have (0666 & ~umask).
-        os.chmod(tmp_path, 0o666 & ~current_umask())
+        os.chmod(tmp_path, mode & ~current_umask())
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

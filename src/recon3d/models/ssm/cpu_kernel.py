@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from recon3d.errors import BackendUnavailableError
+from recon3d.utils.io import atomic_path
 
 __all__ = ["fused_scan_core", "cpu_kernel_available", "kernel_build_error", "load_cpu_kernel", "kernel_cache_dir"]
 
@@ -97,6 +98,10 @@ def _compiler_id(cc: list[str]) -> str:
         return cc[0]
 
 
+class _CompileFailed(Exception):
+    """One flag set did not compile (the message is the command and its last error line)."""
+
+
 def _build() -> Path:
     cc = _compiler()
     source = _SOURCE.read_bytes()
@@ -112,20 +117,18 @@ def _build() -> Path:
         target = cache / f"selective_scan_cpu-{key}.so"
         if target.exists():
             return target
-        # Compile next to the target, then rename: concurrent processes (DDP ranks) never load a
-        # half-written library.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        cmd = [*cc, *flags, str(_SOURCE), "-o", tmp, "-lm"]
+        # Compile onto an atomic temporary beside the target (the package's one write rule,
+        # recon3d.utils.io.atomic_path): concurrent processes (DDP ranks) never load a
+        # half-written library, and a failed compile leaves nothing behind.
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if proc.returncode == 0:
-                os.replace(tmp, target)
-                return target
-            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            with atomic_path(target, suffix=".so", mode=0o777) as tmp:
+                cmd = [*cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"]
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    raise _CompileFailed(f"{' '.join(cmd)}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            return target
+        except _CompileFailed as e:
+            errors.append(str(e))
     raise BackendUnavailableError("selective scan 'fused_cpu' backend: the C kernel did not compile: " + " | ".join(errors))
 
 

@@ -56,19 +56,23 @@ Backends
   kernel never materialises it, which is what makes it an order of magnitude faster on a CPU.
 - ``"mamba_ssm"``: the CUDA kernel, imported lazily, CUDA tensors only.
 - ``"auto"``: ``mamba_ssm`` for CUDA inputs when it imports, ``fused_cpu`` for CPU inputs when it
-  builds, else ``torch``. The choice is logged once per backend.
+  builds, else ``torch`` (with one warning). The choice is logged once per backend.
+
+The two library backends are registered in recon3d's one backend registry
+(:mod:`recon3d.render.backends`, shared with the renderers), which makes the choice; this module
+only maps a chosen name to its implementation.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-from recon3d.errors import BackendUnavailableError, ShapeError
+from recon3d.errors import ShapeError
+from recon3d.render.backends import register_backend, resolve_backend
 
 __all__ = [
     "selective_scan", "selective_scan_torch", "selective_scan_fused_cpu", "mamba_ssm_available", "EXP_LIMIT", "BACKENDS",
@@ -77,8 +81,6 @@ __all__ = [
 BackendName = Literal["auto", "torch", "fused_cpu", "mamba_ssm"]
 #: Names accepted by :func:`selective_scan`'s ``backend`` argument.
 BACKENDS: tuple[str, ...] = get_args(BackendName)
-
-log = logging.getLogger(__name__)
 
 #: Largest exponent magnitude ``K`` allowed inside a chunk, per compute dtype. A rescaled value is a
 #: value of the problem's own scale (a state, an input, a gradient) times ``exp(+-K)``, so ``K`` takes
@@ -101,11 +103,6 @@ def _mamba_scan_fn():
 def mamba_ssm_available() -> bool:
     """True when ``mamba_ssm``'s CUDA selective-scan kernel imports and a CUDA device exists."""
     return torch.cuda.is_available() and not isinstance(_mamba_scan_fn(), Exception)
-
-
-@functools.cache
-def _log_backend(name: str) -> None:
-    log.info("selective scan backend: %s", name)
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[int, int, int, int, int]:
@@ -155,44 +152,12 @@ def _chunk_size(delta: torch.Tensor, A: torch.Tensor, want: int) -> int:
     return T
 
 
-def selective_scan_torch(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    chunk_size: int = 64,
-):
-    """Chunked, parallel selective scan in pure PyTorch (see module docstring for the maths).
-
-    Args:
-        u: ``(B, D, L)`` input.
-        delta: ``(B, D, L)`` step sizes (before ``delta_bias``/softplus).
-        A: ``(D, N)`` real state matrix (negative for a stable scan).
-        B: ``(B, N, L)`` or ``(B, G, N, L)`` input projections.
-        C: same shape as ``B``, output projections.
-        D: ``(D,)`` skip weights or None.
-        z: ``(B, D, L)`` gate or None.
-        delta_bias: ``(D,)`` or None.
-        delta_softplus: apply softplus to ``delta + delta_bias``.
-        return_last_state: also return the last state ``(B, D, N)``.
-        chunk_size: upper bound on the chunk length (halved automatically for stability).
-
-    Returns:
-        ``y (B, D, L)`` in ``u``'s dtype, or ``(y, last_state)``.
-    """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    u_, dt, A_, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u_, dt, A_, Bg, Cg)):
-        y, h = _ChunkedScan.apply(u_, dt, A_, Bg, Cg, chunk_size)
-    else:
-        y, h, _ = _scan_core(u_, dt, A_, Bg, Cg, chunk_size, keep_states=False)
-    return _finish(y, h, u, u_, D, z, return_last_state)
+def _torch_core(u, dt, A, Bg, Cg, chunk_size: int):
+    """The ``"torch"`` backend on prepared tensors (:func:`_prepare`): ``y (B, D, L)``, last state ``(B, D, N)``."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, Bg, Cg)):
+        return _ChunkedScan.apply(u, dt, A, Bg, Cg, chunk_size)
+    y, h, _ = _scan_core(u, dt, A, Bg, Cg, chunk_size, keep_states=False)
+    return y, h
 
 
 def _grouped(t: torch.Tensor, g: int) -> torch.Tensor:
@@ -340,31 +305,13 @@ class _ChunkedScan(torch.autograd.Function):
         return gu, gdt, gA, gB, gC, None
 
 
-def selective_scan_fused_cpu(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
-    delta_bias: torch.Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-):
-    """The same scan as :func:`selective_scan_torch` through the fused C kernel (CPU tensors).
-
-    Arguments, shapes and returns as :func:`selective_scan_torch`. Bias, softplus, ``D`` and the
-    gate stay in torch (cheap ``(B, D, L)`` element-wise ops); only the recurrence runs in C.
-    Raises :class:`BackendUnavailableError` when the kernel cannot be built or inputs are not on
-    the CPU.
-    """
+def _fused_cpu_core(u, dt, A, Bg, Cg, chunk_size: int):
+    """The ``"fused_cpu"`` backend on prepared tensors: only the recurrence runs in C (forward and
+    backward, :mod:`recon3d.models.ssm.cpu_kernel`); bias, softplus, ``D`` and the gate stay in
+    torch (cheap ``(B, D, L)`` element-wise ops). ``chunk_size`` is unused (no chunks)."""
     from recon3d.models.ssm.cpu_kernel import fused_scan_core
 
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    u_, dt, A_, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    y, h = fused_scan_core(u_, dt, A_, Bg, Cg)
-    return _finish(y, h, u, u_, D, z, return_last_state)
+    return fused_scan_core(u, dt, A, Bg, Cg)
 
 
 def _prepare(u, delta, A, B, C, delta_bias, delta_softplus):
@@ -392,15 +339,25 @@ def _finish(y, h, u, u_, D, z, return_last_state):
     return y
 
 
-@functools.cache
-def _fused_cpu_status() -> BackendUnavailableError | None:
-    """The kernel's build error, warned about once (``auto`` then falls back to torch)."""
+def _fused_cpu_probe() -> str | None:
+    """Why the fused C kernel cannot be used here (it is built on first use), or None."""
     from recon3d.models.ssm.cpu_kernel import kernel_build_error
 
     err = kernel_build_error()
-    if err is not None:
-        log.warning("selective scan: the fused CPU kernel is unavailable (%s); using the torch scan", err)
-    return err
+    return None if err is None else str(err)
+
+
+def _mamba_ssm_probe() -> str | None:
+    fn = _mamba_scan_fn()
+    return f"import failed ({fn})" if isinstance(fn, Exception) else None
+
+
+#: The scan's registered libraries (``auto`` takes the first one usable for the inputs' device).
+_LIBRARIES = ("fused_cpu", "mamba_ssm")
+register_backend("mamba_ssm", ("cuda",), _mamba_ssm_probe)
+register_backend("fused_cpu", ("cpu",), _fused_cpu_probe)
+#: Backends that run on the prepared tensors of :func:`_prepare` (``mamba_ssm`` takes them raw).
+_PREPARED_CORES = {"torch": _torch_core, "fused_cpu": _fused_cpu_core}
 
 
 def selective_scan(
@@ -417,41 +374,48 @@ def selective_scan(
     backend: BackendName = "auto",
     chunk_size: int = 64,
 ):
-    """Selective scan with backend choice; arguments and shapes as :func:`selective_scan_torch`.
+    """Selective scan (module docstring for the maths and the backends).
 
-    ``backend="mamba_ssm"`` raises :class:`BackendUnavailableError` when the kernel does not import
-    or the inputs are not on CUDA; ``"fused_cpu"`` raises it when the C kernel cannot be built or
-    the inputs are not on the CPU; ``"auto"`` picks the fastest usable one for the inputs' device
-    and falls back to the torch scan otherwise (logged once). ``chunk_size`` only affects
-    ``"torch"``.
+    Args:
+        u: ``(B, D, L)`` input.
+        delta: ``(B, D, L)`` step sizes (before ``delta_bias``/softplus).
+        A: ``(D, N)`` real state matrix (negative for a stable scan).
+        B: ``(B, N, L)`` or ``(B, G, N, L)`` input projections.
+        C: same shape as ``B``, output projections.
+        D: ``(D,)`` skip weights or None.
+        z: ``(B, D, L)`` gate or None.
+        delta_bias: ``(D,)`` or None.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the last state ``(B, D, N)``.
+        backend: ``"auto" | "torch" | "fused_cpu" | "mamba_ssm"``. An explicit library raises
+            :class:`~recon3d.errors.BackendUnavailableError` when it cannot run here (the C kernel
+            does not build, mamba_ssm does not import, or the inputs are on the other device);
+            ``"auto"`` picks the fastest usable one for the inputs' device, else the torch scan.
+        chunk_size: upper bound on the torch scan's chunk length (halved automatically for
+            stability); the other backends have no chunks.
+
+    Returns:
+        ``y (B, D, L)`` in ``u``'s dtype, or ``(y, last_state)``.
     """
-    if backend not in BACKENDS:
-        raise BackendUnavailableError(f"selective scan backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    on_cpu = isinstance(u, torch.Tensor) and u.device.type == "cpu"
-    if backend == "fused_cpu" or (backend == "auto" and on_cpu):
-        err = _fused_cpu_status()
-        if backend == "fused_cpu" and err is not None:
-            raise err
-        if err is None:
-            _log_backend("fused_cpu (C kernel)")
-            return selective_scan_fused_cpu(*args)
-        backend = "torch"
-    use_kernel = False
-    if backend != "torch":
-        fn = _mamba_scan_fn()
-        ok = not isinstance(fn, Exception) and u.is_cuda
-        if backend == "mamba_ssm" and not ok:
-            why = f"import failed ({fn})" if isinstance(fn, Exception) else "inputs are not on a CUDA device"
-            raise BackendUnavailableError(f"selective scan backend 'mamba_ssm' requested but unusable: {why}; use backend='torch'")
-        use_kernel = ok
-    if use_kernel:
-        _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-        _log_backend("mamba_ssm (CUDA kernel)")
-        return fn(
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, _LIBRARIES, u.device, what="selective scan")
+    if name == "mamba_ssm":
+        return _mamba_scan_fn()(
             u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
             None if D is None else D.float().contiguous(), None if z is None else z.contiguous(),
             None if delta_bias is None else delta_bias.float().contiguous(), delta_softplus, return_last_state,
         )
-    _log_backend("torch (chunked parallel scan)")
-    return selective_scan_torch(*args, chunk_size=chunk_size)
+    u_, dt, A_, Bg, Cg = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+    y, h = _PREPARED_CORES[name](u_, dt, A_, Bg, Cg, chunk_size)
+    return _finish(y, h, u, u_, D, z, return_last_state)
+
+
+def selective_scan_torch(*args, **kwargs):
+    """:func:`selective_scan` with ``backend="torch"``: the chunked torch scan, any device (the
+    reference the other backends are tested against); same arguments otherwise."""
+    return selective_scan(*args, backend="torch", **kwargs)
+
+
+def selective_scan_fused_cpu(*args, **kwargs):
+    """:func:`selective_scan` with ``backend="fused_cpu"``: the C kernel, CPU tensors only."""
+    return selective_scan(*args, backend="fused_cpu", **kwargs)

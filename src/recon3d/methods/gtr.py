@@ -57,7 +57,7 @@ from recon3d.render.isosurface import IsoSurfaceExtractor
 from recon3d.render.mesh import MeshRasterizer
 from recon3d.render.volume import VolumeRenderer, ray_aabb
 from recon3d.representations import Meshes, RenderOutput
-from recon3d.utils.checks import check_option, check_weights
+from recon3d.utils.checks import check_option, merge_weights
 
 __all__ = ["GTRModule", "PAPER_MESH_LOSS", "OFFICIAL_MESH_LOSS"]
 
@@ -88,8 +88,6 @@ def _check_options(a: dict) -> None:
     check_option("model.mesh_soft_sigma", a["mesh_soft_sigma"], 0.0)
     check_option("model.export_resolution", a["export_resolution"], 2, integer=True)
     check_option("model.turntable_frames", a["turntable_frames"], 0, integer=True)
-    if a["mesh_loss_weights"]:
-        check_weights("model.mesh_loss_weights", a["mesh_loss_weights"])
 
 
 class GTRModule(ReconModule):
@@ -190,20 +188,14 @@ class GTRModule(ReconModule):
         self.volume = VolumeRenderer(aabb=field.aabb, n_samples=n_samples, background="white", chunk=eval_chunk,
                                      perturb=None if stratified_jitter else False, min_near=min_near, last_delta=last_delta)
         self.mesh_resolution, self.mesh_density_level = mesh_resolution, mesh_density_level
-        weights = dict(PAPER_MESH_LOSS)
-        if mesh_loss_weights:
-            unknown = set(mesh_loss_weights) - set(weights)
-            if unknown:
-                raise ConfigError(f"model.mesh_loss_weights: unknown terms {sorted(unknown)}; expected {sorted(weights)}")
-            weights.update(mesh_loss_weights)
-        self.mesh_loss_weights = weights
+        self.mesh_loss_weights = merge_weights("model.mesh_loss_weights", PAPER_MESH_LOSS, mesh_loss_weights)
         self.mesh_soft_sigma = mesh_soft_sigma
         self.render_backend = render_backend
         self.refiner = refine
         self.export_resolution, self.turntable_frames = export_resolution, turntable_frames
         self.lpips_weights_dir = lpips_weights_dir
         self.lpips = None
-        needs_lpips = lambda_lpips > 0 if stage == "nerf" else weights["lpips"] > 0
+        needs_lpips = lambda_lpips > 0 if stage == "nerf" else self.mesh_loss_weights["lpips"] > 0
         if needs_lpips:
             from recon3d.metrics.lpips import LPIPSLoss
 

@@ -92,6 +92,8 @@ from jsonargparse import lazy_instance
 
 from recon3d.data.batch import Batch
 from recon3d.data.cameras import Cameras
+from recon3d.data.depth_cache import DEPTH_CACHE_COMMAND
+from recon3d.data.formats.front3d import FRONT3D_CLASSES
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError, DataError
 from recon3d.methods.base import NonFiniteGuard, ReconModule, geometry_metric_names
@@ -100,7 +102,7 @@ from recon3d.models.m3d import DepthEncoder, M3DNetwork, ResNetShallowEncoder, S
 from recon3d.render.sdf_density import LaplaceDensity
 from recon3d.render.volume import VolumeRenderer
 from recon3d.representations import Meshes, RenderOutput
-from recon3d.utils.checks import check_option, check_weights
+from recon3d.utils.checks import check_option, merge_weights
 from recon3d.utils.io import atomic_path
 
 __all__ = ["M3DModule", "PAPER_LOSS_WEIGHTS", "FRONT3D_CLASSES", "DEPTH_COMMAND"]
@@ -109,10 +111,8 @@ log = logging.getLogger(__name__)
 
 #: eq. 13: α (L3D) = 1, β (Lrgb) = γ (Ld) = 0.1, δ (Ln) = 0.01 (paper §III-D).
 PAPER_LOSS_WEIGHTS = {"sdf": 1.0, "rgb": 0.1, "depth": 0.1, "normal": 0.01}
-#: SSR's class order (the one-hot ``class_code`` of 3D-FRONT samples).
-FRONT3D_CLASSES = ("table", "sofa", "cabinet", "night_stand", "chair", "bookshelf", "bed", "desk", "dresser")
-#: The command named when the depth prior is missing.
-DEPTH_COMMAND = "recon3d data depth --model-dir <local Depth Anything dir> --out <cache dir> ..."
+#: The command named when the depth prior is missing (the data layer's, for any cache folder).
+DEPTH_COMMAND = DEPTH_CACHE_COMMAND.format(out_dir="<cache dir>")
 
 
 def _fmt(v: float) -> str:
@@ -130,9 +130,13 @@ class M3DModule(ReconModule):
         depth_encoder: depth stream on the depth prior (``DepthEncoder``), or null (RGB only).
         fusion: eq. 3's fusion; default ``GeneralizedAddition`` built from the channel counts.
         density: SDF → density (eq. 6), VolSDF Laplace CDF with learnable β (SSR: init 0.1, min 1e-4).
-        pixel_features: ``auto`` (paper), ``rgb``, ``rgb+fused``, ``fused`` or ``depth`` (official code).
-        num_classes: one-hot class code length appended to the global feature (3D-FRONT: 9; 0: none).
-        multires, hidden, num_layers, feature_size, sphere_radius: implicit decoder (SSR: 6, 256, 8, 256, 0.6).
+        **network: the rest of :class:`~recon3d.models.m3d.M3DNetwork`'s arguments, by name, beside
+            the others in a config (``model.init_args.hidden``): ``pixel_features`` (``auto``: paper;
+            ``rgb``, ``rgb+fused``, ``fused``, ``depth``: official code), ``num_classes`` (one-hot
+            class code length appended to the global feature; 3D-FRONT: 9, 0: none) and the
+            implicit decoder's ``multires, hidden, num_layers, feature_size, sphere_radius``
+            (SSR: 6, 256, 8, 256, 0.6). They are the network's own defaults and checks, declared
+            once there; the config parser reads them from it.
         bound: half-size of the canonical cube the decoder works in (rendering box, marching cubes);
             with ``extras["cube_scale"/"cube_offset"]`` (3D-FRONT) the object box is its preimage.
         stage: ``auto`` (curriculum), ``sdf`` (stage 1 only) or ``full`` (stage 2 from the start).
@@ -181,13 +185,6 @@ class M3DModule(ReconModule):
         depth_encoder: nn.Module | None = lazy_instance(DepthEncoder),  # noqa: B008
         fusion: nn.Module | None = None,
         density: LaplaceDensity = lazy_instance(LaplaceDensity, beta_init=0.1, beta_min=1e-4),  # noqa: B008
-        pixel_features: Literal["auto", "rgb", "rgb+fused", "fused", "depth"] = "auto",
-        num_classes: int = 9,
-        multires: int = 6,
-        hidden: int = 256,
-        num_layers: int = 8,
-        feature_size: int = 256,
-        sphere_radius: float = 0.6,
         bound: float = 1.0,
         stage: Literal["auto", "sdf", "full"] = "auto",
         full_loss_start: int = 30,
@@ -218,6 +215,7 @@ class M3DModule(ReconModule):
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
         init_weights_ignore: list[str] | None = None,
+        **network,
     ):
         super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
                          init_weights_ignore=init_weights_ignore)
@@ -230,20 +228,14 @@ class M3DModule(ReconModule):
         ):
             if value not in allowed:
                 raise ConfigError(f"model.{name}: expected one of {allowed}, got {value!r}")
-        weights = dict(PAPER_LOSS_WEIGHTS)
-        if loss_weights:
-            unknown = set(loss_weights) - set(weights)
-            if unknown:
-                raise ConfigError(f"model.loss_weights: unknown terms {sorted(unknown)}; expected {sorted(weights)}")
-            check_weights("model.loss_weights", loss_weights)
-            weights.update(loss_weights)
+        weights = merge_weights("model.loss_weights", PAPER_LOSS_WEIGHTS, loss_weights)
         for name, value, low, kw in (
             ("lr", lr, 0.0, {"strict": True}), ("lr_after_decay", lr_after_decay, 0.0, {}), ("weight_decay", weight_decay, 0.0, {}),
             ("lr_decay_at", lr_decay_at, 0, {"integer": True}), ("full_loss_start", full_loss_start, 0, {"integer": True}),
             ("n_samples", n_samples, 1, {"integer": True}), ("n_importance", n_importance, 0, {"integer": True}),
             ("eval_chunk", eval_chunk, 1, {"integer": True}), ("eval_max_side", eval_max_side, 1, {"integer": True, "allow_none": True}),
             ("mesh_resolution", mesh_resolution, 2, {"integer": True}), ("export_resolution", export_resolution, 2, {"integer": True}),
-            ("bound", bound, 0.0, {"strict": True}), ("num_classes", num_classes, 0, {"integer": True}),
+            ("bound", bound, 0.0, {"strict": True}),
         ):
             check_option(f"model.{name}", value, low, **kw)
         deep_in = getattr(deep, "in_channels", None)
@@ -255,8 +247,7 @@ class M3DModule(ReconModule):
         if num_sdf_samples < 0 or num_surface_rays < 0 or num_render_rays < 1 or full_loss_ramp < 0:
             raise ConfigError("model: num_sdf_samples, num_surface_rays, full_loss_ramp must be >= 0 and num_render_rays >= 1")
         self.save_hyperparameters()  # sub-models: their config (recon3d fit) or left out, never pickled (ReconModule)
-        self.net = M3DNetwork(shallow, deep, depth_encoder, fusion, pixel_features, num_classes, multires, hidden,
-                              num_layers, feature_size, sphere_radius)
+        self.net = M3DNetwork(shallow, deep, depth_encoder, fusion, **network)
         self.density = density
         self.renderer = VolumeRenderer(aabb=(-bound, bound), n_samples=n_samples, n_importance=n_importance,
                                        sdf_to_alpha=density, background="white", chunk=eval_chunk, normals="auto",

@@ -134,7 +134,9 @@ def nearest_neighbors(src: Tensor, dst: Tensor, backend: Backend | str = "auto",
     return dist, idx
 
 
-def _as_list(x: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
+def point_sets(x: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
+    """Per-object point sets: a ``(B, N, 3)`` batch or a sequence of ``(N_i, 3)`` -> list of ``(N_i, 3)``
+    (ragged sets are legal), or a ShapeError naming ``name``."""
     if isinstance(x, Tensor):
         check_shape(x, "B N 3", name)
         return list(x.unbind(0))
@@ -612,7 +614,7 @@ class ChamferDistance(_ObjectMean):
         return cls(p.squared, p.reduction, p.cd_scale, **kwargs)
 
     def update(self, pred: Tensor | Sequence[Tensor], gt: Tensor | Sequence[Tensor]) -> None:
-        for p, g in zip(_as_list(pred, "pred"), _as_list(gt, "gt"), strict=True):
+        for p, g in zip(point_sets(pred, "pred"), point_sets(gt, "gt"), strict=True):
             self._add({"value": chamfer_fscore(p, g, backend=self.backend, **self.kw)["cd"]})
 
     def compute(self) -> Tensor:
@@ -640,7 +642,7 @@ class FScore(_ObjectMean):
         return cls(p.fscore_threshold, p.threshold_on_squared, p.fscore_scale, **kwargs)
 
     def update(self, pred: Tensor | Sequence[Tensor], gt: Tensor | Sequence[Tensor]) -> None:
-        for p, g in zip(_as_list(pred, "pred"), _as_list(gt, "gt"), strict=True):
+        for p, g in zip(point_sets(pred, "pred"), point_sets(gt, "gt"), strict=True):
             self._add(chamfer_fscore(p, g, backend=self.backend, **self.kw))
 
     def compute(self) -> dict[str, Tensor]:
@@ -659,7 +661,7 @@ class NormalConsistency(_ObjectMean):
         self.backend = backend
 
     def update(self, pred, gt, pred_normals, gt_normals) -> None:
-        lists = [_as_list(pred, "pred"), _as_list(gt, "gt"), _as_list(pred_normals, "pred_normals"), _as_list(gt_normals, "gt_normals")]
+        lists = [point_sets(pred, "pred"), point_sets(gt, "gt"), point_sets(pred_normals, "pred_normals"), point_sets(gt_normals, "gt_normals")]
         for p, g, pn, gn in zip(*lists, strict=True):
             self._add({"value": normal_consistency(p, g, pn, gn, self.oriented, self.backend)})
 

@@ -450,20 +450,13 @@ class LPIPSLoss(nn.Module):
 
     Shapes: ``pred``, ``target`` ``(*B, 3, H, W)`` in ``[0, 1]``; ``mask`` ``(*B, 1, H, W)``.
     ``resize`` (e.g. 256) bilinearly resizes inputs first, as LGM/GTR do to bound the cost.
-    Weight arguments as in :class:`LPIPSNet`; missing pretrained weights raise.
+    ``net`` and ``**weights`` (``pretrained``, ``weights_dir``, ``backbone_path``, ``heads_path``)
+    are :class:`LPIPSNet`'s, with its defaults; missing pretrained weights raise.
     """
 
-    def __init__(
-        self,
-        net: Net = "vgg",
-        pretrained: bool = True,
-        weights_dir: str | os.PathLike | None = None,
-        backbone_path: str | os.PathLike | None = None,
-        heads_path: str | os.PathLike | None = None,
-        resize: int | Sequence[int] | None = None,
-    ) -> None:
+    def __init__(self, net: Net = "vgg", *, resize: int | Sequence[int] | None = None, **weights) -> None:
         super().__init__()
-        self.net = LPIPSNet(net, pretrained, weights_dir, backbone_path, heads_path)
+        self.net = LPIPSNet(net, **weights)
         self.resize = resize
 
     def forward(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:

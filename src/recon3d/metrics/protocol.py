@@ -73,6 +73,7 @@ from recon3d.metrics.geometry import (
     get_preset,
     mesh_occupancy_grid,
     occupancy_iou,
+    point_sets,
     sample_surface,
 )
 from recon3d.metrics.image import mask_iou, psnr, ssim
@@ -340,12 +341,12 @@ class EvaluationProtocol(nn.Module):
     ) -> None:
         """Predicted vs ground-truth surface points: ``(B, P, 3)`` / ``(B, Q, 3)`` (or lists of
         ``(P_i, 3)``), optional unit normals of the same shapes (then ``nc`` is reported)."""
-        preds, gts = self._as_list(pred_points, "pred_points"), self._as_list(gt_points, "gt_points")
+        preds, gts = point_sets(pred_points, "pred_points"), point_sets(gt_points, "gt_points")
         ids = self._check_ids(object_ids, len(preds))
         if len(gts) != len(preds):
             raise ValueError(f"gt_points: expected {len(preds)} clouds, got {len(gts)}")
-        pns = self._as_list(pred_normals, "pred_normals") if pred_normals is not None else [None] * len(preds)
-        gns = self._as_list(gt_normals, "gt_normals") if gt_normals is not None else [None] * len(preds)
+        pns = point_sets(pred_normals, "pred_normals") if pred_normals is not None else [None] * len(preds)
+        gns = point_sets(gt_normals, "gt_normals") if gt_normals is not None else [None] * len(preds)
         for oid, p, g, pn, gn in zip(ids, preds, gts, pns, gns):
             p, g = self._normalize(p.detach().double(), g.detach().double())
             self._eval_clouds(oid, p, g, pn, gn)
@@ -550,12 +551,3 @@ class EvaluationProtocol(nn.Module):
             raise ValueError(f"object_ids: expected {n} ids (one per batch item), got {len(ids)}")
         return ids
 
-    @staticmethod
-    def _as_list(x: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
-        if isinstance(x, Tensor):
-            check_shape(x, "B N 3", name)
-            return list(x.unbind(0))
-        out = list(x)
-        for i, t in enumerate(out):
-            check_shape(t, "N 3", f"{name}[{i}]")
-        return out

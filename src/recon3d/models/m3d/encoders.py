@@ -234,29 +234,25 @@ class SelectiveAttentionDeepEncoder(nn.Module):
     ``forward(features (B, C, h, w), boxes (B, 4), width, height)`` -> dict with
     ``roi_features (B, dim, S/patch, S/patch)`` (context features over the box) and ``global
     (B, out_dim)`` (mean-pooled context, projected).
+
+    Args:
+        in_channels: channels ``C`` of the shallow features.
+        dim: token width inside the Selective Attention Module.
+        out_dim: width of the ``global`` feature.
+        roi_size: ROI side ``S`` in feature pixels (a multiple of ``patch``).
+        patch: patch-embedding stride.
+        **sam: the rest of :class:`SelectiveAttentionModule`'s arguments by name (``depths``,
+            ``num_heads``, ``d_state``, ``scan_directions``, ``conv``, ``mlp_ratio``, ``backend``),
+            with its defaults; a config lists them beside the others (the parser reads them there).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 256,
-        dim: int = 256,
-        out_dim: int = 256,
-        roi_size: int = 64,
-        patch: int = 4,
-        depths: tuple[int, ...] | list[int] = (8, 4),
-        num_heads: int = 8,
-        d_state: int = 8,
-        scan_directions: int = 4,
-        conv: Literal["2d", "1d"] = "2d",
-        mlp_ratio: float = 4.0,
-        backend: Literal["auto", "torch", "fused_cpu", "mamba_ssm"] = "auto",
-    ):
+    def __init__(self, in_channels: int = 256, dim: int = 256, out_dim: int = 256, roi_size: int = 64, patch: int = 4, **sam):
         super().__init__()
         if roi_size % patch:
             raise ConfigError(f"SelectiveAttentionDeepEncoder: roi_size {roi_size} must be a multiple of patch {patch}")
         self.in_channels, self.out_dim, self.roi_size = in_channels, out_dim, roi_size
         self.embed = nn.Conv2d(in_channels, dim, patch, patch)
-        self.sam = SelectiveAttentionModule(dim, depths, num_heads, d_state, scan_directions, conv, mlp_ratio, backend)
+        self.sam = SelectiveAttentionModule(dim, **sam)
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out_dim))
         self.roi_channels = dim
 

@@ -42,7 +42,7 @@ from recon3d.models.m3d.encoders import (
     ResNetShallowEncoder,
     SelectiveAttentionDeepEncoder,
 )
-from recon3d.utils.checks import check_shape
+from recon3d.utils.checks import check_option, check_shape
 
 __all__ = ["M3DNetwork", "PRESETS"]
 
@@ -87,6 +87,8 @@ class M3DNetwork(nn.Module):
         if pixel_features not in ("rgb", "rgb+fused", "fused", "depth"):
             raise ConfigError(f"M3DNetwork: unknown pixel_features {pixel_features!r}")
         self.pixel_features = pixel_features
+        for name, value in (("num_classes", num_classes), ("multires", multires), ("num_layers", num_layers)):
+            check_option(f"M3DNetwork {name}", value, 0, integer=True)
         cs = int(shallow.out_channels)
         if depth is not None and fusion is None and "fused" in pixel_features:
             fusion = GeneralizedAddition(int(depth.out_channels), cs, cs)

@@ -174,7 +174,7 @@ class ReconModule(L.LightningModule):
         from lightning.pytorch.core.mixins.hparams_mixin import HyperparametersMixin, _given_hyperparameters
         from lightning.pytorch.utilities.parsing import collect_init_args
 
-        from recon3d.utils.hparams import safe_hparams, safe_value, OmittedValue
+        from recon3d.utils.hparams import OmittedValue, safe_hparams, safe_value
 
         if frame is None:
             frame = inspect.currentframe().f_back
@@ -245,7 +245,7 @@ class ReconModule(L.LightningModule):
         """``nn.Module.load_state_dict`` whose mismatch is one :class:`CheckpointError` line (the
         report of :func:`~recon3d.utils.checkpoint.key_mismatch_report`), not torch's multi-line
         RuntimeError. Tied weights count as present when any of their names is."""
-        from recon3d.utils.checkpoint import tied_keys, compare_state_dicts
+        from recon3d.utils.checkpoint import compare_state_dicts, tied_keys
 
         own = self.state_dict()
         if own:  # a model built lazily (configure_model) has nothing to compare yet

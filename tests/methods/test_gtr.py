@@ -14,7 +14,9 @@ from recon3d.methods.gtr import GTRModule
 from recon3d.models.encoders import ConvPatchEncoder
 from recon3d.models.gtr import TriplaneField, TriplaneGenerator
 from recon3d.models.gtr.mesh import density_grid
-from recon3d.models.texture_refiner import TextureRefiner
+from recon3d.models.refiners import TextureRefiner
+from recon3d.representations import Meshes, Triplanes
+from recon3d.representations.reconstruction import Reconstruction
 from recon3d.render.isosurface import EmptySurfaceError
 
 
@@ -109,9 +111,17 @@ def test_texture_refinement_gains_3db(batch):
     with torch.no_grad():
         planes = model.triplanes(views)
         verts, faces = model.mesh(planes, "obj", differentiable=False)
-    res = TextureRefiner().refine(planes, model._color_with, model.field.color_mlp, verts, faces, views)
-    assert len(res.psnr_history) == 21
-    assert res.psnr_history[-1] - res.psnr_history[0] >= 3.0, res.psnr_history
+    rec = Reconstruction(["obj"], Triplanes(planes, model.field), {"mesh": Meshes.single(verts, faces)})
+    refined = TextureRefiner().refine(rec, views)
+    history = refined.get("refine_psnr")[0]
+    assert len(history) == 21
+    assert history[-1] - history[0] >= 3.0, history
+    # The refined reconstruction keeps the geometry and the original field: only its own copy
+    # of the planes and of the colour MLP changed.
+    tri = refined.representation
+    assert refined.find(Meshes) is rec.find(Meshes) and tri.decoder is not model.field
+    assert tri.decoder.density_mlp is model.field.density_mlp and not torch.equal(tri.planes, planes)
+    assert any(not torch.equal(a, b) for a, b in zip(tri.decoder.color_mlp.parameters(), model.field.color_mlp.parameters()))
 
 
 def test_no_surface_names_the_object(batch):

@@ -3,12 +3,30 @@
 A method subclasses it and implements
 
 - :meth:`training_losses` ``(batch) -> dict`` of named scalar terms with the total under ``"loss"``;
-- :meth:`render_views` ``(batch, cameras) ->`` :class:`~recon3d.representations.RenderOutput` (or a
-  dict with its keys) with ``"rgb" (B,V,3,H,W)`` (and optionally ``"alpha"``, ``"depth"``) for the
-  given target cameras;
-- optionally :meth:`predict_geometry` ``(batch) -> dict`` with ``"points" (B,P,3)`` (and
-  ``"normals"``; optionally ``"valid" (B,)`` bool and ``"invalid_reason"`` str for objects that
-  have no geometry to score) for geometry metrics, and :meth:`export_object` for ``predict``.
+- :meth:`reconstruct` ``(batch) ->`` :class:`~recon3d.representations.Reconstruction`: the
+  representation(s) of every object of the batch (Triplanes, a field, Gaussians, Meshes,
+  SparseVoxels ...), optional predicted cameras and an optional canonical-to-world transform.
+
+Validation, test and predict call :meth:`reconstruct` **once per batch** and derive the rest
+from it, each with a default a method overrides only where it needs to:
+
+- :meth:`render_reconstruction` ``(rec, cameras) ->`` :class:`~recon3d.representations.RenderOutput`
+  (default: :func:`recon3d.render.render` of the primary representation);
+- :meth:`reconstruction_geometry` ``(rec, batch) -> dict`` with ``"points" (B,P,3)`` (and
+  ``"normals"``; optionally ``"valid" (B,)`` and ``"invalid_reason"``) for the geometry metrics
+  (default: surface samples of a :class:`~recon3d.representations.Meshes` in the reconstruction);
+- :meth:`export_reconstruction` ``(rec, out_dir, suffix)`` for one object (default: the files
+  :func:`recon3d.render.export.export_representation` writes for :attr:`EXPORT_REPRESENTATION`);
+- :attr:`refiners`: test-time :class:`~recon3d.models.refiners.Refiner` s applied per object at
+  predict time, each refined variant exported with the refiner's name as suffix.
+
+The protocol is also fed the reconstruction's predicted cameras (pose metrics), meshes (against
+the ground-truth mesh files, with volumetric IoU) and sparse voxels (occupancy IoU at the
+ground-truth SDF samples) when it has them. Generators draw each object's sample from
+:func:`~recon3d.representations.reconstruction.object_seed` (``eval_seed``), so evaluation is
+reproducible; ``validation_mode: loss`` validates on the training losses alone (a flow stage).
+The batch-level helpers :meth:`render_views`, :meth:`predict_geometry` and
+:meth:`export_object` remain for callers outside the loops (one reconstruct each).
 
 The base class then gives every method the same validation/test loop (one
 :class:`~recon3d.metrics.EvaluationProtocol`, one set of metric names, PNG grids of inputs /
@@ -46,9 +64,11 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
-from recon3d.data.batch import Batch
+from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
-from recon3d.errors import CheckpointError, Recon3DError
+from recon3d.representations import Meshes, RenderOutput, SparseVoxels
+from recon3d.representations.reconstruction import Reconstruction, object_seeds
+from recon3d.errors import CheckpointError, ConfigError, Recon3DError
 
 __all__ = ["ReconModule", "NonFiniteGuard", "NonFiniteLossError"]
 
@@ -97,6 +117,11 @@ class ReconModule(L.LightningModule):
             previous stage had no LPIPS loss); those keys keep their initial values.
         nonfinite: non-finite loss/gradient policy.
         vis_views: how many target views per object the PNG grids show.
+        validation_mode: ``"render"`` (reconstruct, render and score with ``evaluation``) or
+            ``"loss"`` (log the training losses on the validation batches, ``val/<term>``; for
+            stages whose output is not an image, e.g. a flow model's velocity).
+        eval_seed: base of the per-object seeds stochastic methods sample with in evaluation and
+            predict (:func:`~recon3d.representations.reconstruction.object_seed`).
 
     Run-time options: :attr:`RUNTIME_OPTIONS` names the init args that change how a trained model
     is evaluated, rendered or exported, not the model itself or how it trains. With a checkpoint
@@ -106,7 +131,7 @@ class ReconModule(L.LightningModule):
     """
 
     #: Init args the command line sets even when a checkpoint is given (class docstring).
-    RUNTIME_OPTIONS: frozenset[str] = frozenset({"evaluation", "vis_views"})
+    RUNTIME_OPTIONS: frozenset[str] = frozenset({"evaluation", "vis_views", "validation_mode", "eval_seed"})
 
     #: The representation type :meth:`export_object` writes (``recon3d export --format`` offers
     #: what :func:`recon3d.render.export.export_formats` says it supports); None: no export.
@@ -121,8 +146,16 @@ class ReconModule(L.LightningModule):
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
         init_weights_ignore: list[str] | None = None,
+        validation_mode: Literal["render", "loss"] = "render",
+        eval_seed: int = 0,
     ):
         super().__init__()
+        if validation_mode not in ("render", "loss"):
+            raise ConfigError(f"model.validation_mode: expected 'render' or 'loss', got {validation_mode!r}")
+        self.validation_mode = validation_mode
+        self.eval_seed = int(eval_seed)
+        #: test-time refiners applied per object at predict time (:meth:`predict_step`).
+        self.refiners: list = []
         self.evaluation = evaluation
         self.init_weights = init_weights
         from recon3d.utils.checkpoint import check_ignore_patterns
@@ -140,17 +173,96 @@ class ReconModule(L.LightningModule):
 
     # ------------------------------------------------------------------ to implement
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement training_losses(batch)")
 
-    def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def reconstruct(self, batch: Batch) -> Reconstruction:
+        """The reconstruction of every object of ``batch`` (module docstring); no gradients needed.
+        Stochastic methods seed each object with :meth:`object_seeds`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reconstruct(batch) -> Reconstruction")
+
+    # ------------------------------------------------------------------ derived from reconstruct
+    def object_seeds(self, batch: Batch) -> list[int]:
+        """Per-object seeds (from the ids and ``eval_seed``) for sampling in evaluation / predict."""
+        return object_seeds(list(batch.object_ids), self.eval_seed)
+
+    def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> RenderOutput:
+        """Render ``rec`` into ``cameras (B, V)``: by default :func:`recon3d.render.render` of the
+        primary representation on a white background."""
+        from recon3d.render import render
+
+        return render(rec.representation, cameras, "white")
+
+    def reconstruction_meshes(self, rec: Reconstruction, batch: Batch) -> Meshes | None:
+        """The reconstruction's surface as :class:`Meshes` (one per object, possibly empty), for
+        the geometry metrics; default: a :class:`Meshes` in ``rec``, else None. Methods whose
+        representation is a field extract it here (GTR, M3D)."""
+        return rec.find(Meshes)
+
+    def reconstruction_geometry(self, rec: Reconstruction, batch: Batch) -> dict[str, torch.Tensor] | None:
+        """Surface samples for the geometry metrics (module docstring). Default: area-weighted
+        samples (with face normals, per-object seeded) of :meth:`reconstruction_meshes`; objects
+        whose mesh is empty are marked invalid. None when there is no mesh."""
+        from recon3d.metrics.geometry import sample_surface
+
+        meshes = self.reconstruction_meshes(rec, batch)
+        if meshes is None:
+            return None
+        n = _num_points(batch.geometry.surface_points, 4096)
+        pts, nrm, valid = [], [], []
+        for b, seed in enumerate(object_seeds(rec.object_ids, self.eval_seed)):
+            v, f = meshes.verts[b], meshes.faces[b]
+            if f.shape[0] == 0:
+                pts.append(torch.zeros(n, 3, device=self.device))
+                nrm.append(torch.zeros(n, 3, device=self.device))
+                valid.append(False)
+                continue
+            p, q = sample_surface(v.float().cpu(), f.cpu(), n, generator=torch.Generator().manual_seed(seed))
+            pts.append(p.to(self.device))
+            nrm.append(q.to(self.device))
+            valid.append(True)
+        return {"points": torch.stack(pts), "normals": torch.stack(nrm), "valid": torch.tensor(valid),
+                "invalid_reason": self.empty_surface_reason}
+
+    #: why an object without faces gets no geometry metric (``metrics.json``); methods say more.
+    empty_surface_reason: str = "empty mesh: the reconstruction has no surface"
+
+    def export_reconstruction(self, rec: Reconstruction, out_dir: Path, suffix: str = "", views: Views | None = None) -> dict[str, str]:
+        """Write the one object of ``rec`` under ``out_dir``; return ``{name: path or note}``.
+        ``views``: the object's input views (batch of one), e.g. to place a turntable.
+        Default: the :attr:`EXPORT_REPRESENTATION` in ``rec`` (else its primary representation)
+        in :attr:`export_formats` (default: every format the representation supports except
+        the turntable videos)."""
+        from recon3d.render.export import export_formats, export_representation
+
+        rep = rec.find(self.EXPORT_REPRESENTATION) if self.EXPORT_REPRESENTATION is not None else None
+        rep = rec.representation if rep is None else rep
+        formats = self.export_formats or tuple(f for f in export_formats(type(rep)) if f not in ("gif", "mp4"))
+        if not formats:
+            return {}
+        return export_representation(rep, Path(out_dir), formats, suffix=suffix)
+
+    def render_views(self, batch: Batch, cameras: Cameras) -> RenderOutput:
+        """Render every object of ``batch`` into ``cameras`` (one :meth:`reconstruct`)."""
+        return self.render_reconstruction(self.reconstruct(batch), cameras)
 
     def predict_geometry(self, batch: Batch) -> dict[str, torch.Tensor] | None:
-        return None
+        """:meth:`reconstruction_geometry` of the batch's reconstruction (one :meth:`reconstruct`)."""
+        return self.reconstruction_geometry(self.reconstruct(batch), batch)
 
     def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
-        """Write the reconstruction of object ``index`` of ``batch`` under ``out_dir``; return files."""
-        return {}
+        """Export object ``index`` of ``batch`` (and its refined variants) under ``out_dir``.
+        Reconstructs the whole batch: for many objects use :meth:`predict_step`, which
+        reconstructs once per batch."""
+        return self._export_one(self.reconstruct(batch).select(index), batch, index, Path(out_dir))
+
+    def _export_one(self, rec: Reconstruction, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
+        views = _views_of(batch.inputs, index)
+        files = dict(self.export_reconstruction(rec, out_dir, views=views))
+        for refiner in self.refiners:
+            rec = refiner.refine(rec, views)
+            files.update(self.export_reconstruction(rec, out_dir, suffix=f"_{refiner.name}", views=views))
+            files.update(refiner.summary(rec))
+        return files
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -355,13 +467,20 @@ class ReconModule(L.LightningModule):
     def _eval_step(self, batch: Batch, split: str) -> None:
         if self._record_skips(batch):
             return
-        out = self.render_views(batch, batch.targets.cameras)
+        if self.validation_mode == "loss" and split == "val":
+            terms = self.training_losses(batch)
+            for k, v in terms.items():
+                self.log(f"val/{k}", v.detach(), batch_size=len(batch), sync_dist=self._world_size() > 1)
+            return
+        rec = self.reconstruct(batch)  # once: renders, geometry, poses and grids all come from it
+        out = self.render_reconstruction(rec, batch.targets.cameras)
         pred = out["rgb"].clamp(0, 1)
         if self.evaluation is not None:
-            alpha = out.get("alpha")
-            self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks, alpha)
-            if batch.geometry.surface_points is not None:
-                self._eval_geometry(batch)
+            self.evaluation.update_views(batch.object_ids, pred, batch.targets.images, batch.targets.masks, out.get("alpha"))
+            self._eval_poses(rec, batch)
+            if batch.geometry.surface_points is not None or batch.geometry.mesh_paths:
+                self._eval_geometry(batch, rec)
+            self._eval_occupancy(rec, batch)
         if not self._vis_done:
             self._save_grid(batch, pred, split)
             self._vis_done = True
@@ -369,11 +488,44 @@ class ReconModule(L.LightningModule):
     #: the metrics :meth:`EvaluationProtocol.update_geometry` reports (named when they are missing)
     GEOMETRY_METRICS = GEOMETRY_METRICS
 
-    def _eval_geometry(self, batch: Batch) -> None:
-        """Feed :meth:`predict_geometry` to the protocol; objects it gives no geometry for are
-        recorded with the reason (``metrics.json``) instead of silently leaving the mean."""
-        geo = self.predict_geometry(batch)
+    def _eval_poses(self, rec: Reconstruction, batch: Batch) -> None:
+        """Predicted input cameras vs the true ones (``rre``, ``te``, ``acc@k``), when both exist."""
+        true = batch.inputs.cameras
+        if rec.cameras is None or true is None or true.batch_shape[1] < 2:
+            return
+        self.evaluation.update_poses(batch.object_ids, rec.cameras.c2w, true.c2w)
+
+    def _eval_occupancy(self, rec: Reconstruction, batch: Batch) -> None:
+        """Occupancy IoU of the reconstruction's sparse voxels at the ground-truth SDF samples."""
+        voxels = rec.find(SparseVoxels)
+        pts, sdf = batch.geometry.sdf_points, batch.geometry.sdf_values
+        if voxels is None or pts is None or sdf is None:
+            return
+        pred = torch.stack([voxel_occupancy(voxels[b], p.to(voxels.coords.device)) for b, p in enumerate(pts)])
+        gt = torch.stack([s < 0 for s in sdf])
+        self.evaluation.update_occupancy(batch.object_ids, pred, gt.to(pred.device))
+
+    def _eval_geometry(self, batch: Batch, rec: Reconstruction | None = None) -> None:
+        """Feed the reconstruction's geometry to the protocol: its meshes against the ground-truth
+        mesh files when both exist (adds the volumetric IoU), else :meth:`reconstruction_geometry`
+        against the ground-truth surface samples. Objects it gives no geometry for are recorded
+        with the reason (``metrics.json``) instead of silently leaving the mean."""
+        rec = self.reconstruct(batch) if rec is None else rec
         ids = list(batch.object_ids)
+        paths = batch.geometry.mesh_paths
+        meshes = self.reconstruction_meshes(rec, batch) if paths and all(paths) else None
+        if meshes is not None:
+            keep = [i for i, n in enumerate(meshes.num_faces) if n > 0]
+            dropped = [ids[i] for i in range(len(ids)) if i not in keep]
+            if dropped:
+                self.evaluation.note(dropped, self.GEOMETRY_METRICS + ("iou",), self.empty_surface_reason)
+            if keep:
+                gt = _load_meshes([paths[i] for i in keep])
+                self.evaluation.update_meshes([ids[i] for i in keep], [(meshes.verts[i], meshes.faces[i]) for i in keep], gt)
+            return
+        if batch.geometry.surface_points is None:
+            return
+        geo = self.reconstruction_geometry(rec, batch)
         if geo is None:
             self.evaluation.note(ids, self.GEOMETRY_METRICS[:4], f"{type(self).__name__} predicts no geometry")
             return
@@ -385,10 +537,13 @@ class ReconModule(L.LightningModule):
             self.evaluation.note(dropped, names, str(geo.get("invalid_reason") or "no geometry"))
         if not keep:
             return
-        sel = torch.tensor(keep, device=geo["points"].device)
 
         def pick(x):
-            return None if x is None else x.index_select(0, sel.to(x.device))
+            if x is None:
+                return None
+            if isinstance(x, (list, tuple)):
+                return [x[i] for i in keep]
+            return x.index_select(0, torch.tensor(keep, device=x.device))
 
         self.evaluation.update_geometry(
             [ids[i] for i in keep], pick(geo["points"]), pick(batch.geometry.surface_points),
@@ -427,15 +582,17 @@ class ReconModule(L.LightningModule):
 
     # ------------------------------------------------------------------ predict / export
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, str]]:
+        """Reconstruct the batch once, then export every object (and its refined variants)."""
         if self._record_skips(batch):
             return []
         from recon3d.render.isosurface import EmptySurfaceError
 
         out_dir = Path(getattr(self, "_export_root", None) or self._out_dir() / "predict")
+        rec = self.reconstruct(batch)
         results = []
         for i in range(len(batch)):
             try:
-                results.append(self.export_object(batch, i, out_dir / batch.object_ids[i]))
+                results.append(self._export_one(rec.select(i), batch, i, out_dir / batch.object_ids[i]))
             except EmptySurfaceError as err:
                 # An under-trained model has no surface to export for this object: a counted skip
                 # with its reason, not the end of the whole export.
@@ -458,3 +615,41 @@ class ReconModule(L.LightningModule):
         k = min(self.vis_views, pred.shape[1])
         path = self._out_dir() / f"{split}_grid_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png"
         save_view_grid(path, batch.inputs.images, pred[:, :k], batch.targets.images[:, :k], object_ids=list(batch.object_ids))
+
+
+def _num_points(surface_points, default: int) -> int:
+    """Points per object to sample: as many as the ground truth has (the first object's)."""
+    if surface_points is None:
+        return default
+    return int(surface_points[0].shape[0])
+
+
+def _views_of(views: Views, index: int) -> Views:
+    """Object ``index`` of a batch of views, as a batch of one."""
+    sl = slice(index, index + 1)
+    return Views(views.images[sl], None if views.cameras is None else views.cameras[sl],
+                 None if views.masks is None else views.masks[sl])
+
+
+def _load_meshes(paths: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    import trimesh
+
+    out = []
+    for p in paths:
+        m = trimesh.load(p, force="mesh", process=False)
+        out.append((torch.as_tensor(m.vertices, dtype=torch.float32), torch.as_tensor(m.faces, dtype=torch.int64)))
+    return out
+
+
+def voxel_occupancy(voxels: SparseVoxels, points: torch.Tensor, aabb: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """``(Q,)`` bool: which ``points (Q, 3)`` fall in an occupied voxel of the one-object ``voxels``
+    (a ``resolution^3`` grid over the cube ``aabb``)."""
+    res = voxels.resolution
+    lo, hi = aabb
+    idx = ((points - lo) / (hi - lo) * res).floor().long()
+    inside = ((idx >= 0) & (idx < res)).all(-1)
+    grid = torch.zeros(res, res, res, dtype=torch.bool, device=points.device)
+    xyz = voxels.coords[:, 1:].long().to(points.device)
+    grid[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = True
+    idx = idx.clamp(0, res - 1)
+    return grid[idx[:, 0], idx[:, 1], idx[:, 2]] & inside

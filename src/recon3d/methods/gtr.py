@@ -56,7 +56,8 @@ from recon3d.models.texture_refiner import TextureRefiner
 from recon3d.render.isosurface import IsoSurfaceExtractor
 from recon3d.render.mesh import MeshRasterizer
 from recon3d.render.volume import VolumeRenderer, ray_aabb
-from recon3d.representations import Meshes, RenderOutput
+from recon3d.representations import Meshes, RenderOutput, Triplanes
+from recon3d.representations.reconstruction import Reconstruction
 from recon3d.utils.checks import check_option, merge_weights
 
 __all__ = ["GTRModule", "PAPER_MESH_LOSS", "OFFICIAL_MESH_LOSS"]
@@ -126,7 +127,7 @@ class GTRModule(ReconModule):
         refine: texture refinement at predict time (None: off).
         export_resolution: marching-cubes grid for exported meshes.
         turntable_frames: frames of the exported turntable (0: none).
-        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
+        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views, validation_mode, eval_seed: see
             :class:`~recon3d.methods.base.ReconModule`.
 
     Run-time options (the command line wins over a checkpoint, :class:`ReconModule`): evaluation
@@ -173,9 +174,11 @@ class GTRModule(ReconModule):
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
         init_weights_ignore: list[str] | None = None,
+        validation_mode: Literal["render", "loss"] = "render",
+        eval_seed: int = 0,
     ):
         super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
-                         init_weights_ignore=init_weights_ignore)
+                         init_weights_ignore=init_weights_ignore, validation_mode=validation_mode, eval_seed=eval_seed)
         if stage not in ("nerf", "mesh"):
             raise ConfigError(f"model.stage: expected 'nerf' or 'mesh', got {stage!r}")
         _check_options(locals())
@@ -192,6 +195,7 @@ class GTRModule(ReconModule):
         self.mesh_soft_sigma = mesh_soft_sigma
         self.render_backend = render_backend
         self.refiner = refine
+        self.refiners = [refine] if refine is not None else []
         self.export_resolution, self.turntable_frames = export_resolution, turntable_frames
         self.lpips_weights_dir = lpips_weights_dir
         self.lpips = None
@@ -241,9 +245,11 @@ class GTRModule(ReconModule):
     def render_volume(self, planes: torch.Tensor, cameras: Cameras) -> RenderOutput:
         return self.volume(self._field_fn(planes), cameras)
 
-    def render_mesh(self, planes: torch.Tensor, cameras: Cameras, object_ids: list[str], differentiable: bool) -> RenderOutput:
+    def render_mesh(self, planes: torch.Tensor, cameras: Cameras, object_ids: list[str], differentiable: bool,
+                    decoder: TriplaneField | None = None) -> RenderOutput:
         """Mesh-render each object's extracted mesh: ``rgb``, ``alpha`` (the soft silhouette if
-        available), ``depth`` and the extra ``hard_mask``."""
+        available), ``depth`` and the extra ``hard_mask``; colour from ``decoder`` (default the field)."""
+        decoder = self.field if decoder is None else decoder
         outs = []
         for b in range(planes.shape[0]):
             p = planes[b : b + 1]
@@ -251,7 +257,7 @@ class GTRModule(ReconModule):
             frags = self.rasterizer()(verts[None], faces, cameras[b : b + 1])
             pts = frags.interpolate(verts[None])  # 1, V, 3, H, W
             V, H, W = pts.shape[1], pts.shape[3], pts.shape[4]
-            col = self.field.color(p, pts.permute(0, 1, 3, 4, 2).reshape(1, -1, 3)).reshape(1, V, H, W, 3).permute(0, 1, 4, 2, 3)
+            col = decoder.color(p, pts.permute(0, 1, 3, 4, 2).reshape(1, -1, 3)).reshape(1, V, H, W, 3).permute(0, 1, 4, 2, 3)
             hard = frags.mask
             mask = frags.soft_mask if frags.soft_mask is not None else hard
             rgb = col * hard + (1 - hard) * 1.0
@@ -260,13 +266,28 @@ class GTRModule(ReconModule):
             outs.append(RenderOutput(rgb, mask, frags.depth, extras={"hard_mask": hard}))
         return RenderOutput.cat(outs)
 
-    def render_views(self, batch: Batch, cameras: Cameras) -> RenderOutput:
-        """Evaluation renders (``ReconModule``'s eval step clamps colour to [0, 1] for every method,
-        as GTR's official renderer does: the colour head's widened sigmoid reaches slightly outside)."""
-        planes = self.triplanes(batch.inputs)
-        if self.stage == "nerf":
-            return self.render_volume(planes, cameras)
-        return self.render_mesh(planes, cameras, batch.object_ids, differentiable=False)
+    # ------------------------------------------------------------------ reconstruct once
+    def reconstruct(self, batch: Batch) -> Reconstruction:
+        """The triplanes of every object: ``Triplanes(planes (B, 3, C, R, R), decoder=field)``.
+        Meshes are extracted on demand (:meth:`reconstruction_meshes`) and cached in ``extras``."""
+        return Reconstruction(list(batch.object_ids), Triplanes(self.triplanes(batch.inputs), self.field, self.field.aabb))
+
+    def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> RenderOutput:
+        """Evaluation renders: the volume render (nerf stage) or the mesh render (mesh stage) of
+        each object's triplanes with its decoder (a refined one after texture refinement).
+        ``ReconModule``'s eval step clamps colour to [0, 1] for every method, as GTR's official
+        renderer does: the colour head's widened sigmoid reaches slightly outside."""
+        parts = _triplanes_of(rec)
+        outs, b = [], 0
+        for tri in parts:
+            n = tri.batch_size
+            cams = cameras[b : b + n]
+            if self.stage == "nerf":
+                outs.append(self.volume(lambda pts, t=tri: t.decoder(t.planes, pts), cams))
+            else:
+                outs.append(self.render_mesh(tri.planes, cams, rec.object_ids[b : b + n], differentiable=False, decoder=tri.decoder))
+            b += n
+        return outs[0] if len(outs) == 1 else RenderOutput.cat(outs)
 
     # ------------------------------------------------------------------ losses
     def _random_patches(self, targets: Views) -> tuple[Cameras, torch.Tensor, torch.Tensor | None]:
@@ -367,65 +388,70 @@ class GTRModule(ReconModule):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
     # ------------------------------------------------------------------ geometry and export
+    @property
+    def empty_surface_reason(self) -> str:
+        return f"empty surface: the density never reaches mesh_density_level {self.mesh_density_level:g}"
+
     @torch.no_grad()
-    def predict_geometry(self, batch: Batch) -> dict[str, torch.Tensor] | None:
-        """Surface samples of each object's mesh for the geometry metrics: ``points``, ``normals``
-        ``(B, P, 3)`` and ``valid (B,)`` (False where the mesh is empty; those rows are zeros and
-        ``invalid_reason`` says why)."""
-        from recon3d.metrics.geometry import sample_surface
+    def reconstruction_meshes(self, rec: Reconstruction, batch: Batch | None = None, resolution: int | None = None) -> Meshes:
+        """Each object's mesh (geometry only) at ``resolution`` (default ``export_resolution``); an
+        object whose density never reaches the level gets an empty mesh. Cached in
+        ``rec.extras["mesh"]``, so geometry metrics, export and texture refinement (which needs
+        the fixed mesh) share one extraction."""
         from recon3d.render.isosurface import EmptySurfaceError
 
-        planes = self.triplanes(batch.inputs)
-        pts, nrm, valid = [], [], []
-        n = batch.geometry.surface_points.shape[1] if batch.geometry.surface_points is not None else 4096
-        for b in range(planes.shape[0]):
-            try:
-                verts, faces = self.mesh(planes[b : b + 1], batch.object_ids[b], differentiable=False, resolution=self.export_resolution)
-            except EmptySurfaceError:
-                # An untrained model has no surface yet: the object gets no geometry metric (the
-                # reason goes to metrics.json); its image metrics still run.
-                pts.append(torch.zeros(n, 3).to(planes))
-                nrm.append(torch.zeros(n, 3).to(planes))
-                valid.append(False)
-                continue
-            g = torch.Generator().manual_seed(b)
-            p, q = sample_surface(verts.float().cpu(), faces.cpu(), n, generator=g)
-            pts.append(p.to(planes))
-            nrm.append(q.to(planes))
-            valid.append(True)
-        return {"points": torch.stack(pts), "normals": torch.stack(nrm), "valid": torch.tensor(valid),
-                "invalid_reason": f"empty surface: the density never reaches mesh_density_level {self.mesh_density_level:g}"}
+        res = resolution or self.export_resolution
+        cached = rec.get("mesh")
+        if isinstance(cached, Meshes) and rec.get("mesh_resolution") == res:
+            return cached
+        verts, faces = [], []
+        b = 0
+        for tri in _triplanes_of(rec):
+            for j in range(tri.batch_size):
+                p = tri.planes[j : j + 1]
+                try:
+                    v, f = self.mesh(p, rec.object_ids[b], differentiable=False, resolution=res)
+                except EmptySurfaceError:
+                    v, f = p.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=p.device)
+                verts.append(v)
+                faces.append(f)
+                b += 1
+        meshes = Meshes(verts, faces)
+        rec.extras["mesh"], rec.extras["mesh_resolution"] = meshes, res
+        return meshes
 
-    def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
-        """Write object ``index`` of ``batch`` as a mesh (vertex colours from the colour MLP) in the
-        ``export_formats`` (default ``mesh.glb``, ``mesh.obj`` and, with ``turntable_frames``,
-        ``turntable.gif``) and, with ``refine``, the refined variants (``mesh_refined.glb`` …)."""
-        from recon3d.render.export import export_representation, turntable_cameras
+    def export_reconstruction(self, rec: Reconstruction, out_dir: Path, suffix: str = "", views: Views | None = None) -> dict[str, str]:
+        """Write the object's mesh, vertex colours from its decoder (the refined one for a refined
+        reconstruction, same geometry), in the ``export_formats`` (default ``mesh<suffix>.glb``,
+        ``.obj`` and, with ``turntable_frames`` and input ``views``, ``turntable<suffix>.gif``)."""
+        from recon3d.render.export import export_representation
+        from recon3d.render.isosurface import EmptySurfaceError
 
-        out_dir = Path(out_dir)
-        views = Views(
-            batch.inputs.images[index : index + 1], batch.inputs.cameras[index : index + 1],
-            None if batch.inputs.masks is None else batch.inputs.masks[index : index + 1],
-        )
+        mesh = self.reconstruction_meshes(rec)
+        if mesh.num_faces[0] == 0:
+            raise EmptySurfaceError(f"object {rec.object_ids[0]}: {self.empty_surface_reason}")
+        tri = _triplanes_of(rec)[0]
         with torch.no_grad():
-            planes = self.triplanes(views)
-            verts, faces = self.mesh(planes, batch.object_ids[index], differentiable=False, resolution=self.export_resolution)
-        files: dict[str, str] = {}
-        variants = [("", planes, self.field.color_mlp)]
-        if self.refiner is not None:
-            res = self.refiner.refine(planes, self._color_with, self.field.color_mlp, verts, faces, views)
-            variants.append(("_refined", res.planes, res.color_net))
-            files["refine_psnr"] = f"{res.psnr_history[0]:.2f}->{res.psnr_history[-1]:.2f}"
-        cams = turntable_cameras(self.turntable_frames, radius=float(batch.inputs.cameras.centers[index].norm(dim=-1).mean()),
-                                 fov_y_deg=float(torch.rad2deg(batch.inputs.cameras.fov_y[index].mean())), size=128) if self.turntable_frames else None
+            colors = tri.decoder.color(tri.planes[:1], mesh.verts[0][None].to(tri.planes))[0].clamp(0, 1)
+        cams = self._turntable_cameras(views)
         formats = self.export_formats or (("glb", "obj", "gif") if cams is not None else ("glb", "obj"))
-        for suffix, p, net in variants:
-            with torch.no_grad():
-                colors = self._color_with(p, verts[None].to(p), net)[0].clamp(0, 1)
-            files.update(export_representation(Meshes.single(verts, faces, colors), out_dir, formats, suffix=suffix, turntable=cams, fps=12,
-                                               render_opts={"backend": self._backend("nvdiffrast")}))
-        return files
+        return export_representation(Meshes(mesh.verts, mesh.faces, [colors]), Path(out_dir), formats, suffix=suffix,
+                                     turntable=cams, fps=12, render_opts={"backend": self._backend("nvdiffrast")})
 
-    def _color_with(self, planes: torch.Tensor, points: torch.Tensor, color_net) -> torch.Tensor:
-        e = self.field.color_saturation
-        return torch.sigmoid(color_net(self.field.features(planes, points))) * (1 + 2 * e) - e
+    def _turntable_cameras(self, views: Views | None) -> Cameras | None:
+        """An orbit at the input views' mean distance and field of view (None without them)."""
+        from recon3d.render.export import turntable_cameras
+
+        if not self.turntable_frames or views is None or views.cameras is None:
+            return None
+        return turntable_cameras(self.turntable_frames, radius=float(views.cameras.centers[0].norm(dim=-1).mean()),
+                                 fov_y_deg=float(torch.rad2deg(views.cameras.fov_y[0].mean())), size=128)
+
+
+def _triplanes_of(rec: Reconstruction) -> list[Triplanes]:
+    """The reconstruction's triplanes as a list (one batched entry, or one per refined object)."""
+    rep = rec.representation
+    parts = list(rep) if isinstance(rep, (list, tuple)) else [rep]
+    if not all(isinstance(p, Triplanes) for p in parts):
+        raise ConfigError(f"GTR: expected a reconstruction of Triplanes, got {type(rep).__name__}")
+    return parts

@@ -101,7 +101,8 @@ from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.m3d import DepthEncoder, M3DNetwork, ResNetShallowEncoder, SelectiveAttentionDeepEncoder
 from recon3d.render.sdf_density import LaplaceDensity
 from recon3d.render.volume import VolumeRenderer
-from recon3d.representations import Meshes, RenderOutput
+from recon3d.representations.reconstruction import Reconstruction
+from recon3d.representations import NeuralField, Meshes, RenderOutput
 from recon3d.utils.checks import check_option, merge_weights
 from recon3d.utils.io import atomic_path
 
@@ -165,7 +166,7 @@ class M3DModule(ReconModule):
         export_resolution: marching-cubes grid for exported meshes.
         class_names: names of the ``class_code`` entries.
         class_pattern: regex whose group 1 is the class in an object id (used without ``class_code``).
-        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
+        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views, validation_mode, eval_seed: see
             :class:`~recon3d.methods.base.ReconModule`.
 
     Run-time options (the command line wins over a checkpoint, :class:`ReconModule`): evaluation
@@ -215,10 +216,12 @@ class M3DModule(ReconModule):
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
         init_weights_ignore: list[str] | None = None,
+        validation_mode: Literal["render", "loss"] = "render",
+        eval_seed: int = 0,
         **network,
     ):
         super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
-                         init_weights_ignore=init_weights_ignore)
+                         init_weights_ignore=init_weights_ignore, validation_mode=validation_mode, eval_seed=eval_seed)
         for name, value, allowed in (
             ("stage", stage, ("auto", "sdf", "full")),
             ("curriculum_unit", curriculum_unit, ("epoch", "step")),
@@ -381,17 +384,27 @@ class M3DModule(ReconModule):
 
         return field
 
-    # ------------------------------------------------------------------ rendering
-    def _render_rays(self, batch: Batch, enc: dict, o: torch.Tensor, d: torch.Tensor, fwd: torch.Tensor,
-                     renderer: VolumeRenderer | None = None) -> dict[str, torch.Tensor]:
-        """Render rays ``(B, R, 3)``, each object in its own box: ``rgb (B,R,3)``, ``depth``, ``alpha (B,R)``
-        and, with the training renderer, ``normal (B,R,3)``."""
-        renderer = renderer or self.renderer
+    def fields(self, batch: Batch, enc: dict) -> list[NeuralField]:
+        """One SDF/colour field per object (``points (1, N, 3) -> {"sdf", "rgb"}``) in its box."""
         boxes = self.object_boxes(batch)
+        return [NeuralField(self._field(batch, enc, b), boxes[b], 1) for b in range(len(batch))]
+
+    def reconstruct(self, batch: Batch) -> Reconstruction:
+        """One encode of the batch; the representation is the list of per-object SDF fields (each
+        closed over the batch's features, in the object's world box)."""
+        enc = self.encode(batch)
+        return Reconstruction(list(batch.object_ids), self.fields(batch, enc), {"encoding": enc})
+
+    # ------------------------------------------------------------------ rendering
+    def _render_rays(self, fields: list[NeuralField], o: torch.Tensor, d: torch.Tensor, fwd: torch.Tensor,
+                     renderer: VolumeRenderer | None = None) -> dict[str, torch.Tensor]:
+        """Render rays ``(B, R, 3)`` of the per-object ``fields``, each in its own box: ``rgb (B,R,3)``,
+        ``depth``, ``alpha (B,R)`` and, with the training renderer, ``normal (B,R,3)``."""
+        renderer = renderer or self.renderer
         outs = []
-        for b in range(len(batch)):
-            renderer.aabb = boxes[b].to(o)
-            parts = [renderer.render_rays(self._field(batch, enc, b), o[b : b + 1, i : i + self.eval_chunk],
+        for b, field in enumerate(fields):
+            renderer.aabb = field.aabb.to(o)
+            parts = [renderer.render_rays(field.fn, o[b : b + 1, i : i + self.eval_chunk],
                                           d[b : b + 1, i : i + self.eval_chunk], fwd[b : b + 1, i : i + self.eval_chunk])
                      for i in range(0, o.shape[1], self.eval_chunk)]
             res = {k: torch.cat([getattr(p, k) for p in parts], 1) for k in ("rgb", "depth", "alpha")}
@@ -401,7 +414,7 @@ class M3DModule(ReconModule):
         return {k: torch.cat([x[k] for x in outs]) for k in outs[0]}
 
     @torch.no_grad()
-    def render_views(self, batch: Batch, cameras: Cameras) -> RenderOutput:
+    def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> RenderOutput:
         """VolSDF renders ``rgb (B,V,3,H,W)``, ``depth (B,V,1,H,W)``, ``alpha`` (opacity) of ``cameras``.
 
         Rendered at most ``eval_max_side`` pixels on the longer side and upsampled to the cameras'
@@ -414,14 +427,13 @@ class M3DModule(ReconModule):
             f = self.eval_max_side / max(H, W)
             h, w = max(1, round(H * f)), max(1, round(W * f))
         cams = cameras.resized(w, h) if (h, w) != (H, W) else cameras
-        enc = self.encode(batch)
         o, d = camera_rays(cams)
         fwd = cams.c2w[..., :3, 2][:, :, None, None, :].expand_as(d)
         o, d, fwd = (x.reshape(B, V * h * w, 3) for x in (o, d, fwd))
         r = self.renderer
         renderer = VolumeRenderer(r.aabb, r.n_samples, r.n_importance, self.density, "white", self.eval_chunk, "none",
                                   perturb=False, min_near=r.min_near, last_delta=r.last_delta)
-        out = self._render_rays(batch, enc, o, d, fwd, renderer)
+        out = self._render_rays(rec.representation, o, d, fwd, renderer)
 
         def img(x: torch.Tensor, c: int) -> torch.Tensor:
             x = x.reshape(B, V, h, w, c).permute(0, 1, 4, 2, 3)
@@ -527,7 +539,7 @@ class M3DModule(ReconModule):
         terms["stage"] = torch.tensor(1.0 if factor == 0 else 2.0, device=pred.device)
         if factor > 0:
             rays = self._sample_target_rays(batch)
-            out = self._render_rays(batch, enc, rays["o"], rays["d"], rays["fwd"])
+            out = self._render_rays(self.fields(batch, enc), rays["o"], rays["d"], rays["fwd"])
             terms["rgb"] = (out["rgb"] - rays["rgb"]).abs().mean()
             fg = rays["mask"][..., 0] > 0.5 if rays["mask"] is not None else torch.ones_like(out["depth"], dtype=torch.bool)
             if rays["depth"] is not None:
@@ -566,72 +578,86 @@ class M3DModule(ReconModule):
 
     # ------------------------------------------------------------------ geometry and export
     @torch.no_grad()
-    def sdf_grid(self, batch: Batch, enc: dict, b: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R, R, R)`` canonical SDF of object ``b`` on its world box, and the box ``(2, 3)``."""
-        box = self.object_boxes(batch)[b]
-        axes = [torch.linspace(float(box[0, i]), float(box[1, i]), resolution, device=self.device) for i in range(3)]
-        pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, 3)
-        vals = [self._decode(batch, enc, pts[:, i : i + self.eval_chunk], slice(b, b + 1))["sdf"]
-                for i in range(0, pts.shape[1], self.eval_chunk)]
-        return torch.cat(vals, 1).reshape(resolution, resolution, resolution), box
-
-    @torch.no_grad()
-    def mesh(self, batch: Batch, enc: dict, b: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Marching-cubes mesh ``verts (V, 3)`` (world), ``faces (F, 3)`` of object ``b``."""
+    def field_mesh(self, field: NeuralField, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Marching-cubes mesh ``verts (V, 3)`` (world), ``faces (F, 3)`` of one object's field on a
+        ``resolution^3`` grid over its box (raises EmptySurfaceError without a zero level set)."""
         from recon3d.render.isosurface import marching_cubes_fast
 
-        grid, box = self.sdf_grid(batch, enc, b, resolution)
+        box = field.aabb.to(self.device)
+        axes = [torch.linspace(float(box[0, i]), float(box[1, i]), resolution, device=self.device) for i in range(3)]
+        pts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(1, -1, 3)
+        # The field's world-scaled SDF has the canonical one's zero set and, being a constant
+        # multiple of it, the same linear interpolation along grid edges.
+        vals = [field.fn(pts[:, i : i + self.eval_chunk])["sdf"] for i in range(0, pts.shape[1], self.eval_chunk)]
+        grid = torch.cat(vals, 1).reshape(resolution, resolution, resolution)
         return marching_cubes_fast(grid.float(), box.float())
 
+    def mesh(self, batch: Batch, enc: dict, b: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Marching-cubes mesh of object ``b`` of an encoded batch (see :meth:`field_mesh`)."""
+        return self.field_mesh(self.fields(batch, enc)[b], resolution)
+
     @torch.no_grad()
-    def predict_geometry(self, batch: Batch) -> dict[str, torch.Tensor] | None:
+    def reconstruction_meshes(self, rec: Reconstruction, batch: Batch | None = None, resolution: int | None = None) -> Meshes:
+        """Each object's marching-cubes mesh at ``resolution`` (default ``mesh_resolution``; empty
+        where the SDF has no zero level set in the box), cached per resolution in ``rec.extras``."""
+        from recon3d.render.isosurface import EmptySurfaceError
+
+        res = resolution or self.mesh_resolution
+        key = f"mesh@{res}"
+        if isinstance(rec.get(key), Meshes):
+            return rec.get(key)
+        verts, faces = [], []
+        for field in rec.representation:
+            try:
+                v, f = self.field_mesh(field, res)
+            except EmptySurfaceError:
+                v, f = torch.zeros(0, 3, device=self.device), torch.zeros(0, 3, dtype=torch.long, device=self.device)
+            verts.append(v)
+            faces.append(f)
+        rec.extras[key] = Meshes(verts, faces)
+        return rec.extras[key]
+
+    empty_surface_reason = "no SDF zero level set in the object's box"
+
+    @torch.no_grad()
+    def reconstruction_geometry(self, rec: Reconstruction, batch: Batch) -> dict[str, torch.Tensor] | None:
         """Surface samples ``points (B, P, 3)``, ``normals`` of each object's marching-cubes mesh.
 
         An object with no zero level set yet (untrained) gets uniform points in its box instead,
-        so it scores badly rather than silently dropping out of the mean.
+        so it scores badly rather than dropping out of the mean (and a note says so).
         """
-        from recon3d.metrics.geometry import sample_surface
-        from recon3d.render.isosurface import EmptySurfaceError
-
-        enc = self.encode(batch)
-        n = batch.geometry.surface_points.shape[1] if batch.geometry.surface_points is not None else 10000
-        pts, nrm = [], []
-        boxes = self.object_boxes(batch)
-        for b in range(len(batch)):
+        geo = super().reconstruction_geometry(rec, batch)
+        n = geo["points"].shape[1]
+        for b, ok in enumerate(geo.pop("valid").tolist()):
+            if ok:
+                continue
+            oid = rec.object_ids[b]
+            self._warn_once(f"empty:{oid}", f"M3D: {oid} has no SDF zero level set yet; scored as uniform points")
+            if self.evaluation is not None:
+                self.evaluation.note([oid], geometry_metric_names(batch, True),
+                                     "no SDF zero level set: scored as uniform points in the object's box")
             g = torch.Generator().manual_seed(b)
-            try:
-                verts, faces = self.mesh(batch, enc, b, self.mesh_resolution)
-                p, q = sample_surface(verts.float().cpu(), faces.cpu(), n, generator=g)
-            except EmptySurfaceError:
-                self._warn_once(f"empty:{batch.object_ids[b]}", f"M3D: {batch.object_ids[b]} has no SDF zero level set yet; scored as uniform points")
-                if self.evaluation is not None:
-                    self.evaluation.note([batch.object_ids[b]], geometry_metric_names(batch, True),
-                                         "no SDF zero level set: scored as uniform points in the object's box")
-                lo, hi = boxes[b].cpu()
-                p = lo + (hi - lo) * torch.rand(n, 3, generator=g)
-                q = F.normalize(torch.randn(n, 3, generator=g), dim=-1)
-            pts.append(p.to(self.device))
-            nrm.append(q.to(self.device))
-        return {"points": torch.stack(pts), "normals": torch.stack(nrm)}
+            lo, hi = rec.representation[b].aabb
+            geo["points"][b] = (lo + (hi - lo) * torch.rand(n, 3, generator=g)).to(geo["points"])
+            geo["normals"][b] = F.normalize(torch.randn(n, 3, generator=g), dim=-1).to(geo["normals"])
+        geo.pop("invalid_reason", None)
+        return geo
 
-    def export_object(self, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
-        """Write object ``index``'s mesh (vertex colours from the colour head) in the ``export_formats``
+    def export_reconstruction(self, rec: Reconstruction, out_dir: Path, suffix: str = "", views=None) -> dict[str, str]:
+        """Write the object's mesh (vertex colours from the colour head) in the ``export_formats``
         (default ``mesh.glb`` and ``mesh.obj``)."""
         from recon3d.render.export import export_representation
-        from recon3d.render.isosurface import EmptySurfaceError
 
-        out_dir = Path(out_dir)
+        mesh = self.reconstruction_meshes(rec, resolution=self.export_resolution)
+        if mesh.num_faces[0] == 0:
+            log.warning("M3D: %s has no SDF zero level set in its box; nothing exported", rec.object_ids[0])
+            return {}
+        verts, field = mesh.verts[0], rec.representation[0]
         with torch.no_grad():
-            enc = self.encode(batch)
-            try:
-                verts, faces = self.mesh(batch, enc, index, self.export_resolution)
-            except EmptySurfaceError:
-                log.warning("M3D: %s has no SDF zero level set in its box; nothing exported", batch.object_ids[index])
-                return {}
-            colors = torch.cat([self._decode(batch, enc, verts[None, i : i + self.eval_chunk].to(self.device), slice(index, index + 1))["rgb"][0]
-                                for i in range(0, verts.shape[0], self.eval_chunk)]) if verts.shape[0] else verts
-        mesh = Meshes.single(verts.cpu(), faces.cpu(), colors.clamp(0, 1).cpu())
-        return export_representation(mesh, out_dir, self.export_formats or ("glb", "obj"))
+            colors = torch.cat([field.fn(verts[None, i : i + self.eval_chunk].to(self.device))["rgb"][0]
+                                for i in range(0, verts.shape[0], self.eval_chunk)])
+        out = Meshes.single(verts.cpu(), mesh.faces[0].cpu(), colors.clamp(0, 1).cpu())
+        return export_representation(out, Path(out_dir), self.export_formats or ("glb", "obj"), suffix=suffix)
 
     # ------------------------------------------------------------------ per-class evaluation (Table I)
     def _class_of(self, batch: Batch, i: int) -> str:

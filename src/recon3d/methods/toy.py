@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -31,6 +31,8 @@ from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.methods.base import NonFiniteGuard, ReconModule
 from recon3d.render.triplane import sample_triplane
+from recon3d.representations import Triplanes
+from recon3d.representations.reconstruction import Reconstruction
 from recon3d.utils.checks import check_option
 from recon3d.utils.ckpt_io import AtomicCheckpointIO
 
@@ -51,7 +53,7 @@ class ToyTriplaneModule(ReconModule):
         mask_weight: weight of the opacity-vs-mask loss.
         nan_steps: (tests) global steps at which the rgb loss term is made NaN.
         nan_grad_steps: (tests) global steps at which the gradients are made NaN (loss finite).
-        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views: see
+        evaluation, init_weights, init_weights_ignore, nonfinite, vis_views, validation_mode, eval_seed: see
             :class:`~recon3d.methods.base.ReconModule`.
     """
 
@@ -72,9 +74,11 @@ class ToyTriplaneModule(ReconModule):
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
         init_weights_ignore: list[str] | None = None,
+        validation_mode: Literal["render", "loss"] = "render",
+        eval_seed: int = 0,
     ):
         super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
-                         init_weights_ignore=init_weights_ignore)
+                         init_weights_ignore=init_weights_ignore, validation_mode=validation_mode, eval_seed=eval_seed)
         check_option("model.lr", lr, 0.0, strict=True)
         check_option("model.mask_weight", mask_weight, 0.0)
         self.C, self.R = plane_channels, plane_resolution
@@ -131,12 +135,20 @@ class ToyTriplaneModule(ReconModule):
         color = color + (1 - acc) * bg.view(B, 1, 1, 1, 3)
         return {"rgb": color.permute(0, 1, 4, 2, 3), "alpha": acc.permute(0, 1, 4, 2, 3)}
 
+    def decode(self, planes: torch.Tensor, points: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The field: ``planes (B, 3, C, R, R)``, ``points (B, N, 3)`` -> ``density (B, N)``, ``rgb (B, N, 3)``."""
+        out = self.decoder(sample_triplane(planes, points, aabb=(-1.0, 1.0)))
+        return {"density": F.softplus(out[..., 0] - 1.0), "rgb": torch.sigmoid(out[..., 1:])}
+
     # ------------------------------------------------------------------ ReconModule API
-    def render_views(self, batch: Batch, cameras: Cameras) -> dict[str, torch.Tensor]:
-        return self.render_planes(self.triplanes(batch), cameras, batch.background)
+    def reconstruct(self, batch: Batch) -> Reconstruction:
+        return Reconstruction(list(batch.object_ids), Triplanes(self.triplanes(batch), self.decode), {"background": batch.background})
+
+    def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> dict[str, torch.Tensor]:
+        return self.render_planes(rec.representation.planes, cameras, rec.get("background"))
 
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        out = self.render_views(batch, batch.targets.cameras)
+        out = self.render_planes(self.triplanes(batch), batch.targets.cameras, batch.background)
         terms = {"rgb": F.mse_loss(out["rgb"], batch.targets.images)}
         if batch.targets.masks is not None:
             terms["mask"] = F.mse_loss(out["alpha"], batch.targets.masks)

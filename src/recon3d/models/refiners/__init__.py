@@ -1,0 +1,6 @@
+"""Test-time refiners (:class:`Refiner`) and the context they optimise in."""
+
+from recon3d.models.refiners.base import Refiner, test_time_optimization, trainable_copy
+from recon3d.models.refiners.texture import RefinementResult, TextureRefiner
+
+__all__ = ["Refiner", "TextureRefiner", "RefinementResult", "test_time_optimization", "trainable_copy"]

@@ -75,12 +75,12 @@ def _inputs(L: int, d: int, n: int, device: str):
 
 
 def bench_scan(quick: bool, device: str = "cpu") -> None:
-    from recon3d.models.ssm.selective_scan import _fused_cpu_status
+    from recon3d.models.ssm.selective_scan import _fused_cpu_probe  # None when the C kernel builds here
 
     d, n = 256, 16
     where = f"{torch.get_num_threads()} CPU threads" if device == "cpu" else torch.cuda.get_device_name()
     fast = "fused_cpu" if device == "cpu" else "mamba_ssm"
-    have_fast = _fused_cpu_status() is None if device == "cpu" else _mamba_ok()
+    have_fast = _fused_cpu_probe() is None if device == "cpu" else _mamba_ok()
     print(f"\n[1] selective scan, B=1 D={d} N={n} float32 forward, {where} (best of runs)")
     print("    speed-up = sequential reference time / backend time, both measured in this run")
     print(f"{'L':>6} {'sequential ms':>14} {'torch ms':>9} {'x':>6} {fast + ' ms':>13} {'x':>6}  note")

@@ -323,7 +323,13 @@ def _config_error_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     keep = [ln[2:] if ln.startswith("- ") else ln for ln in lines if not ln.startswith(_NOISE)]
     text = " ".join(keep) if keep else type(e).__name__
+    # A plain `data:` block is ReconDataModule's init_args (subclass_mode_data): name the key the
+    # user wrote (data.batch_size), not the class_path they never gave.
+    text = _IMPLICIT_DATA.sub(r'Parser key "data.\1"', text)
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+_IMPLICIT_DATA = re.compile(r'Parser key "data": Problem with given class_path \'recon3d\.data\.datamodule\.ReconDataModule\':\s*Parser key "([^"]+)"')
 
 
 # ---------------------------------------------------------------------- run folders

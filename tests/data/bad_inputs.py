@@ -454,7 +454,7 @@ def image_without_camera_image_folder(root: Path) -> Case:
 
 
 def empty_folder_image_folder(root: Path) -> Case:
-    root.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "readme.txt").write_text("no images here")
     return lambda: ImageFolderDataset(str(root)), "no images found"
 

@@ -15,9 +15,9 @@ from recon3d.models.encoders import ConvPatchEncoder
 from recon3d.models.gtr import TriplaneField, TriplaneGenerator
 from recon3d.models.gtr.mesh import density_grid
 from recon3d.models.refiners import TextureRefiner
+from recon3d.render.isosurface import EmptySurfaceError
 from recon3d.representations import Meshes, Triplanes
 from recon3d.representations.reconstruction import Reconstruction
-from recon3d.render.isosurface import EmptySurfaceError
 
 
 def _module(stage="nerf", **kw) -> GTRModule:

@@ -251,3 +251,19 @@ def test_per_class_rows_group_by_class_code(m3d):
     assert list(table) == ["table", "chair", "mean (over classes)", "mean (over objects)"]  # SSR's class order
     assert table["chair"]["cd"] == 2.0 and table["chair"]["num_objects"] == 2 and table["table"]["fscore"] == 10.0
     assert table["mean (over classes)"]["cd"] == 5.0 and table["mean (over objects)"]["cd"] == 4.0
+
+
+def test_predict_encodes_once_per_batch(m3d, tmp_path, monkeypatch):
+    """Reconstruct once: predict_step encodes the batch once, not once per exported object (B²)."""
+    model, batch = m3d
+    calls = []
+    real = model.net.encode
+    monkeypatch.setattr(model.net, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model._export_root = tmp_path
+    model.eval()
+    with torch.inference_mode():
+        files = model.predict_step(batch, 0)
+    del model._export_root
+    model.train()
+    assert len(calls) == 1 and len(files) == len(batch) == 2
+    assert all(Path(f["mesh.glb"]).stat().st_size > 0 for f in files)

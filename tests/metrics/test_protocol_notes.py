@@ -35,11 +35,20 @@ class _Stub:
     """The pieces of a ReconModule that ``_eval_geometry`` uses, with a scripted prediction."""
 
     GEOMETRY_METRICS = ("cd", "fscore", "precision", "recall", "nc")
+    empty_surface_reason = "empty"
 
     def __init__(self, evaluation, geo):
         self.evaluation, self._geo = evaluation, geo
 
-    def predict_geometry(self, _batch):
+    def reconstruct(self, b):
+        from recon3d.representations.reconstruction import Reconstruction
+
+        return Reconstruction(list(b.object_ids), None)
+
+    def reconstruction_meshes(self, rec, b):
+        return None
+
+    def reconstruction_geometry(self, rec, b):
         return self._geo
 
 

@@ -1,8 +1,8 @@
 """Shared helpers of the reliability tests: run the real ``recon3d`` CLI, read checkpoints.
 
 Every training run goes through the console script (``recon3d fit -c ...``) in a subprocess, as
-users run it. :data:`CONFIGS` lists the method configs the distributed and resume tests are
-parametrized over; a new method joins with one :class:`ConfigCase` line.
+users run it. :data:`CONFIGS` lists the method configs the distributed, resume and conformance tests are
+parametrized over, found by :func:`discover_configs` (nothing to register).
 """
 
 from __future__ import annotations
@@ -46,25 +46,33 @@ class ConfigCase:
     ddp: bool = True  # False: per-rank random sampling makes DDP curves differ from 1 process by design
 
 
-CONFIGS = [
-    ConfigCase(
-        "toy", "configs/toy.yaml",
-        args=("--data.dataset.init_args.cache_dir", "{cache}"),
-        ddp_args=("--data.batch_size", "1", "--model.init_args.jitter", "false"),
-        single_args=("--model.init_args.jitter", "false"),
-    ),
-    ConfigCase(
-        "gtr", "configs/gtr_cpu.yaml",
-        args=("-c", str(REPO / "configs/gtr/reliability.yaml"), "--data.dataset.init_args.cache_dir", "{cache}"),
-        ddp_args=("--data.batch_size", "1", "--model.init_args.stratified_jitter", "false"),
-        single_args=("--model.init_args.stratified_jitter", "false"),
-    ),
-    ConfigCase(
-        "m3d", "configs/m3d_cpu.yaml",
-        args=("-c", str(REPO / "configs/m3d/reliability.yaml"), "--data.dataset.init_args.cache_dir", "{cache}"),
-        ddp=False,
-    ),
-]
+#: Method configs found without registration (the conformance rule): every ``configs/*_cpu.yaml``
+#: with its test-size overlay ``configs/<name>/reliability.yaml`` (required), the toy config, and
+#: the plug-in method of ``tests/methods/plugin``. A ``configs/<name>/deterministic.yaml`` (no
+#: per-rank randomness) makes the DDP tests compare the 2-process curve with the 1-process one;
+#: without it they check that the ranks hold equal weights.
+PLUGIN = REPO / "tests/methods/plugin/gaussian_fit.yaml"
+
+
+def discover_configs() -> list[ConfigCase]:
+    cache = ("--data.dataset.init_args.cache_dir", "{cache}")
+    found = [REPO / "configs/toy.yaml", *sorted((REPO / "configs").glob("*_cpu.yaml")), PLUGIN]
+    cases = []
+    for cfg in found:
+        name = cfg.stem.removesuffix("_cpu")
+        folder = cfg.parent / name
+        overlay = folder / "reliability.yaml"
+        if cfg.stem.endswith("_cpu") and not overlay.exists():
+            raise FileNotFoundError(f"{cfg.relative_to(REPO)}: add its test-size overlay {overlay.relative_to(REPO)} (see configs/gtr/reliability.yaml)")
+        args = (("-c", str(overlay)) if overlay.exists() else ()) + cache
+        det = folder / "deterministic.yaml"
+        det_args = ("-c", str(det)) if det.exists() else ()
+        cases.append(ConfigCase(name, str(cfg.relative_to(REPO)), args=args, ddp_args=det_args + ("--data.batch_size", "1"),
+                                single_args=det_args, ddp=det.exists()))
+    return cases
+
+
+CONFIGS = discover_configs()
 
 
 def free_port() -> int:
@@ -83,7 +91,9 @@ def cli_args(case: ConfigCase, run_dir: Path, cache: Path, *extra: str) -> list[
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK",
                                                             "WORLD_SIZE", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra})
+    # PYTHONPATH: the plug-in method's class_path lives in tests/ (not an installed package).
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **extra})
     return env
 
 

@@ -66,9 +66,9 @@ import torch
 
 from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
+from recon3d.errors import CheckpointError, ConfigError, Recon3DError
 from recon3d.representations import Meshes, RenderOutput, SparseVoxels
 from recon3d.representations.reconstruction import Reconstruction, object_seeds
-from recon3d.errors import CheckpointError, ConfigError, Recon3DError
 
 __all__ = ["ReconModule", "NonFiniteGuard", "NonFiniteLossError"]
 
@@ -428,6 +428,13 @@ class ReconModule(L.LightningModule):
         for k, v in terms.items():
             # sync_dist: the logged curve is the mean over ranks (= the global batch's loss).
             self.log(f"train/{k}", v.detach(), prog_bar=k in ("loss", "psnr"), batch_size=B, sync_dist=world > 1)
+        if world > 1:
+            # DDP needs a gradient for every parameter at every step, and staged losses leave some
+            # unused (M3D's SDF-only stage never touches the colour head): without this, DDP stops
+            # with "parameters that were not used". The zero-weighted term changes no gradient of
+            # a used parameter; unused ones get a zero gradient instead of None (so AdamW's decay
+            # reaches them under DDP, where a single process skips them).
+            return terms["loss"] + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
         return terms["loss"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -653,3 +660,17 @@ def voxel_occupancy(voxels: SparseVoxels, points: torch.Tensor, aabb: tuple[floa
     grid[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = True
     idx = idx.clamp(0, res - 1)
     return grid[idx[:, 0], idx[:, 1], idx[:, 2]] & inside
+
+
+def own_instance(part: Any) -> Any:
+    """``part`` itself, or, for a ``jsonargparse.lazy_instance`` default, a freshly built instance.
+
+    A lazy default in a signature is one object shared by every call that omits the argument,
+    and it builds itself only when one of its methods is called (attribute reads before that
+    fail). Two ``GTRModule()`` built in Python would otherwise share one generator; the CLI
+    always passes its own instances, so it is unaffected."""
+    from jsonargparse._typehints import _LazyInitBaseClass  # the type lazy_instance returns
+
+    if isinstance(part, _LazyInitBaseClass):
+        return part._lazy_class_type(**dict(part.lazy_get_init_args()))
+    return part

@@ -45,7 +45,7 @@ from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError
-from recon3d.methods.base import NonFiniteGuard, ReconModule
+from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.encoders import ConvPatchEncoder, ImageEncoder
 from recon3d.models.gtr.field import TriplaneField
@@ -183,7 +183,9 @@ class GTRModule(ReconModule):
             raise ConfigError(f"model.stage: expected 'nerf' or 'mesh', got {stage!r}")
         _check_options(locals())
         self.save_hyperparameters()  # sub-models: their config (recon3d fit) or left out, never pickled (ReconModule)
-        self.net = GTRNetwork(encoder, generator, field)
+        # Checked before anything is built, so a bad weight is the one error line.
+        self.mesh_loss_weights = merge_weights("model.mesh_loss_weights", PAPER_MESH_LOSS, mesh_loss_weights)
+        self.net = GTRNetwork(*(own_instance(m) for m in (encoder, generator, field)))
         self.stage = stage
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.patch_size = patch_size
@@ -191,7 +193,6 @@ class GTRModule(ReconModule):
         self.volume = VolumeRenderer(aabb=field.aabb, n_samples=n_samples, background="white", chunk=eval_chunk,
                                      perturb=None if stratified_jitter else False, min_near=min_near, last_delta=last_delta)
         self.mesh_resolution, self.mesh_density_level = mesh_resolution, mesh_density_level
-        self.mesh_loss_weights = merge_weights("model.mesh_loss_weights", PAPER_MESH_LOSS, mesh_loss_weights)
         self.mesh_soft_sigma = mesh_soft_sigma
         self.render_backend = render_backend
         self.refiner = refine

@@ -96,13 +96,13 @@ from recon3d.data.depth_cache import DEPTH_CACHE_COMMAND
 from recon3d.data.formats.front3d import FRONT3D_CLASSES
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError, DataError
-from recon3d.methods.base import NonFiniteGuard, ReconModule, geometry_metric_names
+from recon3d.methods.base import NonFiniteGuard, ReconModule, geometry_metric_names, own_instance
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.m3d import DepthEncoder, M3DNetwork, ResNetShallowEncoder, SelectiveAttentionDeepEncoder
 from recon3d.render.sdf_density import LaplaceDensity
 from recon3d.render.volume import VolumeRenderer
+from recon3d.representations import Meshes, NeuralField, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
-from recon3d.representations import NeuralField, Meshes, RenderOutput
 from recon3d.utils.checks import check_option, merge_weights
 from recon3d.utils.io import atomic_path
 
@@ -222,6 +222,7 @@ class M3DModule(ReconModule):
     ):
         super().__init__(evaluation=evaluation, init_weights=init_weights, nonfinite=nonfinite, vis_views=vis_views,
                          init_weights_ignore=init_weights_ignore, validation_mode=validation_mode, eval_seed=eval_seed)
+        shallow, deep, depth_encoder, density = (own_instance(m) for m in (shallow, deep, depth_encoder, density))
         for name, value, allowed in (
             ("stage", stage, ("auto", "sdf", "full")),
             ("curriculum_unit", curriculum_unit, ("epoch", "step")),
@@ -647,11 +648,11 @@ class M3DModule(ReconModule):
         """Write the object's mesh (vertex colours from the colour head) in the ``export_formats``
         (default ``mesh.glb`` and ``mesh.obj``)."""
         from recon3d.render.export import export_representation
+        from recon3d.render.isosurface import EmptySurfaceError
 
         mesh = self.reconstruction_meshes(rec, resolution=self.export_resolution)
-        if mesh.num_faces[0] == 0:
-            log.warning("M3D: %s has no SDF zero level set in its box; nothing exported", rec.object_ids[0])
-            return {}
+        if mesh.num_faces[0] == 0:  # predict_step counts it as a skipped object, with the reason
+            raise EmptySurfaceError(f"object {rec.object_ids[0]}: {self.empty_surface_reason}")
         verts, field = mesh.verts[0], rec.representation[0]
         with torch.no_grad():
             colors = torch.cat([field.fn(verts[None, i : i + self.eval_chunk].to(self.device))["rgb"][0]

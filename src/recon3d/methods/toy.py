@@ -30,6 +30,7 @@ from recon3d.data.batch import Batch
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.methods.base import NonFiniteGuard, ReconModule
+from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.render.triplane import sample_triplane
 from recon3d.representations import Triplanes
 from recon3d.representations.reconstruction import Reconstruction
@@ -69,7 +70,7 @@ class ToyTriplaneModule(ReconModule):
         mask_weight: float = 0.1,
         nan_steps: list[int] | None = None,
         nan_grad_steps: list[int] | None = None,
-        evaluation: Any = None,
+        evaluation: EvaluationProtocol | None = None,
         init_weights: str | None = None,
         nonfinite: NonFiniteGuard | None = None,
         vis_views: int = 4,
@@ -253,6 +254,7 @@ class DumpWeights(L.Callback):
 
         from recon3d.utils.ckpt_io import write_atomically
 
-        sd = {k: v.detach().cpu().contiguous() for k, v in pl_module.state_dict().items()}
+        # clone: tied or parametrised weights share storage, which safetensors refuses to write
+        sd = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         path = Path(self.dirpath) / f"weights_rank{trainer.global_rank}.safetensors"
         write_atomically(path, lambda f: f.write(save(sd)))

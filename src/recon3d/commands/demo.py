@@ -90,6 +90,7 @@ def _per_object_rows(path: Path) -> list[dict]:
 #: Test metrics shown by the summary table, in order, with their direction.
 _TABLE = (("psnr", "PSNR (dB)", "higher"), ("ssim", "SSIM", "higher"), ("mask_iou", "silhouette IoU", "higher"),
           ("cd", "Chamfer x100 (gtr preset)", "lower"), ("fscore", "F-score", "higher"), ("nc", "normal consistency", "higher"),
+          ("iou", "volume IoU (vs GT mesh)", "higher"),
           ("psnr_masked", "PSNR on the object (dB)", "higher"))
 
 

@@ -34,3 +34,23 @@ def test_validation_mode(mode, tmp_path, monkeypatch):
 def test_bad_validation_mode_is_one_line():
     with pytest.raises(ConfigError, match="validation_mode: expected 'render' or 'loss'"):
         ToyTriplaneModule(validation_mode="images")
+
+
+def test_unposed_inputs_are_one_line_for_methods_that_need_cameras():
+    """GTR's encoder needs the input cameras (Plücker rays): unposed views give the one-line
+    DataError naming the field, not an AttributeError deep in the encoder."""
+    import torch
+
+    from recon3d.data.batch import Batch, Views
+    from recon3d.data.cameras import orbit_cameras
+    from recon3d.errors import DataError
+    from tests.methods.test_gtr import _module
+
+    cams = orbit_cameras(torch.tensor([0.0, 90.0]), torch.tensor([10.0, 10.0]), 2.5, 40.0, 16, 16).reshape(1, 2)
+    img = torch.ones(1, 2, 3, 16, 16)
+    batch = Batch(["obj"], Views(img, None), Views(img, cams))
+    model = _module()
+    with pytest.raises(DataError, match="GTR needs inputs.cameras"):
+        model.reconstruct(batch)
+    with pytest.raises(DataError, match="GTR needs inputs.cameras"):
+        model.training_losses(batch)

@@ -271,6 +271,7 @@ class GTRModule(ReconModule):
     def reconstruct(self, batch: Batch) -> Reconstruction:
         """The triplanes of every object: ``Triplanes(planes (B, 3, C, R, R), decoder=field)``.
         Meshes are extracted on demand (:meth:`reconstruction_meshes`) and cached in ``extras``."""
+        batch.require("inputs.cameras", who="GTR")  # the encoder's Plücker ray channels
         return Reconstruction(list(batch.object_ids), Triplanes(self.triplanes(batch.inputs), self.field, self.field.aabb))
 
     def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> RenderOutput:
@@ -319,6 +320,7 @@ class GTRModule(ReconModule):
         return self.lpips(pred.flatten(0, 1), target.flatten(0, 1))
 
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        batch.require("inputs.cameras", "targets.cameras", who="GTR")  # Plücker ray inputs, rendered targets
         planes = self.triplanes(batch.inputs)
         if self.stage == "nerf":
             return self._nerf_losses(planes, batch)

@@ -393,6 +393,7 @@ class M3DModule(ReconModule):
     def reconstruct(self, batch: Batch) -> Reconstruction:
         """One encode of the batch; the representation is the list of per-object SDF fields (each
         closed over the batch's features, in the object's world box)."""
+        batch.require("inputs.cameras", who="M3D")  # pixel-aligned features project through the input camera
         enc = self.encode(batch)
         return Reconstruction(list(batch.object_ids), self.fields(batch, enc), {"encoding": enc})
 
@@ -530,6 +531,7 @@ class M3DModule(ReconModule):
                 "depth": pick(tg.depths), "normal": pick(tg.normals)}
 
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        batch.require("inputs.cameras", who="M3D")
         w = self.loss_weights
         enc = self.encode(batch)
         pts, target = self._sdf_points(batch)

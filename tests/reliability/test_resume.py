@@ -88,6 +88,8 @@ def _plugin_config(tmp_path, kill_on_write: int):
 )
 def test_kill_and_resume_is_bit_identical(reference, point, tmp_path, synthetic_cache):
     case, ref, ref_metrics = reference
+    if case.name == "gaussian_fit" and point != "mid_epoch":
+        pytest.skip("the plug-in method gets the conformance rule's one mid-epoch kill point; every kill point runs for the shipped methods")
     fault, resume_step = KILLS[point]
     fault_args = _plugin_config(tmp_path, 3) if fault == "plugin" else fault
     t = time.perf_counter()

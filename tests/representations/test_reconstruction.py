@@ -77,14 +77,14 @@ def test_eval_feeds_poses_and_occupancy_from_the_reconstruction():
     """A method whose reconstruction carries predicted cameras and sparse voxels gets pose and
     occupancy metrics without code of its own: the base eval step feeds them to the protocol."""
     from recon3d.data.batch import Batch, Geometry, Views
-    from recon3d.methods.base import ReconModule, voxel_occupancy
+    from recon3d.methods.base import ReconModule
     from recon3d.metrics import EvaluationProtocol
 
     # Occupancy of a voxel set at points, against the closed form: voxel (1, 2, 3) of a 4^3 grid
     # over [-1, 1]^3 spans [-0.5, 0) x [0, 0.5) x [0.5, 1).
     vox = SparseVoxels(torch.tensor([[0, 1, 2, 3]], dtype=torch.int32), torch.zeros(1, 1), 4, 1)
     pts = torch.tensor([[-0.25, 0.25, 0.75], [-0.25, 0.25, 0.25], [0.25, 0.25, 0.75], [-0.25, 0.25, 1.5]])
-    assert voxel_occupancy(vox, pts).tolist() == [True, False, False, False]
+    assert vox.occupied(pts).tolist() == [True, False, False, False]
 
     cams = orbit_cameras(torch.tensor([0.0, 120.0, 240.0]), torch.tensor([10.0, 20.0, 30.0]), 2.5, 40.0, 8, 8).reshape(1, 3)
     img = torch.ones(1, 3, 3, 8, 8)
@@ -105,3 +105,16 @@ def test_eval_feeds_poses_and_occupancy_from_the_reconstruction():
     res = model.evaluation.compute()
     assert res["rre"] == pytest.approx(0.0, abs=0.05) and res["te"] == pytest.approx(0.0, abs=1e-4)  # degrees; float32 acos
     assert res["iou"] == pytest.approx(0.5)  # one of the two inside points is in the voxel
+
+
+def test_views_select_keeps_every_field():
+    from recon3d.data.batch import Views
+
+    cams = orbit_cameras(torch.tensor([0.0, 90.0, 180.0, 270.0]), torch.tensor([10.0] * 4), 2.5, 40.0, 8, 8).reshape(2, 2)
+    v = Views(torch.rand(2, 2, 3, 8, 8), cams, torch.rand(2, 2, 1, 8, 8), torch.rand(2, 2, 1, 8, 8), torch.rand(2, 2, 3, 8, 8))
+    one = v.select(1)
+    for name in ("images", "masks", "depths", "normals"):
+        assert torch.equal(getattr(one, name), getattr(v, name)[1:2]), name
+    assert torch.equal(one.cameras.c2w, cams.c2w[1:2]) and Views(v.images).select(0).cameras is None
+    with pytest.raises(ShapeError, match="one-object"):
+        SparseVoxels.from_list([(torch.zeros(1, 3, dtype=torch.int32), torch.zeros(1, 1))] * 2, resolution=2).occupied(torch.zeros(1, 3))

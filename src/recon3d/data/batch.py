@@ -116,6 +116,12 @@ class Views:
     def num_views(self) -> int:
         return self.images.shape[-4]
 
+    def select(self, index: int) -> Views:
+        """Object ``index`` of a batched set, keeping the batch dimension (``(1, V, ...)``)."""
+        sl = slice(index, index + 1)
+        pick = lambda x: None if x is None else x[sl]  # noqa: E731
+        return Views(self.images[sl], pick(self.cameras), pick(self.masks), pick(self.depths), pick(self.normals))
+
     def to(self, *args, **kwargs) -> Views:
         return Views(
             self.images.to(*args, **kwargs),

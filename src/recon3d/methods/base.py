@@ -256,7 +256,7 @@ class ReconModule(L.LightningModule):
         return self._export_one(self.reconstruct(batch).select(index), batch, index, Path(out_dir))
 
     def _export_one(self, rec: Reconstruction, batch: Batch, index: int, out_dir: Path) -> dict[str, str]:
-        views = _views_of(batch.inputs, index)
+        views = batch.inputs.select(index)
         files = dict(self.export_reconstruction(rec, out_dir, views=views))
         for refiner in self.refiners:
             rec = refiner.refine(rec, views)
@@ -508,7 +508,7 @@ class ReconModule(L.LightningModule):
         pts, sdf = batch.geometry.sdf_points, batch.geometry.sdf_values
         if voxels is None or pts is None or sdf is None:
             return
-        pred = torch.stack([voxel_occupancy(voxels[b], p.to(voxels.coords.device)) for b, p in enumerate(pts)])
+        pred = torch.stack([voxels[b].occupied(p.to(voxels.coords.device)) for b, p in enumerate(pts)])
         gt = torch.stack([s < 0 for s in sdf])
         self.evaluation.update_occupancy(batch.object_ids, pred, gt.to(pred.device))
 
@@ -631,13 +631,6 @@ def _num_points(surface_points, default: int) -> int:
     return int(surface_points[0].shape[0])
 
 
-def _views_of(views: Views, index: int) -> Views:
-    """Object ``index`` of a batch of views, as a batch of one."""
-    sl = slice(index, index + 1)
-    return Views(views.images[sl], None if views.cameras is None else views.cameras[sl],
-                 None if views.masks is None else views.masks[sl])
-
-
 def _load_meshes(paths: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     import trimesh
 
@@ -646,20 +639,6 @@ def _load_meshes(paths: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         m = trimesh.load(p, force="mesh", process=False)
         out.append((torch.as_tensor(m.vertices, dtype=torch.float32), torch.as_tensor(m.faces, dtype=torch.int64)))
     return out
-
-
-def voxel_occupancy(voxels: SparseVoxels, points: torch.Tensor, aabb: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
-    """``(Q,)`` bool: which ``points (Q, 3)`` fall in an occupied voxel of the one-object ``voxels``
-    (a ``resolution^3`` grid over the cube ``aabb``)."""
-    res = voxels.resolution
-    lo, hi = aabb
-    idx = ((points - lo) / (hi - lo) * res).floor().long()
-    inside = ((idx >= 0) & (idx < res)).all(-1)
-    grid = torch.zeros(res, res, res, dtype=torch.bool, device=points.device)
-    xyz = voxels.coords[:, 1:].long().to(points.device)
-    grid[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = True
-    idx = idx.clamp(0, res - 1)
-    return grid[idx[:, 0], idx[:, 1], idx[:, 2]] & inside
 
 
 def own_instance(part: Any) -> Any:

@@ -195,7 +195,6 @@ class GTRModule(ReconModule):
         self.mesh_resolution, self.mesh_density_level = mesh_resolution, mesh_density_level
         self.mesh_soft_sigma = mesh_soft_sigma
         self.render_backend = render_backend
-        self.refiner = refine
         self.refiners = [refine] if refine is not None else []
         self.export_resolution, self.turntable_frames = export_resolution, turntable_frames
         self.lpips_weights_dir = lpips_weights_dir

@@ -159,6 +159,20 @@ class SparseVoxels:
     def detach(self) -> SparseVoxels:
         return SparseVoxels(self.coords, self.feats.detach(), self.resolution, self.batch_size)
 
+    def occupied(self, points: torch.Tensor, aabb: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+        """``(Q,)`` bool: which ``points (Q, 3)`` fall in an occupied voxel of this one-object set
+        (a ``resolution^3`` grid over the cube ``aabb``; points outside the cube are free)."""
+        if self.batch_size != 1:
+            raise ShapeError(f"occupied: expected a one-object SparseVoxels (voxels[i]), got batch_size {self.batch_size}")
+        res, (lo, hi) = self.resolution, aabb
+        idx = ((points - lo) / (hi - lo) * res).floor().long()
+        inside = ((idx >= 0) & (idx < res)).all(-1)
+        grid = torch.zeros(res, res, res, dtype=torch.bool, device=points.device)
+        xyz = self.coords[:, 1:].long().to(points.device)
+        grid[xyz[:, 0], xyz[:, 1], xyz[:, 2]] = True
+        idx = idx.clamp(0, res - 1)
+        return grid[idx[:, 0], idx[:, 1], idx[:, 2]] & inside
+
     def centers(self, aabb: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
         """``(N, 3)`` world centres of the voxels in the cube ``aabb`` (``lo + (idx + 0.5) * size``)."""
         lo, hi = aabb

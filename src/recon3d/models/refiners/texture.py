@@ -95,7 +95,7 @@ class TextureRefiner(Refiner):
         decoder = tri.decoder
         refined, histories = [], []
         for b in range(B):
-            one = Views(views.images[b : b + 1], views.cameras[b : b + 1], None if views.masks is None else views.masks[b : b + 1])
+            one = views.select(b)
             res = self.refine_triplane(tri.planes[b : b + 1], _color_fn(decoder), decoder.color_mlp, mesh.verts[b], mesh.faces[b], one)
             dec = copy.copy(decoder)  # shallow: shares the density MLP and buffers, owns the refined colour MLP
             dec._modules = dict(decoder._modules)

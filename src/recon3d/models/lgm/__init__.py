@@ -1,0 +1,47 @@
+"""LGM (Tang et al. 2024): the multi-view Gaussian U-Net and the import of its released weights."""
+
+from recon3d.models.lgm.network import (
+    GAUSSIAN_CHANNELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LGM_BACKGROUND,
+    LGM_CAM_RADIUS,
+    LGM_CHANNELS,
+    LGM_FAR,
+    LGM_FOVY_DEG,
+    LGM_NEAR,
+    LGM_PRESETS,
+    LGMNetwork,
+    activate_gaussians,
+    lgm_input_features,
+    lgm_orbit_cameras,
+    normalize_cameras,
+    transform_gaussians,
+)
+from recon3d.models.lgm.unet import SKIP_SCALE, DownBlock, LGMUNet, MidBlock, MVAttention, ResnetBlock, UpBlock
+
+__all__ = [
+    "GAUSSIAN_CHANNELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LGM_BACKGROUND",
+    "LGM_CAM_RADIUS",
+    "LGM_CHANNELS",
+    "LGM_FAR",
+    "LGM_FOVY_DEG",
+    "LGM_NEAR",
+    "LGM_PRESETS",
+    "LGMNetwork",
+    "activate_gaussians",
+    "lgm_input_features",
+    "lgm_orbit_cameras",
+    "normalize_cameras",
+    "transform_gaussians",
+    "SKIP_SCALE",
+    "DownBlock",
+    "LGMUNet",
+    "MidBlock",
+    "MVAttention",
+    "ResnetBlock",
+    "UpBlock",
+]

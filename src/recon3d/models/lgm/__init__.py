@@ -18,6 +18,13 @@ from recon3d.models.lgm.network import (
     normalize_cameras,
     transform_gaussians,
 )
+from recon3d.models.lgm.pretrained import (
+    OFFICIAL_FILE,
+    convert_official_state_dict,
+    load_official_lgm,
+    official_key_table,
+    read_official_checkpoint,
+)
 from recon3d.models.lgm.unet import SKIP_SCALE, DownBlock, LGMUNet, MidBlock, MVAttention, ResnetBlock, UpBlock
 
 __all__ = [
@@ -37,6 +44,11 @@ __all__ = [
     "lgm_orbit_cameras",
     "normalize_cameras",
     "transform_gaussians",
+    "OFFICIAL_FILE",
+    "convert_official_state_dict",
+    "load_official_lgm",
+    "official_key_table",
+    "read_official_checkpoint",
     "SKIP_SCALE",
     "DownBlock",
     "LGMUNet",

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from recon3d.data.cameras import Cameras, intrinsics_from_fov, orbit_cameras
+from recon3d.data.cameras import Cameras, orbit_cameras
 from recon3d.errors import ConfigError, ShapeError
 from recon3d.models.lgm import (
     IMAGENET_MEAN,

@@ -9,7 +9,10 @@ with upstream's class definitions, not with a saver written beside the loader.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,15 @@ def test_wrong_preset_is_refused(tmp_path):
 def test_missing_file_names_it_and_where_to_get_it(tmp_path):
     with pytest.raises(CheckpointError, match="model_fp16_fixrot.safetensors.*huggingface.co/ashawkey/LGM"):
         load_official_lgm(tmp_path / "nope.safetensors", LGMNetwork("tiny"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RECON3D_LGM_UPSTREAM"),
+                    reason="set RECON3D_LGM_UPSTREAM to a 3DTopia/LGM checkout or git dir to regenerate the manifest")
+def test_manifest_regenerates_from_upstream(tmp_path):
+    out = tmp_path / "manifest.json"
+    script = Path(__file__).resolve().parents[3] / "scripts" / "make_lgm_manifest.py"
+    run = subprocess.run([sys.executable, str(script), os.environ["RECON3D_LGM_UPSTREAM"], "--rev", MANIFEST["source"]["commit"],
+                          "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(out.read_text())["configs"] == MANIFEST["configs"]

@@ -226,3 +226,38 @@ def test_cpu_config_builds_the_boosted_gtr():
     assert model.lora_config.r == 8 and model.submodule == "net"
     assert set(lora_layers(model.adapted)) == {f"generator.blocks.{i}.attn.{p}" for i in range(3) for p in ATTN}
     assert model.hparams["base"]["class_path"] == "recon3d.methods.gtr.GTRModule"  # saved as config, not pickled
+
+
+@pytest.mark.slow
+def test_export_merges_the_adapters_and_takes_the_format_option(cache, tmp_path, caplog):
+    """``recon3d export`` of a boosted checkpoint with ``merge_at_inference`` (a run-time option)
+    and ``--format``, which BoostModule answers with its base's representation (meshes)."""
+    from plyfile import PlyData
+
+    from recon3d.cli import main, run_lightning_cli
+    from recon3d.models.gtr.mesh import density_grid
+
+    cfg = ["-c", str(ROOT / "configs/mvboost_gtr_cpu.yaml"), "-c", str(ROOT / "configs/mvboost_gtr/reliability.yaml"),
+           "--data.dataset.init_args.cache_dir", str(cache)]
+    cli = run_lightning_cli(cfg + ["--trainer.logger", "false"], run=False)
+    model = cli.model
+    with torch.no_grad():
+        for layer in lora_layers(model.adapted).values():
+            layer.lora_B["default"].weight.normal_(0, 0.05)
+    cli.datamodule.prepare_data()
+    batch = next(iter(cli.datamodule.predict_dataloader()))
+    with torch.no_grad():  # a level at which this random model has a surface
+        level = float(density_grid(model.base.field, model.base.triplanes(batch.inputs)[:1], 24).median())
+    ckpt = tmp_path / "boost.ckpt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    out = tmp_path / "out"
+    caplog.set_level("INFO", logger="recon3d.methods.boost")
+    code = main(["export", *cfg[:4], "--ckpt", str(ckpt), "--out", str(out), "--format", "ply", "--",
+                 "--data.dataset.init_args.cache_dir", str(cache), "--model.init_args.merge_at_inference", "true",
+                 "--model.init_args.base.init_args.mesh_density_level", str(level),
+                 "--model.init_args.base.init_args.export_resolution", "24"])
+    assert code == 0
+    assert any("merged the LoRA adapters into GTRModule" in r.getMessage() for r in caplog.records)
+    plys = list(out.rglob("*.ply"))
+    assert plys and not list(out.rglob("*.glb"))
+    assert PlyData.read(str(plys[0]))["vertex"].count > 0

@@ -110,7 +110,8 @@ def _check_formats(model, formats: list[str]) -> tuple[str, ...]:
     from recon3d.errors import ConfigError
     from recon3d.render.export import check_export_formats
 
-    kind = getattr(type(model), "EXPORT_REPRESENTATION", None)
+    # The instance's: a wrapper method (BoostModule) exports what the method it wraps does.
+    kind = getattr(model, "EXPORT_REPRESENTATION", None)
     if kind is None:
         raise ConfigError(f"--format: {type(model).__name__} declares no export representation (EXPORT_REPRESENTATION); it writes its own files")
     return check_export_formats(kind, formats, what="--format")

@@ -51,7 +51,14 @@ from recon3d.data.cameras import Cameras
 from recon3d.errors import ConfigError, ShapeError
 from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance
 from recon3d.metrics.protocol import EvaluationProtocol
-from recon3d.models.lgm import LGM_CAM_RADIUS, LGMNetwork, normalize_cameras, transform_gaussians
+from recon3d.models.lgm import (
+    LGM_CAM_RADIUS,
+    LGMNetwork,
+    activate_gaussians,
+    lgm_input_features,
+    normalize_cameras,
+    transform_gaussians,
+)
 from recon3d.models.lgm.augment import augment_input_views
 from recon3d.representations import Gaussians, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
@@ -222,9 +229,18 @@ class LGMModule(ReconModule):
         ``normalize_scale``); the network predicts in that frame and the Gaussians are mapped
         back to the world with the inverse similarity (:func:`~recon3d.models.lgm.transform_gaussians`),
         so every renderer and metric sees them in the dataset's frame."""
-        canon, world_to_canon = normalize_cameras(views.cameras, LGM_CAM_RADIUS, reference=0, rescale=self.normalize_scale)
-        g = self.net(views.images, canon)
-        return transform_gaussians(g, torch.linalg.inv(world_to_canon.double()).to(world_to_canon.dtype))
+        device = views.images.device.type
+        # Frames in float32 even under bf16 autocast: bf16 matmuls would break the rotations'
+        # orthonormality check and move the Gaussians by ~0.4% of the scene.
+        # The 9 input channels too: under autocast the ray matmul gives bf16 directions beside
+        # float32 origins, which torch.linalg.cross refuses (and the rays would lose precision).
+        with torch.autocast(device_type=device, enabled=False):
+            canon, world_to_canon = normalize_cameras(views.cameras, LGM_CAM_RADIUS, reference=0, rescale=self.normalize_scale)
+            to_world = torch.linalg.inv(world_to_canon.double()).to(world_to_canon.dtype)
+            features = lgm_input_features(views.images.float(), canon)
+        raw = self.net.raw_from_features(features)  # the U-Net (and 1x1 conv) in the trainer's precision
+        with torch.autocast(device_type=device, enabled=False):
+            return transform_gaussians(activate_gaussians(raw.float()), to_world)
 
     # ------------------------------------------------------------------ rendering
     def rasterizer(self):
@@ -239,7 +255,7 @@ class LGMModule(ReconModule):
         from recon3d.render import render
 
         with torch.autocast(device_type=cameras.c2w.device.type, enabled=False):
-            return render(gaussians.to(torch.float32), cameras, "white", renderer=self.rasterizer())
+            return render(gaussians.to(torch.float32), cameras.to(torch.float32), "white", renderer=self.rasterizer())
 
     def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> RenderOutput:
         return self.render_gaussians(rec.representation, cameras)

@@ -45,3 +45,66 @@ def test_bench_mesh_iou_grid_agrees_with_the_old_inside_test(capsys):
     bench_mesh_iou.main(quick=True)
     rows = [line for line in capsys.readouterr().out.splitlines() if "faces" in line]
     assert len(rows) == 3 and all(r.endswith("100.00%") for r in rows), rows
+
+
+def test_bench_lgm_raster_matches_the_dense_compositor(capsys):
+    from benchmarks import bench_lgm
+
+    r = bench_lgm.bench_raster(splat=8, views=2, size=32, rows=4)
+    assert r["gaussians"] == 2 * 8 * 8 and 0 < r["visible"] < 1  # some rays miss the sphere: transparent, culled
+    # The tile rasteriser vs every-pixel-against-every-Gaussian compositing on the timed band: they
+    # differ only by the tiles' 3-sigma cut-off (a depth tie would reorder colours: ~0.5 here).
+    assert r["band_max_diff"] < 1e-2
+    for m in (r["fwd"], r["fwd_bwd"]):
+        assert m.seconds > 0 and m.peak_mb > 0
+    bench_lgm._print_raster(r, "smoke")
+    bench_lgm._print_boost("needs LGMModule/BoostModule (test)", 1, 1)
+    out = capsys.readouterr().out
+    assert "(b) rasterise smoke: 128 Gaussians" in out and "(d) LGM vs LGM + boost: skipped: needs" in out
+
+
+def test_bench_lgm_pixel_aligned_gaussians_sit_on_the_sphere():
+    import torch
+    from benchmarks import bench_lgm
+
+    from recon3d.models.lgm import lgm_orbit_cameras
+
+    cams = lgm_orbit_cameras((0.0, 90.0, 180.0, 270.0), size=64)[None]
+    g = bench_lgm.pixel_aligned_gaussians(cams, splat=16, sphere_radius=0.5)
+    opaque = g.opacities[0] > 0.5
+    r = g.means[0].norm(dim=-1)
+    # Hits lie on the sphere up to the along-ray jitter (half a footprint, footprint = scale / 0.75 at most).
+    foot = g.scales[0].amax(-1) / 0.75
+    assert opaque.any() and (~opaque).any()
+    assert torch.all((r[opaque] - 0.5).abs() <= 0.5 * foot[opaque] + 1e-5)
+    assert torch.all(r[~opaque] > 0.5 - 1e-5)  # misses: the ray's closest approach lies outside
+
+
+@pytest.mark.slow
+def test_bench_lgm_meta_flop_count_equals_the_cpu_count():
+    import torch
+    from benchmarks import bench_lgm
+
+    from recon3d.models.flops import flop_counter
+    from recon3d.models.lgm import LGMNetwork, lgm_input_features, lgm_orbit_cameras
+
+    cams = lgm_orbit_cameras((0.0, 180.0), size=32)[None]
+    feats = lgm_input_features(torch.rand(1, 2, 3, 32, 32), cams)
+    with torch.no_grad(), flop_counter() as fc:
+        LGMNetwork("tiny", num_views=2).raw_from_features(feats)
+    assert bench_lgm.forward_flops("tiny", 32, views=2) == fc.get_total_flops() > 0
+
+
+@pytest.mark.slow
+def test_bench_lgm_boost_comparison_runs(capsys):
+    import math
+
+    from benchmarks import bench_lgm
+
+    r = bench_lgm.bench_boost(steps=2, extra=1, num_objects=6, num_test=2)
+    assert not isinstance(r, str), r
+    assert r["base_bit_identical"] and 0 < r["adapter_params"] < r["params"]
+    for name in ("base", "lgm", "boost"):
+        assert math.isfinite(r[name][1]["psnr"]), (name, r[name])
+    bench_lgm._print_boost(r, 2, 1)
+    assert "LGM+boost @ 2+1" in capsys.readouterr().out

@@ -233,3 +233,26 @@ def test_bad_options_are_one_line():
                     (dict(lrs={"colour": 0.1}), "lrs"), (dict(background="random"), "background"), (dict(azimuth_steps=0), "azimuth_steps")):
         with pytest.raises(ConfigError, match=key):
             InputViewRefiner(**kw)
+
+
+@pytest.mark.slow
+def test_export_through_a_methods_refiners(tmp_path):
+    # The plug-in Gaussian method of the conformance suite, untrained: its reconstruction's
+    # Gaussians go through the refiner in the method's export path (predict / recon3d export).
+    plyfile = pytest.importorskip("plyfile")
+    from recon3d.data.datamodule import ReconDataModule
+    from recon3d.data.synthetic import SyntheticDataset
+    from tests.methods.plugin.gaussian_fit import GaussianFitModule
+
+    ds = SyntheticDataset(num_objects=2, views_per_object=3, resolution=24, num_surface_points=16, num_sdf_points=16,
+                          mesh_resolution=0, cache_dir=str(tmp_path / "cache"))
+    dm = ReconDataModule(ds, num_val_objects=0, num_test_objects=0, num_input_views=2, num_target_views=1, batch_size=1)
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    model = GaussianFitModule(num_gaussians=32)
+    model.refiners = [_fast(steps=3, reg_views=2, pose_search=True, azimuth_steps=2, elevation_steps=1, radius_steps=1, pose_steps=1)]
+    with torch.inference_mode():  # as Lightning's predict loop runs it
+        files = model.export_object(batch, 0, tmp_path / "obj")
+    plain, refined = plyfile.PlyData.read(files["gaussians.ply"]), plyfile.PlyData.read(files["gaussians_input_view.ply"])
+    assert plain["vertex"].count == refined["vertex"].count == 32
+    assert files["input_view_loss"].startswith("ssim_l1 ") and "->" in files["heldout_psnr"]  # the second input view is held out

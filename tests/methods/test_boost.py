@@ -261,3 +261,12 @@ def test_export_merges_the_adapters_and_takes_the_format_option(cache, tmp_path,
     plys = list(out.rglob("*.ply"))
     assert plys and not list(out.rglob("*.glb"))
     assert PlyData.read(str(plys[0]))["vertex"].count > 0
+
+
+def test_adapters_inside_a_frozen_pretrained_part_are_refused(tmp_path):
+    from recon3d.utils.checkpoint import mark_frozen
+
+    base = _gtr()
+    mark_frozen(base.net.generator, tmp_path / "generator.safetensors")  # checkpoints would leave it out
+    with pytest.raises(ConfigError, match=r"^model\.pattern: net\.generator\.blocks\.0\.attn\.to_q lies in .*'net\.generator'"):
+        _boost(base)

@@ -37,7 +37,9 @@ in :class:`~recon3d.adapters.LoRAConfig`). Without ``pattern`` the base class's 
 :data:`DEFAULT_TARGETS` is used -- the cross-view attention, as the paper does: LGM's
 ``MVAttention`` qkv/proj, GTR's joint triplane/view self-attention (supplementary §8 boosts
 OpenLRM's transformer decoder the same way). A pattern that matches nothing is one
-:class:`~recon3d.errors.ConfigError` line listing (a summary of) the sub-modules that exist.
+:class:`~recon3d.errors.ConfigError` line listing (a summary of) the sub-modules that exist; a
+match inside a frozen pretrained part of the base (which checkpoints leave out and re-read from
+its own files) is refused, since its adapters would not be saved.
 
 Weights and files:
 
@@ -212,6 +214,7 @@ class BoostModule(ReconModule):
         except ConfigError as e:  # name the option and the part the names are relative to
             where = f"{type(base).__name__}.{self.submodule}" if self.submodule else type(base).__name__
             raise ConfigError(str(e).replace("target_modules:", f"model.pattern (module names in {where}):", 1)) from None
+        _refuse_frozen_targets(base, self.submodule, lora_layers(target))
         for p in base.parameters():
             p.requires_grad_(False)
         mark_only_lora_as_trainable(target)
@@ -397,6 +400,18 @@ def _resolve_targets(base: ReconModule, pattern, submodule: str | None) -> tuple
             children = [n for n, _ in base.named_children()]
             raise ConfigError(f"model.submodule: {type(base).__name__} has no sub-module {submodule!r}; its children: {children}") from None
     return submodule, pattern
+
+
+def _refuse_frozen_targets(base: ReconModule, submodule: str, layers: dict) -> None:
+    """A frozen pretrained part (a DINOv2 encoder read from its own files) is left out of
+    checkpoints and re-read from its source: adapters inside it would silently not be saved."""
+    frozen = [n for n in base.frozen_pretrained() if n]
+    for name in layers:
+        full = f"{submodule}.{name}" if submodule else name
+        part = next((f for f in frozen if full == f or full.startswith(f + ".")), None)
+        if part is not None:
+            raise ConfigError(f"model.pattern: {full} lies in {type(base).__name__}'s frozen pretrained part {part!r}, "
+                              "which checkpoints leave out (its adapters would be lost); exclude it (model.exclude)")
 
 
 def _lora_config(pattern, rank, alpha, dropout, exclude) -> LoRAConfig:

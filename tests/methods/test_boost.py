@@ -217,6 +217,7 @@ def test_base_checkpoint_loads_and_a_missing_one_is_one_line(tmp_path):
         _boost(base_checkpoint=str(tmp_path / "missing.ckpt"))
 
 
+@pytest.mark.slow  # ~6 s: the CLI's first parse (test_configs.py parses every YAML in the default suite)
 def test_cpu_config_builds_the_boosted_gtr():
     from recon3d.cli import run_lightning_cli
 

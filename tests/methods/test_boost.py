@@ -271,3 +271,24 @@ def test_adapters_inside_a_frozen_pretrained_part_are_refused(tmp_path):
     mark_frozen(base.net.generator, tmp_path / "generator.safetensors")  # checkpoints would leave it out
     with pytest.raises(ConfigError, match=r"^model\.pattern: net\.generator\.blocks\.0\.attn\.to_q lies in .*'net\.generator'"):
         _boost(base)
+
+
+def test_official_gtr_weights_load_through_the_gtr_importer(tmp_path):
+    """A file in the released GTR layout (``ckpt["pipeline"]``, official key names, built here
+    from a network with the inverse of the importer's key table) lands in the base's network."""
+    from recon3d.models.gtr import official_key_table
+
+    trained = _gtr(seed=5)
+    sd = trained.net.state_dict()
+    pipeline = {"generator": {}, "field": {}}
+    for (part, key), ours in official_key_table(trained.net).items():
+        pipeline[part][key] = sd[ours].clone()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"pipeline": pipeline}, path)
+    model = _boost(official_weights=str(path))
+    got = {k.replace(".base_layer.", "."): v for k, v in model.adapted.state_dict().items() if ".lora_" not in k}
+    assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+    with pytest.raises(ConfigError, match=r"^model\.official_weights: give the base's weights once"):
+        _boost(official_weights=str(path), base_checkpoint=str(path))
+    with pytest.raises(CheckpointError, match=r"^model\.official_weights .*nope\.pth: file not found"):
+        _boost(official_weights=str(tmp_path / "nope.pth"))

@@ -81,3 +81,19 @@ def test_boosting_lgm_lowers_the_loss_and_keeps_lgm_bit_identical(batch, tmp_pat
     merged = _render(model, batch)
     assert torch.allclose(merged, boosted, atol=1e-5), (merged - boosted).abs().max()
     assert not torch.equal(merged, plain)
+
+
+def test_released_lgm_weights_load_through_the_lgm_importer(tmp_path):
+    """A file in model_fp16_fixrot.safetensors' layout (``unet.*``, ``conv.*``, float16) is read
+    by LGM's importer into the base's network in float32."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    released = LGMNetwork("tiny", num_views=4)
+    half = {k: v.detach().half().contiguous() for k, v in released.state_dict().items()}
+    path = tmp_path / "model_fp16_fixrot.safetensors"
+    save_file(half, str(path))
+    model = BoostModule(_lgm(), official_weights=str(path), rank=4, alpha=4.0)
+    got = {k.replace(".base_layer.", "."): v for k, v in model.adapted.state_dict().items() if ".lora_" not in k}
+    assert got.keys() == half.keys()
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], half[k].float()) for k in half)

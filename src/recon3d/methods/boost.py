@@ -47,6 +47,9 @@ Weights and files:
   loading (:func:`~recon3d.utils.checkpoint.load_weights_into`, strict, the base's
   ``init_weights_ignore``) *before* the adapters are added; a missing file is one
   :class:`~recon3d.errors.CheckpointError` line.
+- ``official_weights``: instead, the base method's *released* weights (GTR's ``ckpt.pth``, LGM's
+  ``model_fp16_fixrot.safetensors``) through that method's official importer
+  (:data:`OFFICIAL_IMPORTERS`; strict explicit key maps, fp16 to float32) -- what MVBoost boosts;
 - the Lightning checkpoint holds everything (frozen base + adapters), so ``--ckpt_path`` resume,
   ``test``/``predict``/``export`` work as for every method;
 - at the end of ``fit`` the adapters alone are written (atomically, rank 0) to
@@ -96,7 +99,7 @@ from recon3d.representations import Meshes, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
 from recon3d.utils.checks import check_option
 
-__all__ = ["BoostModule", "DEFAULT_TARGETS"]
+__all__ = ["BoostModule", "DEFAULT_TARGETS", "OFFICIAL_IMPORTERS"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,26 @@ DEFAULT_TARGETS: dict[str, tuple[str, str]] = {
 }
 
 
+def _import_gtr(path: str, net: torch.nn.Module) -> None:
+    from recon3d.models.gtr.pretrained import load_official_gtr
+
+    load_official_gtr(path, net=net)
+
+
+def _import_lgm(path: str, net: torch.nn.Module) -> None:
+    from recon3d.models.lgm.pretrained import load_official_lgm
+
+    load_official_lgm(path, net=net)
+
+
+#: ``{base class name: (submodule, importer(path, net))}``: where each shipped method's released
+#: weights go and the strict importer that maps their keys (``official_weights``).
+OFFICIAL_IMPORTERS = {
+    "GTRModule": ("net", _import_gtr),   # snap-research/gtr ckpt.pth -> GTRNetwork
+    "LGMModule": ("net", _import_lgm),   # 3DTopia/LGM model_fp16_fixrot.safetensors -> LGMNetwork
+}
+
+
 class BoostModule(ReconModule):
     """LoRA boosting of a base reconstruction method (module docstring).
 
@@ -120,6 +143,8 @@ class BoostModule(ReconModule):
             YAML). Its ``evaluation`` is moved to this module when this module has none.
         base_checkpoint: trained weights of ``base`` (a ``.ckpt`` of that method, or a
             ``.safetensors``/``.pt`` of its state dict); None: the base as built (tests).
+        official_weights: the base method's released weights file, loaded with its official
+            importer (:data:`OFFICIAL_IMPORTERS`); exclusive with ``base_checkpoint``.
         pattern: sub-modules that get adapters (regex on names relative to ``submodule``, or a
             list of names); None: the base class's default (:data:`DEFAULT_TARGETS`).
         submodule: dotted path of the part of ``base`` that the pattern and the adapter file's
@@ -147,15 +172,18 @@ class BoostModule(ReconModule):
 
     Run-time options: the evaluation settings, the merge switch, the LPIPS folder, and
     ``base_checkpoint`` / ``adapters`` (with a checkpoint they only initialise weights the
-    checkpoint then replaces, so the command line may point them elsewhere or to null).
+    checkpoint then replaces, so the command line may point them elsewhere or to null; also
+    ``official_weights``).
     """
 
-    RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {"merge_at_inference", "lpips_weights_dir", "base_checkpoint", "adapters"}
+    RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {"merge_at_inference", "lpips_weights_dir", "base_checkpoint",
+                                                     "official_weights", "adapters"}
 
     def __init__(
         self,
         base: ReconModule,
         base_checkpoint: str | None = None,
+        official_weights: str | None = None,
         pattern: str | list[str] | None = None,
         submodule: str | None = None,
         exclude: str | list[str] | None = None,
@@ -203,8 +231,13 @@ class BoostModule(ReconModule):
             raise ConfigError(f"model.adapter_file: expected a file name ending in .safetensors (written into the run folder), got {adapter_file!r}")
         self.save_hyperparameters()  # base: its config (recon3d fit) or left out, never pickled (ReconModule)
 
+        if base_checkpoint is not None and official_weights is not None:
+            raise ConfigError("model.official_weights: give the base's weights once, as base_checkpoint (a recon3d "
+                              "checkpoint) or official_weights (the released file), not both")
         if base_checkpoint is not None:
             _load_base(base, base_checkpoint)
+        if official_weights is not None:
+            _load_official(base, official_weights)
         self.base = base
         self.submodule, pattern = _resolve_targets(base, pattern, submodule)
         self.lora_config = _lora_config(pattern, rank, alpha, dropout, exclude)
@@ -381,6 +414,19 @@ def _load_base(base: ReconModule, path: str) -> None:
         raise CheckpointError(f"model.base_checkpoint {path}: file not found (the trained {type(base).__name__} weights to boost)")
     load_weights_into(base, path, strict=True, ignore=getattr(base, "init_weights_ignore", None))
     log.info("loaded the base %s from %s", type(base).__name__, path)
+
+
+def _load_official(base: ReconModule, path: str) -> None:
+    """The released weights of the base method through its official importer (strict)."""
+    entry = OFFICIAL_IMPORTERS.get(type(base).__name__)
+    if entry is None:
+        raise ConfigError(f"model.official_weights: no importer of released weights for {type(base).__name__} "
+                          f"(there are for {sorted(OFFICIAL_IMPORTERS)}); give a recon3d checkpoint as model.base_checkpoint")
+    if not Path(path).is_file():
+        raise CheckpointError(f"model.official_weights {path}: file not found (the released {type(base).__name__} weights to boost)")
+    submodule, importer = entry
+    importer(path, base.get_submodule(submodule))
+    log.info("loaded the released %s weights from %s", type(base).__name__, path)
 
 
 def _resolve_targets(base: ReconModule, pattern, submodule: str | None) -> tuple[str, str | list[str]]:

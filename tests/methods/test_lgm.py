@@ -212,3 +212,17 @@ def test_bf16_autocast_keeps_frames_and_renders_in_float32(tiny):
     assert all(torch.isfinite(v) for v in terms.values())
     # bf16 network outputs differ a little from float32 ones, the frames do not add to it
     assert (g.means - ref.means).abs().max() < 0.1
+
+
+def test_targets_on_another_background_without_masks_refuse(tiny):
+    model, batch = tiny
+    tg = Views(batch.targets.images, batch.targets.cameras)  # no masks
+    black = torch.zeros(len(batch), 3)
+    unmasked = Batch(batch.object_ids, batch.inputs, tg, background=black)
+    model = _fresh(lambda_mask=0.0)
+    with pytest.raises(DataError, match="data.background: white"):
+        model.training_losses(unmasked)
+    white = Batch(batch.object_ids, batch.inputs, tg, background=torch.ones(len(batch), 3))
+    assert torch.isfinite(model.training_losses(white)["loss"])
+    with pytest.raises(DataError, match="targets.masks"):
+        _fresh(lambda_mask=1.0).training_losses(white)

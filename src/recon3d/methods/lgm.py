@@ -48,7 +48,7 @@ from jsonargparse import lazy_instance
 
 from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
-from recon3d.errors import ConfigError, ShapeError
+from recon3d.errors import ConfigError, DataError, ShapeError
 from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.lgm import (
@@ -243,19 +243,23 @@ class LGMModule(ReconModule):
             return transform_gaussians(activate_gaussians(raw.float()), to_world)
 
     # ------------------------------------------------------------------ rendering
-    def rasterizer(self):
-        if self._rasterizer is None:
+    def rasterizer(self, device: torch.device | None = None):
+        """The Gaussian rasteriser for ``device`` (default the module's), built once per device
+        type (``auto`` picks gsplat for CUDA tensors, the torch reference otherwise)."""
+        kind = torch.device(device or self.device).type
+        if self._rasterizer is None or self._rasterizer[0] != kind:
             from recon3d.render.gaussians import GaussianRasterizer
 
-            self._rasterizer = GaussianRasterizer(self.render_backend, device=self.device, background="white")
-        return self._rasterizer
+            self._rasterizer = (kind, GaussianRasterizer(self.render_backend, device=kind, background="white"))
+        return self._rasterizer[1]
 
     def render_gaussians(self, gaussians: Gaussians, cameras: Cameras) -> RenderOutput:
         """Render ``gaussians`` into ``cameras (B, V)`` on white, in float32 (also under autocast)."""
         from recon3d.render import render
 
         with torch.autocast(device_type=cameras.c2w.device.type, enabled=False):
-            return render(gaussians.to(torch.float32), cameras.to(torch.float32), "white", renderer=self.rasterizer())
+            return render(gaussians.to(torch.float32), cameras.to(torch.float32), "white",
+                          renderer=self.rasterizer(gaussians.means.device))
 
     def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> RenderOutput:
         return self.render_gaussians(rec.representation, cameras)
@@ -296,6 +300,9 @@ class LGMModule(ReconModule):
         gs = self.gaussians(self._augmented_inputs(batch.inputs))
         tg = batch.targets
         out = self.render_gaussians(gs, tg.cameras)
+        if tg.masks is None and batch.background is not None and not bool(torch.all(batch.background == 1)):
+            raise DataError(f"batch of {batch.object_ids[:3]}", "LGM renders and supervises on white, but the targets are "
+                            "composited on another background and have no masks to re-composite them; set data.background: white")
         target = self._on_white(tg.images, tg.masks, batch.background)
         terms = {"rgb": F.mse_loss(out.rgb, target)}
         loss = terms["rgb"]

@@ -87,7 +87,9 @@ def registered_backends() -> dict[str, Backend]:
 def _probe(name: str) -> str | None:
     b = _REGISTRY[name]
     reason = b.probe()
-    if reason is None and "cuda" in b.devices and not torch.cuda.is_available():
+    # A CUDA-only library needs a CUDA device; one that also runs on the CPU (spconv's wheel) is
+    # checked against the tensors' device in backend_unusable.
+    if reason is None and "cpu" not in b.devices and not torch.cuda.is_available():
         reason = "no CUDA device"
     return reason
 
@@ -99,6 +101,8 @@ def backend_unusable(name: str, device_type: str | None = None) -> str | None:
     b = _REGISTRY[name]
     if device_type is not None and device_type not in b.devices:
         return f"tensors are on {device_type}, {name} needs {' or '.join(b.devices)}"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
     return _probe(name)
 
 

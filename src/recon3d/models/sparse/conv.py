@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -75,24 +76,70 @@ def _check_weight(voxels: SparseVoxels, weight: torch.Tensor, bias: torch.Tensor
     return weight.shape[1]
 
 
-def _taps_gemm(dst: torch.Tensor, src: torch.Tensor, w: torch.Tensor, nm, transpose: bool) -> None:
-    """``dst[o] += src[i] @ w[t]`` for every tap's pairs (``o, i`` swapped and ``w[t]`` transposed
-    when ``transpose``: the input gradient). One tap at a time through two reused buffers: the
-    temporaries stay small (a tap's pairs), so they come from the allocator's free lists instead of
-    fresh pages on every call (large CPU temporaries measured 5-10x slower than these ops)."""
+#: Pairs x channels of one group's temporaries (16 MB in float32): small enough to come from the
+#: allocator's free lists, not fresh pages on every call (large CPU temporaries measured 5-10x
+#: slower than the ops themselves).
+_GROUP_ELEMENTS = 1 << 22
+#: Scatter through a sparse-CSR addmm on the CPU (False: index_add_, for comparison).
+_CSR_SCATTER = True
+
+
+def _groups(nm, width: int):
+    """Consecutive runs of taps ``(t0, t1, p0, p1)`` whose pairs x ``width`` fit a group."""
+    rows = max(max(nm.splits), _GROUP_ELEMENTS // max(width, 1))
+    out, t0, p0, acc = [], 0, 0, 0
+    for t, n in enumerate(nm.splits):
+        if acc and acc + n > rows:
+            out.append((t0, t, p0, p0 + acc))
+            t0, p0, acc = t, p0 + acc, 0
+        acc += n
+    out.append((t0, len(nm.splits), p0, p0 + acc))
+    return out
+
+
+def _scatter_matrix(nm, p0: int, p1: int, transpose: bool, dtype, device) -> torch.Tensor:
+    """CSR ``(N, p1 - p0)`` 0/1 matrix adding pair ``p`` into its output row (input row when
+    ``transpose``); cached on the map."""
+    key = (p0, p1, transpose, dtype, device)
+    cache = nm.__dict__.setdefault("_csr", {})
+    if key not in cache:
+        rows = (nm.in_idx if transpose else nm.out_idx)[p0:p1]
+        order = torch.argsort(rows, stable=True)
+        crow = torch.zeros(nm.num_voxels + 1, dtype=torch.int64, device=device)
+        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=nm.num_voxels), 0)
+        ones = torch.ones(p1 - p0, dtype=dtype, device=device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": used for one addmm only
+            warnings.simplefilter("ignore", UserWarning)
+            cache[key] = torch.sparse_csr_tensor(crow, order, ones, size=(nm.num_voxels, p1 - p0))
+    return cache[key]
+
+
+def _taps_gemm(dst: torch.Tensor, src: torch.Tensor, w: torch.Tensor, nm, transpose: bool) -> torch.Tensor:
+    """``dst[o] += src[i] @ w[t]`` over every tap's pairs (``o, i`` swapped and ``w[t]``
+    transposed when ``transpose``: the input gradient); returns the new ``dst``.
+
+    Taps are processed in groups (:data:`_GROUP_ELEMENTS`): one gather of the group's input rows,
+    one GEMM per tap into a shared buffer, then the scatter. On the CPU (float32/64) the scatter
+    is one sparse-CSR ``addmm`` (a 0/1 matrix per group, cached): measured 1-9x faster than the
+    per-tap ``index_add_`` it replaces (scatter-add is not vectorised on the CPU); elsewhere
+    ``index_add_``.
+    """
     if not nm.taps:
-        return
-    m = max(nm.splits)
-    gbuf = src.new_empty(m, src.shape[1])
-    pbuf = src.new_empty(m, dst.shape[1])
-    for t, o, i in nm.per_tap():
-        if transpose:
-            o, i = i, o
-        n = o.numel()
-        g, p = gbuf[:n], pbuf[:n]
-        torch.index_select(src, 0, i, out=g)
-        torch.mm(g, w[t].t() if transpose else w[t], out=p)
-        dst.index_add_(0, o, p)
+        return dst
+    outs, ins = (nm.in_idx, nm.out_idx) if transpose else (nm.out_idx, nm.in_idx)
+    csr = _CSR_SCATTER and not src.is_cuda and src.dtype in (torch.float32, torch.float64)
+    for t0, t1, p0, p1 in _groups(nm, max(src.shape[1], dst.shape[1])):
+        g = src.index_select(0, ins[p0:p1])
+        prod = src.new_empty(p1 - p0, dst.shape[1])
+        off = 0
+        for t, n in zip(nm.taps[t0:t1], nm.splits[t0:t1]):
+            torch.mm(g[off : off + n], w[t].t() if transpose else w[t], out=prod[off : off + n])
+            off += n
+        if csr:
+            dst.addmm_(_scatter_matrix(nm, p0, p1, transpose, src.dtype, src.device), prod)
+        else:
+            dst.index_add_(0, outs[p0:p1], prod)
+    return dst
 
 
 class _SubMConvFn(torch.autograd.Function):
@@ -105,7 +152,7 @@ class _SubMConvFn(torch.autograd.Function):
         w = weight.reshape(co, k**3, ci).permute(1, 2, 0).to(feats.dtype).contiguous()  # (k^3, Ci, Co)
         wc = w[nm.center]
         out = torch.addmm(bias.to(feats.dtype), feats, wc) if bias is not None else feats @ wc
-        _taps_gemm(out, feats, w, nm, transpose=False)
+        out = _taps_gemm(out, feats, w, nm, transpose=False)
         ctx.save_for_backward(feats, weight)
         ctx.nm, ctx.has_bias = nm, bias is not None
         return out
@@ -121,7 +168,7 @@ class _SubMConvFn(torch.autograd.Function):
         g_feats = g_weight = g_bias = None
         if ctx.needs_input_grad[0]:
             g_feats = grad_out @ w[nm.center].t()
-            _taps_gemm(g_feats, grad_out, w, nm, transpose=True)
+            g_feats = _taps_gemm(g_feats, grad_out, w, nm, transpose=True)
         if ctx.needs_input_grad[1]:
             gw = torch.zeros(k**3, ci, co, dtype=feats.dtype, device=feats.device)
             gw[nm.center] = feats.t() @ grad_out

@@ -153,32 +153,38 @@ def neighbour_map(voxels: SparseVoxels, kernel_size: int = 3, method: str = "aut
     offs = kernel_offsets(kernel_size).to(device)
     deltas = (offs[:, 0] * side + offs[:, 1]) * side + offs[:, 2]  # (K,)
     center = (kernel_size**3 - 1) // 2
-    deltas = torch.cat([deltas[:center], deltas[center + 1 :]])
+    # Only the taps before the centre are looked up: the tap of offset -d (index K-1-t, the
+    # offsets being symmetric in tap order) has the mirrored pairs (i, o) of tap t's (o, i).
+    half = deltas[:center]
     table_size = max(voxels.batch_size, 1) * side**3
     if method == "auto":
         method = "table" if table_size <= DENSE_TABLE_MAX else "sort"
     if n == 0:
-        nb = torch.empty(deltas.numel(), 0, dtype=torch.int64, device=device)
+        nb = torch.empty(center, 0, dtype=torch.int64, device=device)
     elif method == "table":
-        table = torch.full((table_size,), -1, dtype=torch.int64, device=device)
-        rows = torch.arange(n, device=device)
+        table = torch.full((table_size,), -1, dtype=torch.int32 if n < 2**31 else torch.int64, device=device)
+        rows = torch.arange(n, device=device, dtype=table.dtype)
         table[keys] = rows
         if not bool((table[keys] == rows).all()):  # a duplicate key: a later row overwrote an earlier one
             raise _duplicate_error(voxels, keys.sort().values, side, pad, name)
-        nb = table[keys[None, :] + deltas[:, None]]  # (K-1, N) input row or -1
+        nb = table[keys[None, :] + half[:, None]]  # (center, N) input row or -1
     elif method == "sort":
         sk, perm = keys.sort()
         if n > 1 and bool((sk[1:] == sk[:-1]).any()):
             raise _duplicate_error(voxels, sk, side, pad, name)
-        q = keys[None, :] + deltas[:, None]
+        q = keys[None, :] + half[:, None]
         pos = torch.searchsorted(sk, q).clamp_(max=n - 1)
         nb = torch.where(sk[pos] == q, perm[pos], -1)
     else:
         raise ShapeError(f"method: expected 'auto', 'table' or 'sort', got {method!r}")
-    valid = nb >= 0
-    tap_rows, out_idx = valid.nonzero(as_tuple=True)  # sorted by tap, then output row
-    in_idx = nb[tap_rows, out_idx]
-    counts = valid.sum(1).tolist()
+    flat = (nb >= 0).view(-1).nonzero().squeeze(1)
+    out_h = flat % max(n, 1)
+    in_h = nb.view(-1)[flat].long()
+    counts_h = torch.bincount(flat // max(n, 1), minlength=center).tolist()
+    outs_h, ins_h = torch.split(out_h, counts_h), torch.split(in_h, counts_h)
+    out_idx = torch.cat([out_h, *ins_h[::-1]])
+    in_idx = torch.cat([in_h, *outs_h[::-1]])
+    counts = counts_h + counts_h[::-1]
     all_taps = [t for t in range(kernel_size**3) if t != center]
     taps = [t for t, c in zip(all_taps, counts) if c]
     splits = [c for c in counts if c]

@@ -108,3 +108,24 @@ def test_bench_lgm_boost_comparison_runs(capsys):
         assert math.isfinite(r[name][1]["psnr"]), (name, r[name])
     bench_lgm._print_boost(r, 2, 1)
     assert "LGM+boost @ 2+1" in capsys.readouterr().out
+
+
+def test_bench_sparse_conv_and_attention_cases_run():
+    import math
+
+    import torch
+    from benchmarks import bench_sparse
+
+    class _Box(list):
+        put = list.append
+
+    threads = torch.get_num_threads()  # the benchmark sets its own thread counts
+    try:
+        r = bench_sparse.conv_case(12, 0.1, 8, threads=1, repeats=1, t_dense=1.0, spconv=False)
+        assert r["voxels"] > 0 and all(r[k] > 0 for k in ("first", "ours", "ours_1t")) and math.isnan(r["spconv"])
+        for variant in ("packed", "padded", "blockdiag"):
+            box = _Box()
+            bench_sparse._attention_child(variant, 256, 2, 8, 1, box)
+            assert box[0]["voxels"] == 256 and box[0]["err"] < 1e-5 and sum(box[0]["lens"]) == 256
+    finally:
+        torch.set_num_threads(threads)

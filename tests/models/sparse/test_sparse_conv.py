@@ -141,6 +141,12 @@ def test_spconv_cpu_build_equals_torch_on_the_same_weights():
     assert (ours - ref).abs().max() < 1e-5
     assert (theirs - ref).abs().max() < 1e-5
     assert torch.equal(again.feats, theirs)
+    # column-major coords (spconv alone returns garbage for them): the wrapper passes a contiguous copy
+    col_major = v.coords.t().contiguous().t()
+    assert not col_major.is_contiguous()
+    with torch.no_grad():
+        theirs_nc = conv(SparseVoxels(col_major, v.feats, v.resolution, v.batch_size)).feats
+    assert (theirs_nc - ref).abs().max() < 1e-5
     with pytest.raises(BackendUnavailableError, match="forward-only"):
         conv(v.replace(feats=v.feats.requires_grad_()))
 

@@ -178,3 +178,17 @@ def test_registry_lists_the_sparse_backends_by_device():
         # a CPU-and-CUDA library is refused for CUDA tensors only
         assert backend_unusable("spconv", "cuda") == "no CUDA device"
         assert backend_unusable("flash_attn") is not None
+
+
+def test_conv_under_cpu_bf16_autocast():
+    v = random_voxels((0.2, 0.1), resolution=8, channels=16, seed=11, dtype=torch.float32)
+    conv = SparseSubMConv3d(16, 8)
+    ref = conv(v).feats
+    f = v.feats.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(v.replace(feats=f)).feats
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 3e-2 * ref.abs().max()
+    out.float().sum().backward()
+    assert f.grad.dtype == torch.float32 and conv.conv.weight.grad.dtype == torch.float32
+    assert torch.isfinite(conv.conv.weight.grad).all()

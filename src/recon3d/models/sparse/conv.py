@@ -160,10 +160,15 @@ class _SubMConvFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _SubMConvFn._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         feats, weight = ctx.saved_tensors
         nm = ctx.nm
         co, k, ci = weight.shape[0], weight.shape[1], weight.shape[4]
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.contiguous().to(feats.dtype)
         w = weight.reshape(co, k**3, ci).permute(1, 2, 0).to(feats.dtype)
         g_feats = g_weight = g_bias = None
         if ctx.needs_input_grad[0]:
@@ -182,7 +187,14 @@ class _SubMConvFn(torch.autograd.Function):
 
 def _torch_conv(voxels: SparseVoxels, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     nm = neighbour_map(voxels, weight.shape[1])
-    return _SubMConvFn.apply(voxels.feats.contiguous(), weight, bias, nm)
+    feats = voxels.feats.contiguous()
+    dev = feats.device.type
+    if torch.is_autocast_enabled(dev) and feats.dtype.is_floating_point:
+        # As autocast does for conv3d: compute in its dtype (the Function itself runs with
+        # autocast off, so its out= GEMMs and the scatter see one dtype).
+        feats = feats.to(torch.get_autocast_dtype(dev))
+    with torch.autocast(dev, enabled=False):
+        return _SubMConvFn.apply(feats, weight, bias, nm)
 
 
 # ---------------------------------------------------------------------------------------- spconv

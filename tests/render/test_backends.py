@@ -93,3 +93,17 @@ def test_renderers_and_the_scan_share_the_registry():
     ref = torch.stack(ys, -1)
     for backend in ("auto", "torch", choice):
         torch.testing.assert_close(selective_scan(u, delta, A, B, C, backend=backend), ref, atol=1e-10, rtol=1e-10)
+
+
+def test_a_cpu_and_cuda_library_is_refused_only_for_cuda_tensors_without_a_device():
+    backends.register_backend("fake_both", ("cpu", "cuda"), lambda: None)
+    try:
+        assert backends.resolve_backend("fake_both", ("fake_both",), "cpu", what="fake both") == "fake_both"
+        if not torch.cuda.is_available():
+            assert backends.backend_unusable("fake_both", "cuda") == "no CUDA device"
+            with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+                backends.resolve_backend("fake_both", ("fake_both",), "cuda", what="fake both")
+    finally:
+        backends._REGISTRY.pop("fake_both", None)
+        backends._probe.cache_clear()
+        backends._resolve.cache_clear()

@@ -110,6 +110,18 @@ def test_bench_lgm_boost_comparison_runs(capsys):
     assert "LGM+boost @ 2+1" in capsys.readouterr().out
 
 
+def test_bench_flow_reports_every_sampler_configuration(capsys):
+    import torch
+    from benchmarks import bench_flow
+
+    model = bench_flow.TinyDiT(width=16, blocks=1).eval()
+    rows = bench_flow.bench_case("smoke", model, torch.randn(1, 8, 2, 2, 2), torch.randn(1, 2, 32), "cpu", repeats=1)
+    assert [r["config"] for r in rows] == ["plain", "cfg", "cfg+rescale", "multidiff V=3 +cfg", "cfg+rescale+hook"]
+    assert [r["evals"] for r in rows] == [1, 2, 2, 4, 2]
+    assert all(r["overhead"] >= 0 and r["model"] > 0 and r["ratio"] == r["overhead"] / r["model"] for r in rows)
+    assert "(smoke) one model evaluation" in capsys.readouterr().out
+
+
 def test_bench_sparse_conv_and_attention_cases_run():
     import math
 

@@ -150,6 +150,12 @@ def test_layout_std_matches_per_object_torch_std():
     assert torch.allclose(sd[1], sv[1].feats.std(), atol=1e-6)  # 3 elements: still defined
     dense = torch.randn(2, 3, 4)
     assert torch.allclose(layout_of(dense).std(dense), dense.flatten(1).std(1))
+    # An unsorted packed index takes the scatter path: same numbers as the per-object slices.
+    perm = torch.randperm(sv.num_voxels, generator=torch.Generator().manual_seed(0))
+    shuffled = layout_of(sv.feats[perm], batch_index=sv.coords[perm, 0])
+    assert shuffled._slices is None
+    assert torch.allclose(shuffled.std(sv.feats[perm]), sd, atol=1e-6)
+    assert torch.allclose(shuffled.mean(sv.feats[perm]), lay.mean(sv.feats), atol=1e-9)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -46,6 +46,13 @@ class FlowLayout:
         self.index = index
         self.ndim = ndim
         self.template = template
+        self._rows: torch.Tensor | None = None  # (B,) rows per object of a packed state, cached
+        self._slices: list[tuple[int, int]] | None = None
+        if index is not None and (index.numel() < 2 or bool((index[1:] >= index[:-1]).all())):
+            # Sorted (SparseVoxels guarantees it): objects are contiguous row ranges, and the
+            # per-object statistics are plain reductions over views instead of scatters.
+            ends = torch.bincount(index, minlength=batch_size).cumsum(0).tolist()
+            self._slices = list(zip([0] + ends[:-1], ends))
 
     # -------------------------------------------------------------- per-object -> per-element
     def expand(self, per_object: torch.Tensor | float) -> torch.Tensor | float:
@@ -65,8 +72,9 @@ class FlowLayout:
         per_row = flat[0].numel() if flat.shape[0] else int(torch.tensor(flat.shape[1:]).prod())
         if self.index is None:
             return torch.full((self.batch_size,), float(per_row), dtype=torch.float64, device=flat.device)
-        rows = torch.bincount(self.index, minlength=self.batch_size).to(torch.float64)
-        return rows * per_row
+        if self._rows is None or self._rows.device != flat.device:
+            self._rows = torch.bincount(self.index, minlength=self.batch_size).to(device=flat.device, dtype=torch.float64)
+        return self._rows * per_row
 
     def mean(self, flat: torch.Tensor) -> torch.Tensor:
         """``(B,)`` per-object mean over all of an object's elements (float64; NaN for an empty object)."""
@@ -81,6 +89,10 @@ class FlowLayout:
         correction like ``torch.std`` (NaN for an object of fewer than 2 elements), in ``flat``'s dtype."""
         if self.index is None:
             return flat.reshape(flat.shape[0], -1).std(1)
+        if self._slices is not None:
+            nan = flat.new_full((), float("nan"))
+            return torch.stack([flat[a:b].std() if (b - a) * max(flat[0:1].numel(), 1) > 1 else nan for a, b in self._slices]) \
+                if self._slices else flat.new_zeros(0)
         x = flat.reshape(flat.shape[0], -1).to(torch.float64)
         centred = x - self.mean(flat)[self.index].unsqueeze(1)
         ss = torch.zeros(self.batch_size, dtype=torch.float64, device=flat.device)

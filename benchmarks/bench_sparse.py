@@ -1,6 +1,6 @@
 """Benchmark: recon3d's sparse ops — submanifold conv vs dense ``conv3d`` and spconv, sparse attention memory.
 
-Run: ``.venv/bin/python benchmarks/bench_sparse.py [--quick] [--threads 2]`` (CPU).
+Run: ``.venv/bin/python benchmarks/bench_sparse.py [--quick] [--threads 2] [--part conv|attention]`` (CPU).
 
 1. Submanifold 3x3x3 conv on one 64^3 grid (``--quick``: 32^3) at 1 %, 5 %, 20 % random
    occupancy (plus a one-voxel-thick sphere shell, the surface voxels TRELLIS works on), C = 32
@@ -11,26 +11,34 @@ Run: ``.venv/bin/python benchmarks/bench_sparse.py [--quick] [--threads 2]`` (CP
    pairs, cached reuses them), all best-of-``repeats``; ratios ``dense / ours`` (goal > 1 at
    <= 5 %) and ``ours / spconv`` (goal <= 2). spconv's CPU build must run on one intra-op thread
    (it returns wrong rows with two, see ``recon3d.models.sparse.conv``), so it is timed on one
-   thread, and ours is timed on the benchmark's threads and on one thread.
+   thread, and ours is timed on the benchmark's threads and on one thread (the like-for-like
+   comparison with spconv).
 2. Sparse full attention over 4k-32k voxels split into 8 objects of unequal size (8:4:4:2:2:1:1:1),
    4 heads of 32: peak resident memory added by the call (``VmHWM`` reset right before, each
    variant in a fresh process so freed pages of one do not hide the next) and time, for
    recon3d's packed ``varlen_attention`` (torch backend), padding every object to the longest
    with a key mask (one SDPA call), and one block-diagonal ``N x N`` mask (up to 16k voxels).
 
-The machine is shared: the load average is printed with the results.
+The machine is shared: the load average is printed with the results. As in ``bench_render``,
+``OMP_WAIT_POLICY`` is set to ``PASSIVE`` before torch is imported unless already set: with
+OpenMP's spinning default and oversubscribed cores, the conv's dozens of small parallel ops each
+wait for a descheduled thread (measured here at load 6 on 2 cores: 5 % / C = 32 took 500 ms with
+2 threads instead of 6 ms).
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import multiprocessing as mp
 import os
-import time
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 def _load() -> str:
@@ -121,7 +129,7 @@ def bench_conv(quick: bool, threads: int) -> list[dict]:
     if not spconv:
         print("  spconv not importable here: its columns are skipped (pip install 'recon3d[sparse]')")
     print(f"{'occupancy':>11} {'C':>4} {'voxels':>7} | {'dense':>9} | {'ours 1st':>9} {'ours':>9} {'ours 1t':>9} | "
-          f"{'spconv 1st':>10} {'spconv':>9} | {'dense/ours':>10} {'ours/spconv':>11} {'ours1t/spconv':>13}")
+          f"{'spconv 1st':>10} {'spconv':>9} | {'dense/ours':>10} {'dense/ours1t':>12} {'ours/spconv':>11} {'ours1t/spconv':>13}")
     with torch.no_grad():
         for c in (32, 128):
             torch.set_num_threads(threads)
@@ -131,7 +139,7 @@ def bench_conv(quick: bool, threads: int) -> list[dict]:
                 rows.append(r)
                 print(f"{r['occupancy']:>11} {c:>4} {r['voxels']:>7} | {t_dense * 1e3:>7.1f}ms | {r['first'] * 1e3:>7.1f}ms {r['ours'] * 1e3:>7.1f}ms "
                       f"{r['ours_1t'] * 1e3:>7.1f}ms | {r['spconv_first'] * 1e3:>8.1f}ms {r['spconv'] * 1e3:>7.1f}ms | "
-                      f"{t_dense / r['ours']:>9.1f}x {r['ours'] / r['spconv']:>10.2f}x {r['ours_1t'] / r['spconv']:>12.2f}x", flush=True)
+                      f"{t_dense / r['ours']:>9.1f}x {t_dense / r['ours_1t']:>11.1f}x {r['ours'] / r['spconv']:>10.2f}x {r['ours_1t'] / r['spconv']:>12.2f}x", flush=True)
     torch.set_num_threads(threads)
     print("  ours/spconv compares cached calls (both reuse their pairs); 1st = new coordinates (map / pairs built).")
     return rows
@@ -219,11 +227,13 @@ def bench_attention(quick: bool, threads: int) -> list[dict]:
     return rows
 
 
-def main(quick: bool = False, threads: int = 2) -> None:
+def main(quick: bool = False, threads: int = 2, part: str = "all") -> None:
     torch.set_num_threads(threads)
-    print(f"bench_sparse: torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs; {_load()}")
-    bench_conv(quick, threads)
-    bench_attention(quick, threads)
+    print(f"bench_sparse: torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; {_load()}")
+    if part in ("all", "conv"):
+        bench_conv(quick, threads)
+    if part in ("all", "attention"):
+        bench_attention(quick, threads)
     print(f"\ndone; {_load()}")
 
 
@@ -231,5 +241,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--part", choices=("all", "conv", "attention"), default="all")
     a = ap.parse_args()
-    main(a.quick, a.threads)
+    main(a.quick, a.threads, a.part)

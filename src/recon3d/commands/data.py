@@ -22,6 +22,14 @@
 
         recon3d data convert --format blender|openlrm|instantmesh|gtr_views --num-objects 8 --out data/blender
 
+``recon3d data pseudo-gt``
+    MVBoost's pseudo-ground-truth builder (:mod:`recon3d.commands.pseudo_gt`): image folder →
+    generated views → reconstruction → renders → SDEdit-refined views, as resumable shards that
+    :class:`~recon3d.data.pseudo_gt.PseudoGTDataset` reads::
+
+        recon3d data pseudo-gt --images photos/ --strength 0.95 --out data/pseudo_gt \
+            --generator configs/mv_diffusion_cpu.yaml --reconstructor configs/lgm_cpu.yaml
+
 Exit status 0 on success; bad input raises :class:`recon3d.errors.Recon3DError`, which ``recon3d``
 prints as one ``recon3d: error:`` line (exit status 2).
 """
@@ -43,7 +51,7 @@ FORMATS = ("blender", "openlrm", "instantmesh", "gtr_views")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = OneLineParser(prog="recon3d data", description="Dataset preparation: depth priors, synthetic set, format conversion.")
+    ap = OneLineParser(prog="recon3d data", description="Dataset preparation: depth priors, synthetic set, format conversion, MVBoost pseudo-ground truth.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("depth", help="cache Depth Anything depth priors (M3D's depth stream)",
@@ -67,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output folder (one sub-folder per object)")
     _synthetic_args(c)
     c.add_argument("--cache-dir", default=None, help="synthetic cache to read/generate (default: $RECON3D_CACHE)")
+
+    from recon3d.commands.pseudo_gt import add_arguments
+
+    g = sub.add_parser("pseudo-gt", help="build MVBoost's pseudo-ground-truth set (generated + refined views) from an image folder",
+                       description="MVBoost Algorithm 1 over an image folder, written as resumable shards with a manifest.")
+    add_arguments(g)
     return ap
 
 
@@ -164,12 +178,16 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``recon3d data <depth|synthetic|convert> ...``; returns the exit status."""
+    """``recon3d data <depth|synthetic|convert|pseudo-gt> ...``; returns the exit status."""
     a = build_parser().parse_args(None if argv is None else list(argv))
     if a.command == "depth":
         return _depth(a)
     if a.command == "synthetic":
         return _synthetic_cmd(a)
+    if a.command == "pseudo-gt":
+        from recon3d.commands.pseudo_gt import run
+
+        return run(a)
     return _convert(a)
 
 

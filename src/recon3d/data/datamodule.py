@@ -122,7 +122,16 @@ class ViewSamplingDataset(Dataset):
         return len(self.source)
 
     def choose_views(self, index: int, epoch: int) -> tuple[list[int], list[int]]:
-        """Input and target view indices of object ``index`` in ``epoch``."""
+        """Input and target view indices of object ``index`` in ``epoch``.
+
+        A source whose inputs and supervision are different images at the same cameras (the
+        pseudo-ground-truth set: generated views in, refined views as targets) chooses them
+        itself through its own ``choose_views(index, epoch, num_input_views, num_target_views,
+        view_sampling, supervise_inputs, generator)``."""
+        own = getattr(self.source, "choose_views", None)
+        if own is not None:
+            return own(index, epoch, self.n_in, self.n_tgt, self.view_sampling, self.supervise_inputs,
+                       item_generator(self.seed, epoch, index))
         V = self.source.num_views(index)
         need = self.n_in + self.n_tgt
         if V < self.n_in + (0 if self.supervise_inputs else 1) or (not self.supervise_inputs and V < need and self.view_sampling == "fixed"):

@@ -20,8 +20,10 @@ Backends (the registry of :mod:`recon3d.render.backends`, capability "sparse con
   build). The indices handed to it are always a contiguous int32 copy: spconv returns silently
   wrong values for non-contiguous ones (measured max error 1.04 on spconv 2.3.8).
 - ``"auto"``: spconv on CUDA tensors when usable, else torch. On CPU ``auto`` is the torch path:
-  it is the reference, and it is within the measured factor of spconv's CPU build
-  (``benchmarks/bench_sparse.py``), so spconv on CPU is only used when asked for by name.
+  it is the reference and as fast as spconv's CPU build (``benchmarks/bench_sparse.py``, 64^3,
+  forward, cached maps, 2 threads at load ~6 on 2 cores: 0.5-1.1x spconv's time at 1-5 %
+  occupancy and on a 3.9 % sphere shell, 1.2-1.6x at 20 %; 53x / 139x faster than dense
+  ``conv3d`` at 5 % with C = 32 / 128), so spconv on CPU is only used when asked for by name.
 
 spconv 2.3.8's CPU wheel, measured here: forward only (its backward calls ``torch.cuda``; the
 wrapper refuses gradients on CPU with one line), and wrong rows with more than one torch thread

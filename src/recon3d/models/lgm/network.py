@@ -117,7 +117,11 @@ def lgm_input_features(images: torch.Tensor, cameras: Cameras) -> torch.Tensor:
         cameras = cameras.resized(W, H)
     mean = images.new_tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
-    rays = plucker_embedding(cameras.to(images.device), convention="oxd", order="md").to(images.dtype)
+    # Rays in float32 whatever the autocast state: under bf16 autocast the ray matmul would give
+    # bf16 directions beside float32 origins, and the cross product refuses mixed dtypes.
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        rays = plucker_embedding(cameras.to(images.device), convention="oxd", order="md")
+    rays = rays.to(images.dtype)
     return torch.cat([(images - mean) / std, rays], dim=2)
 
 

@@ -1,0 +1,26 @@
+"""TRELLIS's networks (microsoft/TRELLIS, MIT) in recon3d, named as upstream so the official
+``ckpts/<name>.json`` + ``.safetensors`` load strictly (:func:`load_trellis_model`).
+
+Landed (the dense half): the sparse-structure VAE (:class:`SparseStructureEncoder`,
+:class:`SparseStructureDecoder`, :func:`occupancy_to_voxels`, :func:`ss_vae_loss`) and the
+sparse-structure flow DiT (:class:`SparseStructureFlowModel`); shared blocks in ``modules.py``.
+The structured-latent (SLAT) VAE, decoders and flow are not implemented yet
+(:data:`TRELLIS_NOT_YET`).
+"""
+
+from recon3d.models.trellis.modules import ModulatedTransformerCrossBlock, pixel_shuffle_3d, timestep_embedding
+from recon3d.models.trellis.pretrained import (
+    TRELLIS_CLASSES, TRELLIS_NOT_YET, TRELLIS_PRESETS, build_trellis_model, convert_trellis_state_dict, load_trellis_model,
+    read_trellis_json,
+)
+from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
+from recon3d.models.trellis.ss_vae import (
+    ResBlock3d, SparseStructureDecoder, SparseStructureEncoder, SSVAELoss, occupancy_to_voxels, ss_vae_loss,
+)
+
+__all__ = [
+    "SparseStructureEncoder", "SparseStructureDecoder", "SparseStructureFlowModel", "ResBlock3d", "ModulatedTransformerCrossBlock",
+    "occupancy_to_voxels", "ss_vae_loss", "SSVAELoss", "pixel_shuffle_3d", "timestep_embedding",
+    "TRELLIS_CLASSES", "TRELLIS_NOT_YET", "TRELLIS_PRESETS", "build_trellis_model", "read_trellis_json",
+    "convert_trellis_state_dict", "load_trellis_model",
+]

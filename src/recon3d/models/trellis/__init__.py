@@ -10,12 +10,22 @@ The structured-latent (SLAT) VAE, decoders and flow are not implemented yet
 
 from recon3d.models.trellis.modules import ModulatedTransformerCrossBlock, pixel_shuffle_3d, timestep_embedding
 from recon3d.models.trellis.pretrained import (
-    TRELLIS_CLASSES, TRELLIS_NOT_YET, TRELLIS_PRESETS, build_trellis_model, convert_trellis_state_dict, load_trellis_model,
+    TRELLIS_CLASSES,
+    TRELLIS_NOT_YET,
+    TRELLIS_PRESETS,
+    build_trellis_model,
+    convert_trellis_state_dict,
+    load_trellis_model,
     read_trellis_json,
 )
 from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
 from recon3d.models.trellis.ss_vae import (
-    ResBlock3d, SparseStructureDecoder, SparseStructureEncoder, SSVAELoss, occupancy_to_voxels, ss_vae_loss,
+    ResBlock3d,
+    SparseStructureDecoder,
+    SparseStructureEncoder,
+    SSVAELoss,
+    occupancy_to_voxels,
+    ss_vae_loss,
 )
 
 __all__ = [

@@ -35,8 +35,14 @@ import torch.nn.functional as F
 
 from recon3d.errors import ConfigError, ShapeError
 from recon3d.models.trellis.modules import (
-    ModulatedTransformerCrossBlock, TimestepEmbedder, absolute_position_embedding, convert_module_to_f16,
-    convert_module_to_f32, grid_coordinates, patchify, unpatchify,
+    ModulatedTransformerCrossBlock,
+    TimestepEmbedder,
+    absolute_position_embedding,
+    convert_module_to_f16,
+    convert_module_to_f32,
+    grid_coordinates,
+    patchify,
+    unpatchify,
 )
 
 __all__ = ["SparseStructureFlowModel"]

@@ -33,7 +33,12 @@ import torch.nn.functional as F
 
 from recon3d.errors import ConfigError, DataError, ShapeError
 from recon3d.models.trellis.modules import (
-    ChannelLayerNorm32, GroupNorm32, convert_module_to_f16, convert_module_to_f32, pixel_shuffle_3d, zero_module,
+    ChannelLayerNorm32,
+    GroupNorm32,
+    convert_module_to_f16,
+    convert_module_to_f32,
+    pixel_shuffle_3d,
+    zero_module,
 )
 from recon3d.representations.voxels import SparseVoxels
 

@@ -185,3 +185,18 @@ def test_flow_training_lowers_loss_on_vae_latents():
         opt.step()
         losses.append(out.loss.item())
     assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6, losses
+
+
+def test_flow_runs_under_the_euler_sampler_with_cfg():
+    """The model's call signature is the sampler's (x_t, t * 1000, cond); a fresh model (v = 0)
+    leaves the noise unchanged, a perturbed one moves it, with TRELLIS's SS settings (CFG 7.5)."""
+    from recon3d.models.flow import FlowEulerSampler
+
+    model = _model("ss_flow_tiny").eval()
+    sampler = FlowEulerSampler(steps=3, rescale_t=3.0, cfg_strength=7.5)
+    noise, cond = torch.randn(2, 4, 8, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sampler.sample(model, noise, cond).samples, noise, rtol=0, atol=0)
+        torch.nn.init.normal_(model.out_layer.weight, std=0.05)
+        out = sampler.sample(model, noise, cond).samples
+    assert out.shape == noise.shape and torch.isfinite(out).all() and (out - noise).abs().max() > 1e-3

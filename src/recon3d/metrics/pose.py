@@ -8,7 +8,14 @@ to the (arbitrary) world frame and, for TE, to the global scale:
 - **TE**, per view ``k >= 1``: camera centres are expressed in the first camera's frame, each set
   divided by its mean centre norm (scale normalisation), and TE is the Euclidean distance between
   the predicted and true normalised centres (unitless; 0 for identical rigs up to similarity).
-- **Acc@k**: fraction of view pairs whose RRE is below ``k`` degrees (15 and 30 by default).
+- **Acc@k**: fraction of view pairs whose RRE is below ``k`` degrees (strictly; 15 and 30 by default).
+
+This is ReconViaGen's Table 4 protocol ("relative translations between views, normalised" for the
+scale ambiguity). With two views TE is the chord ``2 sin(phi / 2)`` of the angle ``phi`` between
+the predicted and true translation directions. Feed-forward predictors such as VGGT give cameras
+in frame 0's camera frame at a scene-normalised scale: both are factored out here (first-camera
+frame, mean-norm scale), so their cameras are scored as predicted, without an alignment step; RRE
+and TE do not change under a similarity (rotation, translation, scale) of either camera set.
 """
 
 from __future__ import annotations

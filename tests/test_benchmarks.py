@@ -141,3 +141,75 @@ def test_bench_sparse_conv_and_attention_cases_run():
             assert box[0]["voxels"] == 256 and box[0]["err"] < 1e-5 and sum(box[0]["lens"]) == 256
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_vggt_block_timings_fits_and_memory_child_run(capsys):
+    import torch
+    from benchmarks import bench_vggt
+
+    # the exponent fits recover planted laws (the benchmark's conclusions rest on them)
+    views = [2, 4, 8, 16, 32]
+    assert bench_vggt.fit_exponent(views, [3e-4 * s**2 for s in views]) == pytest.approx(2.0)
+    assert bench_vggt.fit_exponent(views, [5e-3 * s for s in views]) == pytest.approx(1.0)
+    a, b = bench_vggt.fit_linear_quadratic(views, [2e-3 * s + 1e-4 * s * s for s in views])
+    assert a == pytest.approx(2e-3) and b == pytest.approx(1e-4)
+    threads = torch.get_num_threads()
+    try:
+        agg = bench_vggt.small_aggregator(width=16, heads=2, image=28, depth=4)
+        rows = bench_vggt.time_blocks(agg, views=(2, 4), repeats=1)
+        assert [r["tokens"] for r in rows] == [2 * 9, 4 * 9]  # 2x2 patches + camera + 4 registers per frame
+        assert all(r[k] > 0 for r in rows for k in ("frame", "glob", "frame_attn", "glob_attn", "full"))
+        fits = bench_vggt._print_blocks(rows)
+        assert set(fits) >= {"frame", "glob", "full", "quadratic_share"}
+
+        class _Box(list):
+            put = list.append
+
+        box = _Box()
+        bench_vggt._memory_child(16, 2, 28, 4, 3, 1, box)
+        # retained outputs: depth x [1, S, P, 2C] float32
+        assert box[0]["views"] == 3 and box[0]["outputs_mb"] == pytest.approx(4 * 3 * 9 * 32 * 4 / 2**20)
+    finally:
+        torch.set_num_threads(threads)
+    assert "global attn" in capsys.readouterr().out
+
+
+def test_bench_mvboost_input_images_round_trip_the_dataset_views(tmp_path):
+    import torch
+    from benchmarks import bench_mvboost
+
+    from recon3d.commands.pseudo_gt import list_images
+    from recon3d.data.base import load_image
+    from recon3d.data.synthetic import SyntheticDataset
+
+    ds = SyntheticDataset(num_objects=2, views_per_object=1, resolution=16, num_surface_points=0, num_sdf_points=0,
+                          mesh_resolution=0, cache_dir=str(tmp_path / "cache"))
+    assert bench_mvboost.write_input_images(ds, [1, 0], tmp_path / "img") == 2
+    items, failures = list_images(tmp_path / "img")
+    assert [i for i, _ in items] == ds.object_ids() and not failures  # listed sorted by id
+    for (_, path), idx in zip(items, (0, 1)):
+        rgb, alpha = load_image(path)
+        v = ds.load_views(idx, [0])
+        # 8-bit PNG of the stored 8-bit views: equal to within one rounding step
+        assert alpha is not None and torch.allclose(alpha, v.alpha[0], atol=0.5 / 255 + 1e-6)
+        assert torch.allclose(rgb, v.rgb[0], atol=0.5 / 255 + 1e-6)
+
+
+@pytest.mark.slow
+def test_bench_mvboost_boosts_on_both_supervisions_and_times_the_builder(capsys):
+    import math
+
+    from benchmarks import bench_mvboost
+
+    r = bench_mvboost.bench(num_objects=5, num_test=1, steps=1, gen_steps=2, boost=1, shard_size=2)
+    assert r["num_inputs"] == 4 and r["build"].objects == 4 and r["build"].failures == 0
+    assert len(r["build"].shards_written) == 2
+    assert r["base_bit_identical"] == {"refined": True, "generated": True} and 0 < r["adapter_params"] < r["params"]
+    assert r["gen_loss"] is not None and all(math.isfinite(x) for x in r["gen_loss"])
+    for name in ("base", "refined", "generated"):
+        assert all(math.isfinite(r[name][k]) for k in ("psnr", "ssim", "cd", "fscore")), (name, r[name])
+    stages = r["build"].stage_seconds
+    assert set(stages) == {"generate", "reconstruct+render", "refine"} and sum(stages.values()) <= r["build"].seconds
+    bench_mvboost.report(r, 1, 2, 1)
+    out = capsys.readouterr().out
+    assert "+ boost on refined C↑^π @ 1" in out and "images/min" in out and "LPIPS" in out

@@ -19,7 +19,7 @@ Usage::
     python scripts/make_trellis_manifest.py /path/to/TRELLIS            # a checkout
     python scripts/make_trellis_manifest.py /path/to/TRELLIS.git --rev 6b0d647   # or a git dir
 
-Only ``trellis/models`` and ``trellis/modules`` are extracted. The ``trellis`` package itself is
+Only ``trellis/models``, ``trellis/modules`` and ``trellis/utils/elastic_utils.py`` are extracted. The ``trellis`` package itself is
 replaced by an empty stand-in in ``sys.modules`` (its ``__init__`` imports the pipelines and
 renderers, which need CUDA extensions); ``xformers``/``flash_attn`` (absent here) and ``spconv``
 (when absent) get empty stand-ins — the dense models never call them (``ATTN_BACKEND=sdpa``;
@@ -47,6 +47,43 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "tests" / "fixtures" / "trellis"
 PRESETS_TINY = ("ss_enc_tiny", "ss_dec_tiny", "ss_flow_tiny", "ss_flow_tiny_shared_p2")
 PRESETS_PAPER = ("ss_enc_conv3d_16l8_fp16", "ss_dec_conv3d_16l8_fp16", "ss_flow_img_dit_L_16l8_fp16")
+SLAT_TINY = ("slat_flow_tiny",)
+# Keys only: with two io stages upstream's up path does not land on the input voxels (measured:
+# output coordinates differ from the input's), so there is no upstream forward to compare with.
+SLAT_TINY_KEYS_ONLY = ("slat_flow_tiny_p4",)
+SLAT_PAPER = ("slat_flow_img_dit_L_64l8p2_fp16",)
+
+
+def _xformers_stand_in() -> types.ModuleType:
+    """A CPU stand-in for the two ``xformers.ops`` calls upstream's sparse attention makes
+    (``fmha.BlockDiagonalMask.from_seqlens`` and ``memory_efficient_attention``): a float64 loop of
+    per-segment softmax attention, written independently of recon3d's varlen attention."""
+    ops = types.ModuleType("xformers.ops")
+
+    class BlockDiagonalMask:
+        def __init__(self, q_lens, kv_lens):
+            self.q_lens, self.kv_lens = list(q_lens), list(kv_lens)
+
+        @classmethod
+        def from_seqlens(cls, q_seqlen, kv_seqlen=None):
+            return cls(q_seqlen, q_seqlen if kv_seqlen is None else kv_seqlen)
+
+    def memory_efficient_attention(q, k, v, attn_bias=None):
+        # q (1, Nq, H, D), k/v (1, Nk, H, D) with a mask; or (B, L, H, D) without one
+        if attn_bias is None:
+            w = torch.einsum("blhd,bshd->bhls", q.double(), k.double()) / q.shape[-1] ** 0.5
+            return torch.einsum("bhls,bshd->blhd", w.softmax(-1), v.double()).to(q.dtype)
+        outs, i, j = [], 0, 0
+        for lq, lk in zip(attn_bias.q_lens, attn_bias.kv_lens):
+            qs, ks, vs = q[0, i:i + lq].double(), k[0, j:j + lk].double(), v[0, j:j + lk].double()
+            w = torch.einsum("lhd,shd->hls", qs, ks) / q.shape[-1] ** 0.5
+            outs.append(torch.einsum("hls,shd->lhd", w.softmax(-1), vs))
+            i, j = i + lq, j + lk
+        return torch.cat(outs)[None].to(q.dtype)
+
+    ops.fmha = types.SimpleNamespace(BlockDiagonalMask=BlockDiagonalMask)
+    ops.memory_efficient_attention = memory_efficient_attention
+    return ops
 
 
 def _extract(src: Path, rev: str, tmp: Path) -> tuple[Path, str | None]:
@@ -62,17 +99,44 @@ def _extract(src: Path, rev: str, tmp: Path) -> tuple[Path, str | None]:
         commit = subprocess.run(git + ["rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
         raise SystemExit(f"{src}: neither a checkout with trellis/ nor a git dir with revision {rev!r} ({e})") from None
-    tar = subprocess.run(git + ["archive", commit, "trellis/models", "trellis/modules"], capture_output=True, check=True).stdout
+    tar = subprocess.run(git + ["archive", commit, "trellis/models", "trellis/modules", "trellis/utils/elastic_utils.py"], capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
         tf.extractall(tmp)
     return tmp, commit
+
+
+def _spconv_cpu_bias() -> None:
+    """spconv 2.x's CPU build refuses a fused bias ("cpu don't support act and bias"): on CPU
+    tensors run its convs without the bias and add it afterwards (same numbers). Script only."""
+    try:
+        from spconv.pytorch.conv import SparseConvolution
+    except ImportError:
+        return
+    orig = SparseConvolution.forward
+
+    def forward(self, x):
+        if self.bias is None or x.features.is_cuda:
+            return orig(self, x)
+        bias = self.bias
+        self.bias = None
+        try:
+            out = orig(self, x)
+        finally:
+            self.bias = bias
+        return out.replace_feature(out.features + bias)
+
+    SparseConvolution.forward = forward
 
 
 def _stand_ins(root: Path) -> None:
     pkg = types.ModuleType("trellis")
     pkg.__path__ = [str(root / "trellis")]
     sys.modules["trellis"] = pkg
-    for name in ("xformers", "xformers.ops", "flash_attn") + (() if importlib.util.find_spec("spconv") else ("spconv", "spconv.pytorch")):
+    xf = types.ModuleType("xformers")
+    xf.ops = _xformers_stand_in()
+    sys.modules.setdefault("xformers", xf)
+    sys.modules.setdefault("xformers.ops", xf.ops)
+    for name in ("flash_attn",) + (() if importlib.util.find_spec("spconv") else ("spconv", "spconv.pytorch")):
         sys.modules.setdefault(name, types.ModuleType(name))
 
 
@@ -99,10 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["ATTN_BACKEND"] = "sdpa"
     os.environ["SPARSE_ATTN_BACKEND"] = "xformers"
+    os.environ["SPARSE_BACKEND"] = "spconv"
     with tempfile.TemporaryDirectory() as tmp:
         root, commit = _extract(args.upstream.resolve(), args.rev, Path(tmp))
         sys.path.insert(0, str(root))
         _stand_ins(root)
+        _spconv_cpu_bias()
+        torch.set_num_threads(1)  # spconv's CPU build is exact with one torch thread only
         from trellis.models.sparse_structure_flow import SparseStructureFlowModel as UpFlow
         from trellis.models.sparse_structure_vae import SparseStructureDecoder as UpDec
         from trellis.models.sparse_structure_vae import SparseStructureEncoder as UpEnc
@@ -113,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         from recon3d.models.trellis.modules import absolute_position_embedding, grid_coordinates
 
         upstream = {"SparseStructureEncoder": UpEnc, "SparseStructureDecoder": UpDec, "SparseStructureFlowModel": UpFlow}
-        configs, checks, tensors = {}, {}, {}
+        configs, checks, tensors, open_checks = {}, {}, {}, {}
         for name in PRESETS_PAPER:
             p = TRELLIS_PRESETS[name]
             with torch.device("meta"):  # shapes and dtypes only (the flow has 555M parameters)
@@ -153,6 +220,58 @@ def main(argv: list[str] | None = None) -> int:
             tensors.update({f"{name}/input/{k}": v.contiguous() for k, v in inputs.items()})
             tensors[f"{name}/output"] = ref.contiguous()
 
+        # SLAT flow (sparse): upstream's SparseTensor over spconv (CPU wheel, forward only) and the
+        # xformers stand-in above; inputs: two objects with different voxel counts.
+        from trellis.models.structured_latent_flow import SLatFlowModel as UpSLatFlow
+        from trellis.modules.sparse import SparseTensor
+
+        from recon3d.representations import SparseVoxels
+
+        for name in SLAT_PAPER:
+            p = TRELLIS_PRESETS[name]
+            with torch.device("meta"):
+                m = UpSLatFlow(**p["args"])
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(m)}
+        for name in SLAT_TINY_KEYS_ONLY:
+            p = TRELLIS_PRESETS[name]
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(UpSLatFlow(**p["args"]))}
+        gs = torch.Generator().manual_seed(1)
+        for name in SLAT_TINY:
+            p = TRELLIS_PRESETS[name]
+            a = p["args"]
+            torch.manual_seed(0)
+            up = UpSLatFlow(**a).eval()
+            ours = build_trellis_model(p["name"], a, use_fp16=None).eval()
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(up)}
+            _randomise(up, gs)
+            ours.load_state_dict(up.state_dict(), strict=True)
+            R = a["resolution"]
+            rows = []
+            for b, n in enumerate((37, 21)):
+                cells = torch.randperm(R**3, generator=gs)[:n].sort().values
+                rows.append(torch.stack([torch.full((n,), b), cells // R**2, cells // R % R, cells % R], 1))
+            coords = torch.cat(rows).int()
+            inputs = {"coords": coords, "feats": torch.randn(coords.shape[0], a["in_channels"], generator=gs),
+                      "t": torch.rand(2, generator=gs) * 1000, "cond": torch.randn(2, 5, a["cond_channels"], generator=gs)}
+            with torch.no_grad():
+                ref = up(SparseTensor(feats=inputs["feats"], coords=inputs["coords"]), inputs["t"], inputs["cond"])
+                # upstream's upsample may return the input's voxels in another row order: align by coordinate
+                def _key(c):
+                    return ((c[:, 0].long() * R + c[:, 1]) * R + c[:, 2]) * R + c[:, 3]
+                kin, kup = _key(coords), _key(ref.coords)
+                pos = torch.argsort(kup)
+                idx = pos[torch.searchsorted(kup[pos], kin).clamp_max(kup.numel() - 1)]
+                assert torch.equal(kup[idx], kin), "upstream's SLAT flow output is not on the input's voxels"
+                ref = ref.feats[idx]
+                mine = ours(SparseVoxels(coords, inputs["feats"], R, 2), inputs["t"], inputs["cond"]).feats
+            # Not yet in `checks`: recon3d's SLAT flow does not match upstream's tiny forward yet
+            # (keys and shapes do); recorded so the gap stays visible until it is resolved.
+            open_checks[f"{name}_forward_max_abs_diff"] = float((ref - mine).abs().max())
+            open_checks[f"{name}_output_abs_max"] = float(ref.abs().max())
+            tensors.update({f"{name}/weights/{k}": v.half().contiguous() for k, v in up.state_dict().items()})
+            tensors.update({f"{name}/input/{k}": v.contiguous() for k, v in inputs.items()})
+            tensors[f"{name}/output"] = ref.contiguous()
+
         # Paper-size position embedding (4096 tokens x 1024) and the pixel shuffle, directly.
         coords = grid_coordinates(16)
         checks["paper_pos_emb_max_abs_diff"] = float((AbsolutePositionEmbedder(1024, 3)(coords) -
@@ -165,10 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     manifest = {
         "source": {"repo": "microsoft/TRELLIS", "commit": commit,
                    "files": ["trellis/models/sparse_structure_vae.py", "trellis/models/sparse_structure_flow.py",
+                             "trellis/models/structured_latent_flow.py", "trellis/modules/sparse/transformer/modulated.py",
                              "trellis/modules/transformer/modulated.py", "trellis/modules/attention/modules.py"],
                    "note": "paper configs built on meta with use_fp16=true (dtypes as upstream holds them in memory); "
-                           "tiny configs with use_fp16=false; tiny_parity.safetensors holds upstream weights (float16-exact values, stored float16; pos_emb float32), inputs and outputs"},
+                           "tiny configs with use_fp16=false; tiny_parity.safetensors holds upstream weights (float16-exact values, stored float16; pos_emb float32), inputs and outputs; "
+                           "SLAT flow: upstream's sparse ops over spconv 2.x CPU (SPARSE_BACKEND=spconv), attention through a float64 "
+                           "per-segment stand-in for xformers' memory_efficient_attention (in the script)"},
         "checks": checks,
+        "open_checks": open_checks,
         "configs": configs,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,9 @@
 
 Landed (the dense half): the sparse-structure VAE (:class:`SparseStructureEncoder`,
 :class:`SparseStructureDecoder`, :func:`occupancy_to_voxels`, :func:`ss_vae_loss`) and the
-sparse-structure flow DiT (:class:`SparseStructureFlowModel`); shared blocks in ``modules.py``.
-The structured-latent (SLAT) VAE, decoders and flow are not implemented yet
-(:data:`TRELLIS_NOT_YET`).
+sparse-structure flow DiT (:class:`SparseStructureFlowModel`); shared blocks in ``modules.py``;
+the structured-latent flow (:class:`SLatFlowModel`, sparse blocks in ``sparse_blocks.py``).
+The SLAT VAE and decoders are not implemented yet (:data:`TRELLIS_NOT_YET`).
 """
 
 from recon3d.models.trellis.modules import ModulatedTransformerCrossBlock, pixel_shuffle_3d, timestep_embedding
@@ -18,6 +18,8 @@ from recon3d.models.trellis.pretrained import (
     load_trellis_model,
     read_trellis_json,
 )
+from recon3d.models.trellis.slat_flow import SLatFlowModel
+from recon3d.models.trellis.sparse_blocks import ModulatedSparseTransformerCrossBlock, SparseResBlock3d
 from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
 from recon3d.models.trellis.ss_vae import (
     ResBlock3d,
@@ -29,7 +31,8 @@ from recon3d.models.trellis.ss_vae import (
 )
 
 __all__ = [
-    "SparseStructureEncoder", "SparseStructureDecoder", "SparseStructureFlowModel", "ResBlock3d", "ModulatedTransformerCrossBlock",
+    "SparseStructureEncoder", "SparseStructureDecoder", "SparseStructureFlowModel", "SLatFlowModel", "SparseResBlock3d",
+    "ModulatedSparseTransformerCrossBlock", "ResBlock3d", "ModulatedTransformerCrossBlock",
     "occupancy_to_voxels", "ss_vae_loss", "SSVAELoss", "pixel_shuffle_3d", "timestep_embedding",
     "TRELLIS_CLASSES", "TRELLIS_NOT_YET", "TRELLIS_PRESETS", "build_trellis_model", "read_trellis_json",
     "convert_trellis_state_dict", "load_trellis_model",

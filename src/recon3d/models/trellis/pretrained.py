@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from recon3d.errors import CheckpointError, ConfigError
+from recon3d.models.trellis.slat_flow import SLatFlowModel
 from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
 from recon3d.models.trellis.ss_vae import SparseStructureDecoder, SparseStructureEncoder
 from recon3d.utils.checkpoint import key_mismatch_report, load_state_dict_file
@@ -42,12 +43,15 @@ TRELLIS_CLASSES: dict[str, type[nn.Module]] = {
     "SparseStructureEncoder": SparseStructureEncoder,
     "SparseStructureDecoder": SparseStructureDecoder,
     "SparseStructureFlowModel": SparseStructureFlowModel,
+    "SLatFlowModel": SLatFlowModel,
+    # upstream's training-time variant: a memory-management mixin over the same layout and forward
+    "ElasticSLatFlowModel": SLatFlowModel,
 }
 
 #: Upstream classes recon3d does not implement yet (named as such in the error, not as unknown).
-TRELLIS_NOT_YET = ("SLatEncoder", "SLatGaussianDecoder", "SLatRadianceFieldDecoder", "SLatMeshDecoder", "SLatFlowModel",
+TRELLIS_NOT_YET = ("SLatEncoder", "SLatGaussianDecoder", "SLatRadianceFieldDecoder", "SLatMeshDecoder",
                    "ElasticSLatEncoder", "ElasticSLatGaussianDecoder", "ElasticSLatRadianceFieldDecoder",
-                   "ElasticSLatMeshDecoder", "ElasticSLatFlowModel")
+                   "ElasticSLatMeshDecoder")
 
 _SS_VAE_PAPER = {"latent_channels": 8, "num_res_blocks": 2, "num_res_blocks_middle": 2, "use_fp16": True}
 _SS_VAE_TINY = {"latent_channels": 4, "num_res_blocks": 1, "num_res_blocks_middle": 1, "use_fp16": False}
@@ -75,6 +79,22 @@ TRELLIS_PRESETS: dict[str, dict] = {
         "resolution": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32, "cond_channels": 16,
         "num_blocks": 2, "num_heads": 4, "mlp_ratio": 4, "patch_size": 2, "pe_mode": "ape", "share_mod": True,
         "qk_rms_norm": True, "qk_rms_norm_cross": True, "use_fp16": False}},
+    # SLAT flow: the released args (configs/generation/slat_flow_img_dit_L_64l8p2_fp16.json) and
+    # tiny sizes (16^3 -> 8^3 at patch 2; the second: two io stages (patch 4), one res block per
+    # stage). Upstream's qk_rms_norm_cross cannot run with a dense condition (its kv.unbind(dim=1)
+    # splits the tokens), so no preset sets it.
+    "slat_flow_img_dit_L_64l8p2_fp16": {"name": "SLatFlowModel", "args": {
+        "resolution": 64, "in_channels": 8, "out_channels": 8, "model_channels": 1024, "cond_channels": 1024,
+        "num_blocks": 24, "num_heads": 16, "mlp_ratio": 4, "patch_size": 2, "num_io_res_blocks": 2,
+        "io_block_channels": [128], "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": True}},
+    "slat_flow_tiny": {"name": "SLatFlowModel", "args": {
+        "resolution": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32, "cond_channels": 16,
+        "num_blocks": 2, "num_heads": 2, "mlp_ratio": 2, "patch_size": 2, "num_io_res_blocks": 2,
+        "io_block_channels": [16], "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": False}},
+    "slat_flow_tiny_p4": {"name": "SLatFlowModel", "args": {
+        "resolution": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32, "cond_channels": 16,
+        "num_blocks": 2, "num_heads": 4, "mlp_ratio": 2, "patch_size": 4, "num_io_res_blocks": 1,
+        "io_block_channels": [8, 16], "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": False}},
 }
 
 

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 ref = up(SparseTensor(feats=inputs["feats"], coords=inputs["coords"]), inputs["t"], inputs["cond"])
                 # upstream's upsample may return the input's voxels in another row order: align by coordinate
-                def _key(c):
+                def _key(c, R=R):
                     return ((c[:, 0].long() * R + c[:, 1]) * R + c[:, 2]) * R + c[:, 3]
                 kin, kup = _key(coords), _key(ref.coords)
                 pos = torch.argsort(kup)

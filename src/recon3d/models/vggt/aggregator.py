@@ -12,13 +12,14 @@ output ``i`` is ``cat(frame output, global output)`` on channels, ``[B, S, P, 2C
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recon3d.errors import ConfigError, ShapeError
 from recon3d.models.vggt.config import VGGTConfig
 from recon3d.models.vggt.layers import Block, DinoV2, Rope2D, patch_positions
 
-__all__ = ["Aggregator", "IMAGENET_MEAN", "IMAGENET_STD", "check_images"]
+__all__ = ["Aggregator", "IMAGENET_MEAN", "IMAGENET_STD", "check_images", "resize_to_patch_multiple", "valid_size"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,17 +29,41 @@ def _nearest_multiple(n: int, m: int) -> int:
     return max(m, int(round(n / m)) * m)
 
 
-def check_images(images: torch.Tensor, patch_size: int, name: str = "images") -> None:
-    """Raise :class:`ShapeError` unless ``images`` is ``[B, S, 3, H, W]`` float with H, W multiples of ``patch_size``."""
+def _check_layout(images: torch.Tensor, name: str) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 5 or images.shape[2] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ShapeError(f"{name}: expected a [B, S, 3, H, W] tensor of RGB in [0, 1], got {shape}")
     if not images.is_floating_point():
         raise ShapeError(f"{name}: expected a floating-point tensor in [0, 1], got {images.dtype}")
+
+
+def valid_size(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """The nearest ``(H, W)`` whose sides are positive multiples of ``patch_size``."""
+    return _nearest_multiple(height, patch_size), _nearest_multiple(width, patch_size)
+
+
+def resize_to_patch_multiple(images: torch.Tensor, patch_size: int, name: str = "images") -> torch.Tensor:
+    """``[B, S, 3, H, W]`` → ``[B, S, 3, H', W']`` with ``(H', W') =`` :func:`valid_size`; unchanged
+    (the same tensor) when already valid. Bilinear with antialiasing: its weights are non-negative
+    and sum to 1, so values in [0, 1] stay in [0, 1]. Each side is rounded on its own, so the
+    aspect ratio may change slightly; the per-axis FoV the camera head predicts is unaffected."""
+    _check_layout(images, name)
+    B, S, _, H, W = images.shape
+    Hn, Wn = valid_size(H, W, patch_size)
+    if (Hn, Wn) == (H, W):
+        return images
+    flat = F.interpolate(images.reshape(B * S, 3, H, W), size=(Hn, Wn), mode="bilinear", align_corners=False, antialias=True)
+    return flat.reshape(B, S, 3, Hn, Wn)
+
+
+def check_images(images: torch.Tensor, patch_size: int, name: str = "images") -> None:
+    """Raise :class:`ShapeError` unless ``images`` is ``[B, S, 3, H, W]`` float with H, W multiples of ``patch_size``."""
+    _check_layout(images, name)
     H, W = images.shape[-2:]
     if H % patch_size or W % patch_size:
         raise ShapeError(f"{name}: height and width must be multiples of the patch size {patch_size}, got {H}x{W} "
-                         f"(nearest valid size {_nearest_multiple(H, patch_size)}x{_nearest_multiple(W, patch_size)}; resize or crop)")
+                         f"(nearest valid size {_nearest_multiple(H, patch_size)}x{_nearest_multiple(W, patch_size)}; resize or crop, "
+                         f"or build VGGTNetwork(..., resize=True) to resize with a warning)")
 
 
 class Aggregator(nn.Module):

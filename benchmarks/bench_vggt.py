@@ -35,8 +35,8 @@ is all quadratic at S = 32. Whole aggregator 20 ms (S = 2) to 349 ms (S = 32): 1
 to S = 16, 92 views/s at S = 32. Peak RSS added by a no_grad forward: 0.1 / 1.6 / 5.0 / 8.6 /
 22.1 MiB, i.e. ~0.4-0.7 MiB per view (retained outputs 0.13 MiB per view), no ``N²`` term.
 A second run at load ~6.5: attention-core exponents 1.11 (frame) and 2.10 (global), global block
-1.57, frame block 0.81; whole-aggregator times moved by up to 7x at one size (74.6 vs 9.9 ms at
-S = 4 / 2) and the ``a·S + b·S²`` split flipped, so on this machine only the attention-core
+1.57, frame block 0.81; whole-aggregator times moved by up to 2x between runs (S = 4: 39.8 then
+74.6 ms; S = 2: 19.9 then 9.9 ms) and the ``a·S + b·S²`` split flipped, so only the attention-core
 exponents are stable; peak memory agreed to within 15 % (26.1 MiB at S = 32).
 """
 

@@ -17,6 +17,12 @@ block's output concatenated on the channels (``use_skip_connection``); a non-aff
 (eps 1e-5) and ``out_layer`` give the velocity at the input's voxels, in the input's order.
 adaLN projections and ``out_layer`` start at zero: a fresh model predicts velocity 0.
 
+**Status: not yet equal to upstream.** Keys, shapes and dtypes equal upstream's class (manifest
+test), but on the tiny preset with upstream's own weights the forward differs from upstream's by
+up to 0.57 (output range ±2.2; ``tests/fixtures/trellis/official_manifest.json`` ``open_checks``,
+upstream's weights / input / output in ``tiny_parity.safetensors`` for block-by-block debugging).
+Do not load released SLAT-flow weights for results until that check passes.
+
 State-dict layout (upstream's names)::
 
     t_embedder.mlp.{0,2}.*                      Linear(256, C), Linear(C, C)

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _synthetic_args(c)
     c.add_argument("--cache-dir", default=None, help="synthetic cache to read/generate (default: $RECON3D_CACHE)")
 
-    from recon3d.commands.pseudo_gt import add_arguments
+    from recon3d.commands.pseudo_gt_args import add_arguments
 
     g = sub.add_parser("pseudo-gt", help="build MVBoost's pseudo-ground-truth set (generated + refined views) from an image folder",
                        description="MVBoost Algorithm 1 over an image folder, written as resumable shards with a manifest.")

@@ -31,9 +31,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m "slow" -q
 
-## Distributed + kill/resume tests, slow kill points included (gloo on CPU, a few minutes).
+## Distributed + kill/resume tests on every config, every kill point and the multi-node launch (gloo on CPU).
 test-ddp: $(STAMP)
-	$(BIN)/python -m pytest -m "ddp" -q -s tests/reliability
+	RECON3D_FULL_MATRIX=1 $(BIN)/python -m pytest -m "ddp" -q -s tests/reliability
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m "gpu" -q

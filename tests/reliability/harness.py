@@ -54,6 +54,17 @@ class ConfigCase:
 #: without it they check that the ranks hold equal weights.
 PLUGIN = REPO / "tests/methods/plugin/gaussian_fit.yaml"
 
+#: Set to 1 (``make test-ddp`` does) to run the whole kill-point / multi-node matrix on every
+#: config; the default suite runs it on a few configs and one point on the rest (its time budget).
+FULL_MATRIX_ENV = "RECON3D_FULL_MATRIX"
+
+
+def full_matrix() -> bool:
+    """True when :data:`FULL_MATRIX_ENV` asks for every kill point and launcher on every config."""
+    import os
+
+    return os.environ.get(FULL_MATRIX_ENV, "") not in ("", "0")
+
 
 def reconstructs_3d(cfg: Path) -> bool:
     """False for a config whose model class declares ``RECONSTRUCTS_3D = False`` in its body (a

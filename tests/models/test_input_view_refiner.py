@@ -240,9 +240,10 @@ def test_export_through_a_methods_refiners(tmp_path):
     # The plug-in Gaussian method of the conformance suite, untrained: its reconstruction's
     # Gaussians go through the refiner in the method's export path (predict / recon3d export).
     plyfile = pytest.importorskip("plyfile")
+    from tests.methods.plugin.gaussian_fit import GaussianFitModule
+
     from recon3d.data.datamodule import ReconDataModule
     from recon3d.data.synthetic import SyntheticDataset
-    from tests.methods.plugin.gaussian_fit import GaussianFitModule
 
     ds = SyntheticDataset(num_objects=2, views_per_object=3, resolution=24, num_surface_points=16, num_sdf_points=16,
                           mesh_resolution=0, cache_dir=str(tmp_path / "cache"))

@@ -93,6 +93,14 @@ class NonFiniteGuard:
     max_consecutive: int = 10
 
 
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup_steps`` (``(step + 1) / warmup``),
+    then cosine decay from 1 to 0 at ``total_steps`` (kept at 0 past it)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))))
+
+
 #: the metrics :meth:`EvaluationProtocol.update_geometry` reports (named when they are missing)
 GEOMETRY_METRICS = ("cd", "fscore", "precision", "recall", "nc")
 

@@ -73,7 +73,6 @@ Paper values: rank 32 (supplementary §6); alpha, dropout and the optimiser are 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -93,7 +92,7 @@ from recon3d.adapters import (
 from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
 from recon3d.errors import CheckpointError, ConfigError
-from recon3d.methods.base import NonFiniteGuard, ReconModule
+from recon3d.methods.base import NonFiniteGuard, ReconModule, warmup_cosine_factor
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.representations import Meshes, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
@@ -384,10 +383,7 @@ class BoostModule(ReconModule):
     def lr_factor(self, step: int) -> float:
         """Linear warm-up for ``warmup_steps``, then cosine decay to 0 at the last step."""
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warm = self.warmup_steps
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        return warmup_cosine_factor(step, total, self.warmup_steps)
 
     def on_train_end(self) -> None:
         """Write the adapter-only file into the run folder (rank 0; atomic)."""

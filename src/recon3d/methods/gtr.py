@@ -33,7 +33,6 @@ Paper vs official code (snap_gtr), where they differ; the paper is the default:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +44,7 @@ from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError
-from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance
+from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance, warmup_cosine_factor
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.encoders import ConvPatchEncoder, ImageEncoder
 from recon3d.models.gtr.field import TriplaneField
@@ -384,10 +383,7 @@ class GTRModule(ReconModule):
     def lr_factor(self, step: int) -> float:
         """Linear warm-up for ``warmup_steps``, then cosine decay to 0 at the last step (§4.1)."""
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
-        warm = self.warmup_steps
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        return warmup_cosine_factor(step, total, self.warmup_steps)
 
     # ------------------------------------------------------------------ geometry and export
     @property

@@ -9,7 +9,7 @@ so both names map to this class.
 
 Forward on :class:`~recon3d.representations.SparseVoxels` at 64^3 (``feats (N, in_channels)``):
 ``input_layer`` (SparseLinear) lifts to ``io_block_channels[0]``; ``input_blocks`` are
-:class:`SparseResBlock3d`\\ s, the last of each stage downsampling by 2 (mean-pool; patch 2 -> 32^3)
+:class:`SparseResBlock3d`\\ s, the last of each stage downsampling by 2 (upstream's pooling; patch 2 -> 32^3)
 and widening to ``model_channels``; the sin/cos APE of the 32^3 coordinates is added; the
 :class:`ModulatedSparseTransformerCrossBlock`\\ s attend within each object and to its condition
 tokens; ``out_blocks`` upsample back through the paired downsample and take the matching input
@@ -17,11 +17,13 @@ block's output concatenated on the channels (``use_skip_connection``); a non-aff
 (eps 1e-5) and ``out_layer`` give the velocity at the input's voxels, in the input's order.
 adaLN projections and ``out_layer`` start at zero: a fresh model predicts velocity 0.
 
-**Status: not yet equal to upstream.** Keys, shapes and dtypes equal upstream's class (manifest
-test), but on the tiny preset with upstream's own weights the forward differs from upstream's by
-up to 0.57 (output range ±2.2; ``tests/fixtures/trellis/official_manifest.json`` ``open_checks``,
-upstream's weights / input / output in ``tiny_parity.safetensors`` for block-by-block debugging).
-Do not load released SLAT-flow weights for results until that check passes.
+**Parity with upstream**: on the tiny preset with upstream's own (randomised) weights and a
+two-object input, the velocity equals upstream's recorded output to 1.1e-6 (output range ±2.2;
+``tests/fixtures/trellis/tiny_parity.safetensors``, ``test_forward_matches_upstream_tiny_output``).
+The one non-obvious step: upstream's down-sampling divides each coarse cell's sum by ``n + 1``
+(its ``scatter_reduce`` counts the zero it starts from), reproduced by
+:class:`~recon3d.models.trellis.sparse_blocks.TrellisSparseDownsample`; with the plain mean the
+forward differed by 0.57.
 
 State-dict layout (upstream's names)::
 

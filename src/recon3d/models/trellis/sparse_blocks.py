@@ -10,6 +10,13 @@ contiguous); the state-dict names are upstream's:
   ``cross_attn``, ``mlp``, ``adaLN_modulation.1`` Linear(C, 6C) unless the modulation is shared.
 * :class:`SparseResBlock3d`: ``norm1`` (affine), ``conv1``/``conv2`` (``conv.weight (Co, 3, 3, 3, Ci)``),
   ``emb_layers.1`` Linear(E, 2 Co), ``skip_connection`` (SparseLinear, only when channels change).
+* :class:`TrellisSparseDownsample`: upstream's down-sampling arithmetic (below), no parameters.
+
+Upstream's ``SparseDownsample`` pools with ``torch.scatter_reduce(zeros, ..., reduce="mean")``,
+whose default ``include_self=True`` counts the zero it starts from: a coarse cell over ``n`` fine
+voxels holds ``sum / (n + 1)``, not the mean. The released SLAT flow was trained with that, so the
+res blocks here pool the same way (measured on the tiny parity fixture: with the plain mean the
+first down-sampling block already differs from upstream by 1.7, the whole forward by 0.57).
 
 Per-object vectors (adaLN's ``(B, C)`` chunks) broadcast to each object's voxels through
 :func:`~recon3d.models.sparse.modulate` / :func:`~recon3d.models.sparse.per_object`, so the voxels of
@@ -31,12 +38,13 @@ from recon3d.models.sparse import (
     SparseUpsample,
     modulate,
     per_object,
+    spatial_cache,
 )
 from recon3d.models.trellis.modules import LayerNorm32, zero_module
 from recon3d.representations import SparseVoxels
 
-__all__ = ["SparseFeedForwardNet", "ModulatedSparseTransformerCrossBlock", "SparseResBlock3d", "convert_sparse_module_to_f16",
-           "convert_sparse_module_to_f32", "sparse_norm"]
+__all__ = ["SparseFeedForwardNet", "ModulatedSparseTransformerCrossBlock", "SparseResBlock3d", "TrellisSparseDownsample",
+           "convert_sparse_module_to_f16", "convert_sparse_module_to_f32", "sparse_norm"]
 
 
 def convert_sparse_module_to_f16(m: nn.Module) -> None:
@@ -127,11 +135,31 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
         return x.replace(feats=f)
 
 
+class TrellisSparseDownsample(nn.Module):
+    """Down-sampling by ``factor`` as upstream computes it: coarse cell = ``sum / (n + 1)`` of its
+    ``n`` fine voxels (module docstring). Coordinates, row order and the record that
+    :class:`~recon3d.models.sparse.SparseUpsample` follows back are :func:`~recon3d.models.sparse.downsample`'s.
+
+    ``forward(voxels feats (N, C)) -> (M, C)`` on the ``ceil(resolution / factor)`` grid.
+    """
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.inner = SparseDownsample(factor)
+        self.factor = self.inner.factor
+
+    def forward(self, voxels: SparseVoxels) -> SparseVoxels:
+        out = self.inner(voxels)
+        rec = spatial_cache(out.coords)[("downsample", self.factor)]
+        n = torch.bincount(rec.inverse, minlength=out.num_voxels).to(out.feats.dtype)
+        return out.replace(feats=out.feats * (n / (n + 1))[:, None])
+
+
 class SparseResBlock3d(nn.Module):
     """Time-modulated sparse residual block, optionally changing resolution first.
 
-    ``x = updown(x)`` (SparseDownsample(2) mean-pool or SparseUpsample(2) back through the paired
-    downsample), then ``h = conv2(SiLU(LN2(conv1(SiLU(LN1(x)))) (1 + scale) + shift))`` with
+    ``x = updown(x)`` (:class:`TrellisSparseDownsample` (2), upstream's ``sum / (n + 1)`` pooling, or
+    SparseUpsample(2) back through the paired downsample), then ``h = conv2(SiLU(LN2(conv1(SiLU(LN1(x)))) (1 + scale) + shift))`` with
     ``(scale, shift)`` = the two ``(B, Co)`` chunks of ``emb_layers(emb)`` (scale first), and
     ``out = h + skip(x)``. LN1 affine, LN2 non-affine (eps 1e-6); ``conv2`` starts at zero, so a fresh
     block is its skip path. Convs are 3^3 submanifold (coordinates kept).
@@ -155,7 +183,7 @@ class SparseResBlock3d(nn.Module):
         self.conv2 = zero_module(SparseSubMConv3d(co, co, 3, backend=conv_backend))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * co, bias=True))
         self.skip_connection = SparseLinear(channels, co) if channels != co else nn.Identity()
-        self.updown = SparseDownsample(2) if downsample else SparseUpsample(2) if upsample else None
+        self.updown = TrellisSparseDownsample(2) if downsample else SparseUpsample(2) if upsample else None
 
     def forward(self, x: SparseVoxels, emb: torch.Tensor) -> SparseVoxels:
         """``x feats (N, Ci)``, ``emb (B, E)`` -> ``feats (N', Co)`` (``N'`` after the resolution change)."""

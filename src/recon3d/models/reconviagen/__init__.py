@@ -1,0 +1,13 @@
+"""ReconViaGen's generic inference-time parts: rendering-aware velocity compensation
+(:mod:`.rvc`, its losses in :mod:`.losses`) and camera estimation / refinement (:mod:`.pose`).
+
+They work with any flow model, decoder and renderer of recon3d; the ReconViaGen method wires
+them to TRELLIS's SLAT flow and decoders.
+"""
+
+from recon3d.models.reconviagen.losses import TERMS, DreamSimDistance, RenderingLoss
+from recon3d.models.reconviagen.pose import NearestRenderStart, OpenCVMatcher, PoseRefinement, PoseRefiner, rotation_angle_deg
+from recon3d.models.reconviagen.rvc import MODES, RVCRefiner, VelocityCompensation
+
+__all__ = ["RenderingLoss", "DreamSimDistance", "TERMS", "VelocityCompensation", "RVCRefiner", "MODES",
+           "PoseRefiner", "PoseRefinement", "NearestRenderStart", "OpenCVMatcher", "rotation_angle_deg"]

@@ -30,6 +30,14 @@
         recon3d data pseudo-gt --images photos/ --strength 0.95 --out data/pseudo_gt \
             --generator configs/mv_diffusion_cpu.yaml --reconstructor configs/lgm_cpu.yaml
 
+``recon3d data render-meshes``
+    An evaluation set from a folder of textured meshes (GSO, OmniObject3D: OBJ + MTL + textures,
+    GLB), normalised into [-1, 1]^3 as the protocol does and rendered through the renderer layer
+    into Blender-layout folders (RGBA, depth, normals, cameras; input / orbit / random view sets)
+    that ``BlenderDataset`` reads; resumable and rank-split (:mod:`recon3d.commands.render_meshes`)::
+
+        recon3d data render-meshes data/gso_meshes --out data/gso_eval --orbit-views 40 --orbit-elevations 20
+
 Exit status 0 on success; bad input raises :class:`recon3d.errors.Recon3DError`, which ``recon3d``
 prints as one ``recon3d: error:`` line (exit status 2).
 """
@@ -81,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("pseudo-gt", help="build MVBoost's pseudo-ground-truth set (generated + refined views) from an image folder",
                        description="MVBoost Algorithm 1 over an image folder, written as resumable shards with a manifest.")
     add_arguments(g)
+
+    from recon3d.commands.render_meshes_args import add_arguments as add_render_meshes_arguments
+
+    r = sub.add_parser("render-meshes", help="render a folder of textured meshes (OBJ+MTL, GLB) into an evaluation set",
+                       description="Normalise each mesh into [-1, 1]^3 and render RGBA, depth, normals and cameras of the "
+                                   "input / orbit / random view sets in the Blender layout (resumable, rank-split).")
+    add_render_meshes_arguments(r)
     return ap
 
 
@@ -178,7 +193,7 @@ def _convert(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``recon3d data <depth|synthetic|convert|pseudo-gt> ...``; returns the exit status."""
+    """``recon3d data <depth|synthetic|convert|pseudo-gt|render-meshes> ...``; returns the exit status."""
     a = build_parser().parse_args(None if argv is None else list(argv))
     if a.command == "depth":
         return _depth(a)
@@ -188,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from recon3d.commands.pseudo_gt import run
 
         return run(a)
+    if a.command == "render-meshes":
+        from recon3d.commands.render_meshes import run as render_meshes
+
+        return render_meshes(a)
     return _convert(a)
 
 

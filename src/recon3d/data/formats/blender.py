@@ -9,6 +9,11 @@ JSON keys read (top level, each may be overridden per frame): ``camera_angle_x``
 fov, radians), optional ``camera_angle_y``, ``fl_x``, ``fl_y``, ``cx``, ``cy``, ``w``, ``h``;
 ``frames[].file_path``, ``frames[].transform_matrix`` (**OpenGL/Blender c2w**, 4x4 or 3x4) and
 optional ``frames[].mask_path`` (nerfstudio: a foreground mask image of the same size).
+recon3d's own renders (``write_blender(depths=, normals=)``, ``recon3d data render-meshes``) add
+optional ``frames[].depth_path`` (a 16-bit grey PNG: z-depth = stored integer x ``depth_scale``,
+``depth_scale`` at top level or per frame; 0 = empty) and ``frames[].normal_path`` (an RGB PNG of
+world unit normals as ``(n + 1) / 2``; mid-grey, i.e. ``n = 0``, where empty), loaded into
+``RawViews.depths`` / ``RawViews.normals``.
 
 Conversion: ``c2w_cv = transform_matrix @ diag(1, -1, -1, 1)``; ``fx = fl_x`` or
 ``0.5 W / tan(camera_angle_x / 2)``; ``fy = fl_y`` or from ``camera_angle_y`` or ``fx``;
@@ -37,7 +42,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from recon3d.data.base import RawViews, focal_from_fov, resolve_inside
+from recon3d.data.base import RawViews, focal_from_fov, load_image, resolve_inside
 from recon3d.data.cameras import Cameras
 from recon3d.data.formats._common import (
     FolderDataset,
@@ -52,10 +57,13 @@ from recon3d.data.formats._common import (
 )
 from recon3d.data.formats._lens import LENS_KEYS, Lens, parse_lens, undistort
 from recon3d.errors import DataError
+from recon3d.utils.checks import check_shape
 
 __all__ = ["BlenderDataset", "write_blender"]
 
 _INTRINSIC_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx", "cy", "w", "h")
+#: 16-bit steps of a depth PNG: depth = stored integer x depth_scale.
+DEPTH_PNG_MAX = 65535
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG")
 
 
@@ -66,6 +74,9 @@ class _Frame:
     c2w_gl: np.ndarray  # (4, 4) or (3, 4)
     intr: dict
     lens: Lens | None = None
+    depth: Path | None = None
+    normal: Path | None = None
+    depth_scale: float | None = None
 
 
 @dataclass
@@ -176,6 +187,17 @@ class BlenderDataset(FolderDataset):
                 if not isinstance(mp, str) or not mp:
                     raise DataError(path, f"frames[{i}].mask_path: expected a non-empty string")
                 mask = resolve_inside(folder, mp, f"frames[{i}].mask_path in {path.name}")
+            extra = {}
+            for key in ("depth_path", "normal_path"):
+                if fr.get(key) is not None:
+                    ep = fr[key]
+                    if not isinstance(ep, str) or not ep:
+                        raise DataError(path, f"frames[{i}].{key}: expected a non-empty string")
+                    extra[key] = resolve_inside(folder, ep, f"frames[{i}].{key} in {path.name}")
+            depth_scale = fr.get("depth_scale", data.get("depth_scale"))
+            if "depth_path" in extra and (isinstance(depth_scale, bool) or not isinstance(depth_scale, (int, float))
+                                          or not math.isfinite(depth_scale) or depth_scale <= 0):
+                raise DataError(path, f"frame {i}: depth_path needs a positive 'depth_scale' (world units per 16-bit step), got {depth_scale!r}")
             m = fr.get("transform_matrix")
             try:
                 c2w = np.asarray(m, dtype=np.float64)
@@ -201,7 +223,8 @@ class BlenderDataset(FolderDataset):
             if self.missing_frames == "skip" and not (image.is_file() and (mask is None or mask.is_file())):
                 skipped.append(image if not image.is_file() else mask)
                 continue
-            out.append(_Frame(image, mask, c2w, {k: intr[k] for k in _INTRINSIC_KEYS if k in intr}, lens))
+            out.append(_Frame(image, mask, c2w, {k: intr[k] for k in _INTRINSIC_KEYS if k in intr}, lens,
+                              extra.get("depth_path"), extra.get("normal_path"), depth_scale if "depth_path" in extra else None))
         if not out:
             raise DataError(path, f"none of the {len(frames)} listed frames has its image file on disk (missing_frames: skip)")
         return _Meta(path, out, skipped)
@@ -241,6 +264,7 @@ class BlenderDataset(FolderDataset):
                     raise DataError(meta.json_path, "some frames have mask_path and others not; expected all or none")
                 masks.append(load_mask(f.mask, (H, W)))
             alpha = torch.stack(masks)
+        depths, normals = self._load_depth_normals(meta, frames, (H, W))
         Ks, c2ws = [], []
         for f in frames:
             intr = f.intr
@@ -271,7 +295,31 @@ class BlenderDataset(FolderDataset):
         c2w_t = torch.from_numpy(np.stack(c2ws) if c2ws else np.zeros((0, 4, 4))).float()
         K_t = torch.tensor(Ks, dtype=torch.float32).reshape(-1, 3, 3)
         cams = build_cameras(meta.json_path, lambda: Cameras.from_opengl(c2w_t, K_t, W, H))
-        return RawViews(rgb=rgb, cameras=cams, alpha=alpha)
+        return RawViews(rgb=rgb, cameras=cams, alpha=alpha, depths=depths, normals=normals)
+
+    @staticmethod
+    def _load_depth_normals(meta: _Meta, frames: list[_Frame], size: tuple[int, int]):
+        """``depths (V, 1, H, W)`` and ``normals (V, 3, H, W)``, each None when no frame has one."""
+        out = []
+        for key in ("depth", "normal"):
+            paths = [getattr(f, key) for f in frames]
+            if all(p is None for p in paths):
+                out.append(None)
+                continue
+            if any(p is None for p in paths):
+                raise DataError(meta.json_path, f"some frames have {key}_path and others not; expected all or none")
+            maps = []
+            for f, p in zip(frames, paths):
+                v, _ = load_image(p, size)
+                if key == "depth":
+                    # load_image scales 16-bit PNGs by 1/65535: back to the stored integer, then to depth
+                    maps.append(v[:1] * (DEPTH_PNG_MAX * f.depth_scale))
+                else:
+                    n = v * 2 - 1
+                    norm = n.norm(dim=0, keepdim=True)
+                    maps.append(torch.where(norm > 0.5, n / norm.clamp_min(1e-6), torch.zeros_like(n)))
+            out.append(torch.stack(maps))
+        return out[0], out[1]
 
 
 def write_blender(
@@ -281,6 +329,10 @@ def write_blender(
     alpha: torch.Tensor | None,
     cameras: Cameras,
     split: str = "train",
+    depths: torch.Tensor | None = None,
+    normals: torch.Tensor | None = None,
+    depth_scale: float | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write one object as a Blender/NeRF folder ``out_dir/object_id`` (atomic file writes).
 
@@ -290,6 +342,12 @@ def write_blender(
         cameras: ``(V,)`` recon3d cameras; stored as OpenGL c2w with exact ``fl_x, fl_y, cx, cy, w, h``
             next to ``camera_angle_x`` (computed from the first camera).
         split: writes ``transforms_{split}.json`` and images under ``{split}/r_{i}.png``.
+        depths: optional ``(V, 1, H, W)`` z-depth (0 = empty) → ``{split}/r_{i}_depth.png``, 16-bit,
+            ``depth = stored integer x depth_scale`` (default ``depth_scale``: the largest depth /
+            65535, so the range is used in full; quantisation ``depth_scale / 2``).
+        normals: optional ``(V, 3, H, W)`` world unit normals (0 = empty) → ``{split}/r_{i}_normal.png``
+            as 8-bit ``(n + 1) / 2``.
+        extra: more top-level JSON keys (e.g. where the views come from).
 
     Returns the transforms JSON path.
     """
@@ -297,16 +355,33 @@ def write_blender(
     folder = Path(out_dir) / object_id
     gl = cameras.to_opengl().detach().double().cpu().numpy()
     K = cameras.K.detach().double().cpu().numpy()
+    if depths is not None:
+        check_shape(depths, f"{V} 1 {H} {W}", "depths")
+        if depth_scale is None:
+            depth_scale = max(float(depths.max()) if depths.numel() else 0.0, 1e-6) / DEPTH_PNG_MAX
+    if normals is not None:
+        check_shape(normals, f"{V} 3 {H} {W}", "normals")
     frames = []
     for i in range(V):
         img = rgb[i] if alpha is None else torch.cat([rgb[i], alpha[i]], 0)
         save_png(folder / split / f"r_{i}.png", to_uint8(img))
-        frames.append({
+        frame = {
             "file_path": f"./{split}/r_{i}",
             "transform_matrix": gl[i].tolist(),
             "fl_x": float(K[i, 0, 0]), "fl_y": float(K[i, 1, 1]), "cx": float(K[i, 0, 2]), "cy": float(K[i, 1, 2]),
-        })
+        }
+        if depths is not None:
+            q = (depths[i, 0].detach().double().cpu() / depth_scale).round().clamp(0, DEPTH_PNG_MAX)
+            save_png(folder / split / f"r_{i}_depth.png", q.numpy().astype(np.uint16))
+            frame["depth_path"] = f"./{split}/r_{i}_depth.png"
+        if normals is not None:
+            save_png(folder / split / f"r_{i}_normal.png", to_uint8((normals[i] + 1) / 2))
+            frame["normal_path"] = f"./{split}/r_{i}_normal.png"
+        frames.append(frame)
     data = {"camera_angle_x": float(cameras.fov_x.reshape(-1)[0]) if V else 0.0, "w": W, "h": H, "frames": frames}
+    if depths is not None:
+        data["depth_scale"] = float(depth_scale)
+    data.update(extra or {})
     path = folder / f"transforms_{split}.json"
     write_json(path, data)
     return path

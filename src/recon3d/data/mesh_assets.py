@@ -1,0 +1,207 @@
+"""Textured mesh assets (OBJ + MTL + textures, GLB/glTF, PLY/OFF with colours) read with trimesh.
+
+:func:`load_textured_mesh` flattens a file (a scene of several meshes and materials, with node
+transforms applied) into one :class:`TexturedMesh`: one vertex array, one face array and, per
+face corner, a UV and an RGBA colour factor, plus one entry per *part* (a run of faces that
+shares a material) naming its base-colour texture. A renderer then rasterizes the whole object
+once and looks up each pixel's part by face id.
+
+Conventions: UVs are OBJ/OpenGL (``(0, 0)`` at the image's bottom-left, ``v`` up); trimesh
+already flips glTF's top-left UVs to this on load. Colours are straight RGB(A) in [0, 1]; the
+colour of a pixel is ``corner colour x texture`` (the material's base-colour factor and any
+vertex/face colours go into the corner colour). Texture alpha and material transparency are
+ignored (the surface is opaque), so the object's silhouette is its geometry.
+
+:func:`find_meshes` lists the mesh files of a folder with stable object ids (see there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recon3d.errors import DataError
+
+__all__ = ["TexturedMesh", "MeshPart", "load_textured_mesh", "find_meshes", "MESH_SUFFIXES"]
+
+#: File suffixes :func:`find_meshes` picks up (lower case).
+MESH_SUFFIXES = (".obj", ".glb", ".gltf", ".ply", ".off")
+
+
+@dataclass
+class MeshPart:
+    """Faces ``[start, stop)`` of a :class:`TexturedMesh` drawn with one base-colour ``texture``
+    ``(3, Ht, Wt)`` in [0, 1] (row 0 at the top), or None (colour from the corners alone)."""
+
+    start: int
+    stop: int
+    texture: torch.Tensor | None = None
+
+
+@dataclass
+class TexturedMesh:
+    """One object as a single triangle soup with per-corner attributes.
+
+    Attributes:
+        verts: ``(N, 3)`` float32 positions.
+        faces: ``(F, 3)`` int64 vertex indices.
+        corner_uv: ``(F, 3, 2)`` float32 UVs per face corner (0 where a part has none).
+        corner_rgb: ``(F, 3, 3)`` float32 colour factor per face corner in [0, 1].
+        vertex_normals: ``(N, 3)`` float32 unit normals (area-weighted, per part).
+        parts: the material runs; together they cover ``[0, F)``.
+    """
+
+    verts: torch.Tensor
+    faces: torch.Tensor
+    corner_uv: torch.Tensor
+    corner_rgb: torch.Tensor
+    vertex_normals: torch.Tensor
+    parts: list[MeshPart] = field(default_factory=list)
+
+    @property
+    def num_faces(self) -> int:
+        return int(self.faces.shape[0])
+
+    def transformed(self, matrix: torch.Tensor) -> TexturedMesh:
+        """A copy with ``verts' = s R verts + t`` for a ``(4, 4)`` similarity ``matrix`` (normals rotated)."""
+        m = matrix.to(torch.float64)
+        v = self.verts.double() @ m[:3, :3].T + m[:3, 3]
+        n = torch.nn.functional.normalize(self.vertex_normals.double() @ m[:3, :3].T, dim=-1)
+        return TexturedMesh(v.float(), self.faces, self.corner_uv, self.corner_rgb, n.float(), list(self.parts))
+
+
+def _image_tensor(img) -> torch.Tensor | None:
+    """A PIL image (any mode) → ``(3, H, W)`` float in [0, 1], or None."""
+    if img is None:
+        return None
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+def _material_colour(material) -> tuple[np.ndarray, torch.Tensor | None]:
+    """``(rgb factor (3,), texture or None)`` of a trimesh material (Simple or PBR)."""
+    factor = np.ones(3, np.float32)
+    texture = None
+    if material is None:
+        return factor, texture
+    base_tex = getattr(material, "baseColorTexture", None)
+    if base_tex is not None or hasattr(material, "baseColorFactor"):  # PBRMaterial
+        f = getattr(material, "baseColorFactor", None)
+        if f is not None:
+            f = np.asarray(f, dtype=np.float32).reshape(-1)
+            factor = f[:3] / (255.0 if f.max() > 1.0 else 1.0)
+        texture = _image_tensor(base_tex)
+    else:  # SimpleMaterial: `image` is the diffuse map (map_Kd); `diffuse` (Kd) multiplies it only when there is no map
+        texture = _image_tensor(getattr(material, "image", None))
+        d = getattr(material, "diffuse", None)
+        if texture is None and d is not None:
+            d = np.asarray(d, dtype=np.float32).reshape(-1)
+            factor = d[:3] / (255.0 if d.max() > 1.0 else 1.0)
+    return factor, texture
+
+
+def _part_attributes(mesh) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+    """``(corner uv (F, 3, 2), corner rgb (F, 3, 3), texture or None)`` of one trimesh mesh."""
+    faces = np.asarray(mesh.faces, dtype=np.int64)
+    F = faces.shape[0]
+    uv_c = np.zeros((F, 3, 2), np.float32)
+    rgb_c = np.ones((F, 3, 3), np.float32)
+    texture = None
+    visual = mesh.visual
+    kind = getattr(visual, "kind", None)
+    if kind == "texture":
+        factor, texture = _material_colour(getattr(visual, "material", None))
+        rgb_c = rgb_c * factor
+        uv = getattr(visual, "uv", None)
+        if uv is not None and len(uv) == len(mesh.vertices):
+            uv_c = np.asarray(uv, dtype=np.float32)[faces]
+        elif texture is not None:
+            texture = None  # a texture without UVs cannot be placed; its factor's colour stays
+    elif kind == "vertex":
+        vc = np.asarray(visual.vertex_colors, dtype=np.float32)[:, :3] / 255.0
+        rgb_c = vc[faces]
+    elif kind == "face":
+        fc = np.asarray(visual.face_colors, dtype=np.float32)[:, :3] / 255.0
+        rgb_c = np.repeat(fc[:, None], 3, 1)
+    return uv_c, rgb_c, texture
+
+
+def load_textured_mesh(path: str | Path) -> TexturedMesh:
+    """Read a mesh file (any trimesh format) into a :class:`TexturedMesh` (module docstring).
+
+    The file's coordinates are kept (no normalisation, no axis change). Raises
+    :class:`DataError` naming the file when it cannot be read or holds no triangles.
+    """
+    import trimesh
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "mesh file not found")
+    try:
+        scene = trimesh.load(str(path), force="scene", process=False)
+        meshes = [g for g in scene.dump() if isinstance(g, trimesh.Trimesh)]
+    except Exception as e:  # noqa: BLE001 - trimesh raises many types for garbled files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(path, f"cannot read mesh ({type(e).__name__}: {msg[:200]}); expected an OBJ/GLB/glTF/PLY/OFF mesh") from None
+    meshes = [m for m in meshes if len(m.faces) and len(m.vertices)]
+    if not meshes:
+        raise DataError(path, "no triangles in this mesh file; expected at least one face")
+    verts, faces, uvs, rgbs, normals, parts = [], [], [], [], [], []
+    nv = nf = 0
+    for m in meshes:
+        v = np.asarray(m.vertices, dtype=np.float64)
+        f = np.asarray(m.faces, dtype=np.int64)
+        if not np.isfinite(v).all():
+            raise DataError(path, "mesh vertices contain NaN or inf values")
+        try:
+            uv_c, rgb_c, tex = _part_attributes(m)
+        except Exception as e:  # noqa: BLE001 - a broken texture image or material
+            raise DataError(path, f"cannot read its material or texture ({type(e).__name__}: {str(e)[:200]})") from None
+        verts.append(v)
+        faces.append(f + nv)
+        uvs.append(uv_c)
+        rgbs.append(rgb_c)
+        normals.append(np.asarray(m.vertex_normals, dtype=np.float64))
+        parts.append(MeshPart(nf, nf + len(f), tex))
+        nv += len(v)
+        nf += len(f)
+    n = torch.from_numpy(np.concatenate(normals)).float()
+    return TexturedMesh(
+        verts=torch.from_numpy(np.concatenate(verts)).float(),
+        faces=torch.from_numpy(np.concatenate(faces)),
+        corner_uv=torch.from_numpy(np.concatenate(uvs)).float(),
+        corner_rgb=torch.from_numpy(np.concatenate(rgbs)).float().clamp(0, 1),
+        vertex_normals=torch.nn.functional.normalize(n, dim=-1),
+        parts=parts,
+    )
+
+
+def find_meshes(root: str | Path) -> list[tuple[str, Path]]:
+    """``[(object id, mesh file)]`` under ``root`` (recursive), sorted by id.
+
+    Ids are the shortest prefixes of the files' relative paths (suffix dropped, parts joined with
+    ``__``) that tell every file apart: GSO's ``<name>/meshes/model.obj`` gives ``<name>``,
+    OmniObject3D's ``<class>/<class>_001/Scan/Scan.obj`` gives ``<class>__<class>_001``, a flat
+    folder of ``a.obj, b.glb`` gives ``a, b``. Hidden files and folders are skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "mesh folder not found")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in MESH_SUFFIXES and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
+    if not files:
+        raise DataError(root, f"no mesh files ({', '.join(MESH_SUFFIXES)}) in this folder")
+    parts = [list(p.relative_to(root).with_suffix("").parts) for p in files]
+    depth = max(len(x) for x in parts)
+    for k in range(1, depth + 1):
+        ids = ["__".join(x[:k]) for x in parts]
+        if len(set(ids)) == len(ids):
+            break
+    else:  # the same path with two suffixes (a.obj, a.glb): keep the suffix
+        ids = ["__".join(p.relative_to(root).parts).replace(".", "_") for p in files]
+    return sorted(zip(ids, files))

@@ -11,3 +11,22 @@ from recon3d.models.reconviagen.rvc import MODES, RVCRefiner, VelocityCompensati
 
 __all__ = ["RenderingLoss", "DreamSimDistance", "TERMS", "VelocityCompensation", "RVCRefiner", "MODES",
            "PoseRefiner", "PoseRefinement", "NearestRenderStart", "OpenCVMatcher", "rotation_angle_deg"]
+
+# Condition nets (paper §4.2.2) and the per-view cross-attention they condition the flows through.
+from recon3d.models.reconviagen.conditions import (  # noqa: E402
+    ConditionFusionBlock,
+    GlobalGeometryCondition,
+    LinearPerViewCondition,
+    PerViewCondition,
+    condition_dropout,
+    null_condition,
+)
+from recon3d.models.reconviagen.multiview_cross_attention import (  # noqa: E402
+    MultiViewCrossAttention,
+    install_per_view_conditioning,
+    per_view_attentions,
+)
+
+__all__ += ["GlobalGeometryCondition", "PerViewCondition", "LinearPerViewCondition", "ConditionFusionBlock",
+            "null_condition", "condition_dropout", "MultiViewCrossAttention", "install_per_view_conditioning",
+            "per_view_attentions"]

@@ -127,8 +127,8 @@ def test_unknown_and_unimplemented_class(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown TRELLIS model class 'SparseStructureFlowModelV9'") as e:
         load_trellis_model(js)
     assert "\n" not in str(e.value) and str(js) in str(e.value)
-    js.write_text(json.dumps({"name": "SLatGaussianDecoder", "args": {}}))
-    with pytest.raises(ConfigError, match=r"'SLatGaussianDecoder' is not implemented in recon3d yet"):
+    js.write_text(json.dumps({"name": "SLatRadianceFieldDecoder", "args": {}}))
+    with pytest.raises(ConfigError, match=r"'SLatRadianceFieldDecoder' is not implemented in recon3d yet"):
         load_trellis_model(js)
     js.write_text(json.dumps({"args": {}}))
     with pytest.raises(ConfigError, match=r"expected an object with 'name'"):

@@ -4,8 +4,10 @@
 Landed (the dense half): the sparse-structure VAE (:class:`SparseStructureEncoder`,
 :class:`SparseStructureDecoder`, :func:`occupancy_to_voxels`, :func:`ss_vae_loss`) and the
 sparse-structure flow DiT (:class:`SparseStructureFlowModel`); shared blocks in ``modules.py``;
-the structured-latent flow (:class:`SLatFlowModel`, sparse blocks in ``sparse_blocks.py``).
-The SLAT VAE and decoders are not implemented yet (:data:`TRELLIS_NOT_YET`).
+the structured-latent flow (:class:`SLatFlowModel`, sparse blocks in ``sparse_blocks.py``); the
+SLAT VAE: :class:`SLatEncoder` (``slat_vae.py``), :class:`SLatGaussianDecoder` and
+:class:`SLatMeshDecoder` (``slat_decoders.py``). The radiance-field decoder is not implemented
+(:data:`TRELLIS_NOT_YET`).
 """
 
 from recon3d.models.trellis.modules import ModulatedTransformerCrossBlock, pixel_shuffle_3d, timestep_embedding
@@ -18,8 +20,15 @@ from recon3d.models.trellis.pretrained import (
     load_trellis_model,
     read_trellis_json,
 )
+from recon3d.models.trellis.slat_decoders import SLatGaussianDecoder, SLatMeshDecoder
 from recon3d.models.trellis.slat_flow import SLatFlowModel
-from recon3d.models.trellis.sparse_blocks import ModulatedSparseTransformerCrossBlock, SparseResBlock3d
+from recon3d.models.trellis.slat_vae import SLatEncoder
+from recon3d.models.trellis.sparse_blocks import (
+    ModulatedSparseTransformerCrossBlock,
+    SparseResBlock3d,
+    SparseTransformerBlock,
+    TrellisSparseDownsample,
+)
 from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
 from recon3d.models.trellis.ss_vae import (
     ResBlock3d,
@@ -32,6 +41,7 @@ from recon3d.models.trellis.ss_vae import (
 
 __all__ = [
     "SparseStructureEncoder", "SparseStructureDecoder", "SparseStructureFlowModel", "SLatFlowModel", "SparseResBlock3d",
+    "SLatEncoder", "SLatGaussianDecoder", "SLatMeshDecoder", "SparseTransformerBlock", "TrellisSparseDownsample",
     "ModulatedSparseTransformerCrossBlock", "ResBlock3d", "ModulatedTransformerCrossBlock",
     "occupancy_to_voxels", "ss_vae_loss", "SSVAELoss", "pixel_shuffle_3d", "timestep_embedding",
     "TRELLIS_CLASSES", "TRELLIS_NOT_YET", "TRELLIS_PRESETS", "build_trellis_model", "read_trellis_json",

@@ -16,8 +16,10 @@ unknown; otherwise one :class:`CheckpointError` line names the file and the firs
 no tensor is copied into the model (the check runs before ``load_state_dict``). Paths are local;
 nothing is downloaded.
 
-:data:`TRELLIS_PRESETS` holds the constructor args of the released TRELLIS-image-large dense
-checkpoints (from upstream's ``configs/``) and of recon3d's tiny CPU test sizes.
+:data:`TRELLIS_PRESETS` holds the constructor args of the released TRELLIS-image-large
+checkpoints (from upstream's ``configs/``: SS VAE, SS flow, SLAT flow, SLAT encoder, Gaussian and
+mesh decoders) and of recon3d's tiny CPU test sizes. The radiance-field decoder is not implemented
+(:data:`TRELLIS_NOT_YET`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 import torch.nn as nn
 
 from recon3d.errors import CheckpointError, ConfigError
+from recon3d.models.trellis.slat_decoders import GAUSSIAN_REPRESENTATION_DEFAULTS, SLatGaussianDecoder, SLatMeshDecoder
 from recon3d.models.trellis.slat_flow import SLatFlowModel
+from recon3d.models.trellis.slat_vae import SLatEncoder
 from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
 from recon3d.models.trellis.ss_vae import SparseStructureDecoder, SparseStructureEncoder
 from recon3d.utils.checkpoint import key_mismatch_report, load_state_dict_file
@@ -44,15 +48,21 @@ TRELLIS_CLASSES: dict[str, type[nn.Module]] = {
     "SparseStructureDecoder": SparseStructureDecoder,
     "SparseStructureFlowModel": SparseStructureFlowModel,
     "SLatFlowModel": SLatFlowModel,
-    # upstream's training-time variant: a memory-management mixin over the same layout and forward
+    "SLatEncoder": SLatEncoder,
+    "SLatGaussianDecoder": SLatGaussianDecoder,
+    "SLatMeshDecoder": SLatMeshDecoder,
+    # upstream's training-time variants: a memory-management mixin over the same layout and forward
     "ElasticSLatFlowModel": SLatFlowModel,
+    "ElasticSLatEncoder": SLatEncoder,
+    "ElasticSLatGaussianDecoder": SLatGaussianDecoder,
+    "ElasticSLatMeshDecoder": SLatMeshDecoder,
 }
 
 #: Upstream classes recon3d does not implement yet (named as such in the error, not as unknown).
-TRELLIS_NOT_YET = ("SLatEncoder", "SLatGaussianDecoder", "SLatRadianceFieldDecoder", "SLatMeshDecoder",
-                   "ElasticSLatEncoder", "ElasticSLatGaussianDecoder", "ElasticSLatRadianceFieldDecoder",
-                   "ElasticSLatMeshDecoder")
+TRELLIS_NOT_YET = ("SLatRadianceFieldDecoder", "ElasticSLatRadianceFieldDecoder")
 
+#: The released Gaussian decoder's representation_config (slat_vae_enc_dec_gs_swin8_B_64l8_fp16.json).
+_GS_REP = GAUSSIAN_REPRESENTATION_DEFAULTS
 _SS_VAE_PAPER = {"latent_channels": 8, "num_res_blocks": 2, "num_res_blocks_middle": 2, "use_fp16": True}
 _SS_VAE_TINY = {"latent_channels": 4, "num_res_blocks": 1, "num_res_blocks_middle": 1, "use_fp16": False}
 
@@ -95,6 +105,32 @@ TRELLIS_PRESETS: dict[str, dict] = {
         "resolution": 16, "in_channels": 4, "out_channels": 4, "model_channels": 32, "cond_channels": 16,
         "num_blocks": 2, "num_heads": 4, "mlp_ratio": 2, "patch_size": 4, "num_io_res_blocks": 1,
         "io_block_channels": [8, 16], "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": False}},
+    # SLAT VAE: the released encoder / Gaussian / mesh decoders (configs/vae/slat_vae_enc_dec_gs_swin8_B_64l8_fp16.json,
+    # slat_vae_dec_mesh_swin8_B_64l8_fp16.json) and tiny sizes (16^3 with swin windows of 4, so
+    # objects span several windows and the shifted blocks regroup them; the mesh decoder's 256 wide
+    # is the smallest its GroupNorm(32) of C/8 allows).
+    "slat_enc_swin8_B_64l8_fp16": {"name": "SLatEncoder", "args": {
+        "resolution": 64, "in_channels": 1024, "model_channels": 768, "latent_channels": 8, "num_blocks": 12,
+        "num_heads": 12, "mlp_ratio": 4, "attn_mode": "swin", "window_size": 8, "use_fp16": True}},
+    "slat_dec_gs_swin8_B_64l8gs32_fp16": {"name": "SLatGaussianDecoder", "args": {
+        "resolution": 64, "model_channels": 768, "latent_channels": 8, "num_blocks": 12, "num_heads": 12,
+        "mlp_ratio": 4, "attn_mode": "swin", "window_size": 8, "use_fp16": True,
+        "representation_config": _GS_REP}},
+    "slat_dec_mesh_swin8_B_64l8m256c_fp16": {"name": "SLatMeshDecoder", "args": {
+        "resolution": 64, "model_channels": 768, "latent_channels": 8, "num_blocks": 12, "num_heads": 12,
+        "mlp_ratio": 4, "attn_mode": "swin", "window_size": 8, "use_fp16": True,
+        "representation_config": {"use_color": True}}},
+    "slat_enc_tiny": {"name": "SLatEncoder", "args": {
+        "resolution": 16, "in_channels": 16, "model_channels": 32, "latent_channels": 4, "num_blocks": 2,
+        "num_heads": 2, "mlp_ratio": 2, "attn_mode": "swin", "window_size": 4, "use_fp16": False}},
+    "slat_dec_gs_tiny": {"name": "SLatGaussianDecoder", "args": {
+        "resolution": 16, "model_channels": 32, "latent_channels": 4, "num_blocks": 2, "num_heads": 2,
+        "mlp_ratio": 2, "attn_mode": "swin", "window_size": 4, "qk_rms_norm": True, "use_fp16": False,
+        "representation_config": {**_GS_REP, "num_gaussians": 8}}},
+    "slat_dec_mesh_tiny": {"name": "SLatMeshDecoder", "args": {
+        "resolution": 8, "model_channels": 256, "latent_channels": 4, "num_blocks": 1, "num_heads": 4,
+        "mlp_ratio": 1, "attn_mode": "swin", "window_size": 4, "use_fp16": False,
+        "representation_config": {"use_color": True}}},
 }
 
 

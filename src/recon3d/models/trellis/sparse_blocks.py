@@ -10,6 +10,8 @@ contiguous); the state-dict names are upstream's:
   ``cross_attn``, ``mlp``, ``adaLN_modulation.1`` Linear(C, 6C) unless the modulation is shared.
 * :class:`SparseResBlock3d`: ``norm1`` (affine), ``conv1``/``conv2`` (``conv.weight (Co, 3, 3, 3, Ci)``),
   ``emb_layers.1`` Linear(E, 2 Co), ``skip_connection`` (SparseLinear, only when channels change).
+* :class:`SparseTransformerBlock` (the SLAT VAE's): ``attn`` (full or swin self-attention), ``mlp``;
+  both norms non-affine (no keys).
 * :class:`TrellisSparseDownsample`: upstream's down-sampling arithmetic (below), no parameters.
 
 Upstream's ``SparseDownsample`` pools with ``torch.scatter_reduce(zeros, ..., reduce="mean")``,
@@ -43,7 +45,7 @@ from recon3d.models.sparse import (
 from recon3d.models.trellis.modules import LayerNorm32, zero_module
 from recon3d.representations import SparseVoxels
 
-__all__ = ["SparseFeedForwardNet", "ModulatedSparseTransformerCrossBlock", "SparseResBlock3d", "TrellisSparseDownsample",
+__all__ = ["SparseFeedForwardNet", "ModulatedSparseTransformerCrossBlock", "SparseTransformerBlock", "SparseResBlock3d", "TrellisSparseDownsample",
            "convert_sparse_module_to_f16", "convert_sparse_module_to_f32", "sparse_norm"]
 
 
@@ -132,6 +134,41 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
             f = torch.utils.checkpoint.checkpoint(self._forward, x.feats, x, mod, context, use_reentrant=False)
         else:
             f = self._forward(x.feats, x, mod, context)
+        return x.replace(feats=f)
+
+
+class SparseTransformerBlock(nn.Module):
+    """Plain sparse transformer block: ``x += Attn(LN1(x))``, ``x += MLP(LN2(x))`` (both LayerNorms
+    non-affine, eps 1e-6), upstream's ``SparseTransformerBlock`` with ``ln_affine=False``.
+
+    ``attn_mode="windowed"`` with ``window_size`` ``w`` and ``shift_window`` ``s`` attends within the
+    ``w^3`` windows of ``coords + s`` (the SLAT VAE's swin blocks: ``s = w // 2`` on odd blocks);
+    ``"full"`` within each object. ``forward(x feats (N, C)) -> feats (N, C)``.
+    """
+
+    def __init__(self, channels: int, num_heads: int, mlp_ratio: float = 4.0, attn_mode: str = "full",
+                 window_size: int | None = None, shift_window: int = 0, use_checkpoint: bool = False,
+                 qk_rms_norm: bool = False, qkv_bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.channels, self.use_checkpoint = channels, use_checkpoint
+        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
+        self.attn = SparseMultiHeadAttention(channels, num_heads, type="self", attn_mode=attn_mode, window_size=window_size,
+                                             shift_window=shift_window, qkv_bias=qkv_bias, qk_rms_norm=qk_rms_norm, backend=backend)
+        self.mlp = SparseFeedForwardNet(channels, mlp_ratio)
+
+    def _forward(self, feats: torch.Tensor, x: SparseVoxels) -> torch.Tensor:
+        x = x.replace(feats=feats)
+        f = feats + self.attn(sparse_norm(self.norm1, x)).feats
+        return f + self.mlp(sparse_norm(self.norm2, x.replace(feats=f))).feats
+
+    def forward(self, x: SparseVoxels) -> SparseVoxels:
+        if x.num_channels != self.channels:
+            raise ShapeError(f"x.feats: expected {self.channels} channels, got {x.num_channels}")
+        if self.use_checkpoint and torch.is_grad_enabled():
+            f = torch.utils.checkpoint.checkpoint(self._forward, x.feats, x, use_reentrant=False)
+        else:
+            f = self._forward(x.feats, x)
         return x.replace(feats=f)
 
 

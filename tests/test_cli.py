@@ -25,7 +25,7 @@ from recon3d.cli import COMMAND_HELP, EXTRA_COMMANDS, LIGHTNING_COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "configs" / "toy.yaml")
-ALL_COMMANDS = ["fit", "validate", "test", "predict", "demo", "data", "export", "bench"]
+ALL_COMMANDS = ["fit", "validate", "test", "predict", "demo", "data", "export", "bench", "compare"]
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
@@ -45,7 +45,7 @@ def test_top_help_lists_every_subcommand_with_one_line():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["test", "-h"], ["export", "--help"], ["demo", "--help"],
-                                  ["data", "--help"]], ids=" ".join)
+                                  ["data", "--help"], ["compare", "--help"]], ids=" ".join)
 def test_help_imports_neither_lightning_nor_torch(argv):
     code = (f"import sys\nfrom recon3d.cli import main\ntry:\n    rc = main({argv!r})\nexcept SystemExit as e:\n    rc = e.code\n"
             "print('\\nIMPORTED', rc, 'lightning' in sys.modules, 'torch' in sys.modules)")

@@ -2,7 +2,8 @@
 
 Composition rule: a file in ``configs/<name>/`` is an override of ``configs/<name>.yaml`` (or of
 ``configs/gtr_cpu.yaml`` when no such base exists, e.g. ``configs/trainer/``); top-level files
-are complete configs.
+are complete configs. Suite files of ``recon3d compare`` (a mapping with ``entries:``, in
+``configs/compare/``) are not LightningCLI configs: ``tests/commands/test_compare.py`` loads them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 from recon3d.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "entries" not in (yaml.safe_load(p.read_text()) or {}))
 
 
 def _stack(path: Path) -> list[str]:

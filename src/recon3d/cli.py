@@ -3,7 +3,7 @@
 ``recon3d fit|validate|test|predict`` are LightningCLI subcommands (:class:`Recon3DCLI`): configs
 compose with ``-c base.yaml -c override.yaml``, any part is swapped by ``class_path``, and
 ``--print_config`` shows the resolved config. Other subcommands (``demo``, ``data``, ``export``,
-``bench``) are plain argparse programs in :mod:`recon3d.commands`, one module each; add one by
+``bench``, ``compare``) are plain argparse programs in :mod:`recon3d.commands`, one module each; add one by
 adding a module there and a line to :data:`EXTRA_COMMANDS` and :data:`COMMAND_HELP`.
 
 Start-up: ``recon3d --help``, ``recon3d <command> --help`` and the non-Lightning subcommands do not
@@ -89,6 +89,7 @@ EXTRA_COMMANDS = {
     "data": "recon3d.commands.data",
     "export": "recon3d.commands.export",
     "bench": "recon3d.commands.bench",
+    "compare": "recon3d.commands.compare",
 }
 
 #: The LightningCLI subcommands recon3d exposes.
@@ -105,6 +106,7 @@ COMMAND_HELP = {
     "data": "prepare data: synthetic objects, format conversion, depth-prior caches",
     "export": "reconstruct objects from posed views with a checkpoint: meshes (.glb/.obj), turntables",
     "bench": "run the speed/memory benchmarks in benchmarks/ (same as make bench)",
+    "compare": "train/evaluate several configs on one budget and protocol: results table, plots, image grid",
 }
 
 _CKPT_HELP = {

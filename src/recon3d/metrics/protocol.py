@@ -82,7 +82,7 @@ from recon3d.metrics.pose import relative_rotation_errors, translation_errors
 from recon3d.utils.checks import check_shape
 from recon3d.utils.io import atomic_path
 
-__all__ = ["EvaluationProtocol", "PerObjectTable", "METRIC_NAMES"]
+__all__ = ["EvaluationProtocol", "PerObjectTable", "METRIC_NAMES", "HIGHER_IS_BETTER", "describe_protocol"]
 
 #: Every name the protocol can report, in column order.
 METRIC_NAMES: tuple[str, ...] = (
@@ -551,3 +551,58 @@ class EvaluationProtocol(nn.Module):
             raise ValueError(f"object_ids: expected {n} ids (one per batch item), got {len(ids)}")
         return ids
 
+
+
+#: Direction of every name in :data:`METRIC_NAMES`: ``True`` when a larger value is better (the
+#: ``higher_is_better`` of the torchmetrics class that computes it; ``acc@k`` is a fraction of
+#: view pairs within k degrees, the pose errors ``rre``/``te`` are errors).
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "psnr": True, "ssim": True, "lpips": False, "psnr_masked": True, "ssim_masked": True, "lpips_masked": False,
+    "mask_iou": True, "cd": False, "fscore": True, "precision": True, "recall": True, "nc": True, "iou": True,
+    "rre": False, "te": False, "acc@15": True, "acc@30": True,
+}  # fmt: skip
+
+
+def _docstring_paragraph(title: str) -> str:
+    """The module docstring's paragraph that starts with ``**<title>.**``, on one line."""
+    for para in (__doc__ or "").split("\n\n"):
+        if para.startswith(f"**{title}.**"):
+            return " ".join(para.replace(f"**{title}.**", "").split())
+    return ""
+
+
+def describe_protocol(doc: dict, with_missing: bool = True) -> list[str]:
+    """The protocol a ``metrics.json`` (:meth:`EvaluationProtocol.write`) was measured under, as
+    Markdown bullet lines: image metrics and LPIPS, the geometry conventions (points, CD distance,
+    scale and reduction, F-score threshold, normalisation and alignment) and the aggregation rule,
+    in the words of this module's docstring. ``doc``: the parsed ``metrics.json`` (the geometry lines
+    only when it measured, or names as missing, a geometry metric); ``with_missing``: also a line per
+    metric with no value and why."""
+    geo = doc.get("geometry_protocol") or {}
+    lines = [f"- Image metrics: {', '.join(doc.get('image_metrics') or []) or 'none'} "
+             f"(masked variants on the object's pixels where masks exist); LPIPS: {doc.get('lpips', 'not requested')}."]
+    geometry = {"cd", "fscore", "precision", "recall", "nc", "iou"}
+    measured = set(doc.get("metrics") or {}) | set(doc.get("missing_metrics") or {})
+    if geo and measured & geometry:
+        dist_ = "squared L2" if geo.get("squared") else "L2"
+        on = "squared distance" if geo.get("threshold_on_squared") else "distance"
+        frame = ("each surface by its own bounding box" if geo.get("normalize_frame") == "each"
+                 else "both surfaces by the ground truth's transform")
+        align = {"none": "no alignment", "icp": "rigid ICP", "icp_scale": "similarity ICP (rotation, translation, scale)"}.get(
+            str(geo.get("align")), str(geo.get("align")))
+        lines += [
+            f"- Geometry preset `{geo.get('name')}`: {geo.get('num_points')} surface points per object (seeded); "
+            f"Chamfer distance = {geo.get('reduction')} of the two directions of the {dist_} nearest-neighbour distance "
+            f"x {geo.get('cd_scale'):g}; F-score, precision, recall at {geo.get('fscore_threshold'):g} on the {on}"
+            f" (x {geo.get('fscore_scale', 1.0):g}); NC {'oriented' if geo.get('nc_oriented') else 'unoriented'}; "
+            f"mesh IoU on a {geo.get('iou_resolution')}^3 grid over [-1, 1]^3.",
+            f"- Normalisation into [-1, 1]^3 ({geo.get('normalize')}): {frame}; then {align}"
+            f"{' after a rotation search' if geo.get('rotation_search') else ''}.",
+        ]
+    agg = _docstring_paragraph("Aggregation")
+    if agg:
+        lines.append(f"- Aggregation: {agg}")
+    missing = (doc.get("missing_metrics") or {}) if with_missing else {}
+    for name, why in sorted(missing.items()):
+        lines.append(f"- `{name}` not measured: {why}")
+    return lines

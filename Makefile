@@ -41,9 +41,10 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-## Benchmarks print ratios against a reference measured in the same run.
+## Benchmarks print ratios against a reference measured in the same run; the run is appended to
+## benchmarks/results/<date>-<commit>.json (recon3d bench --compare FILE: ratios against an earlier one).
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/recon3d bench
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

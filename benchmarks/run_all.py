@@ -2,7 +2,9 @@
 
 Each module's ``main(quick)`` is called in turn (sorted by file name); a benchmark that fails is
 reported and the next one still runs. A summary with each benchmark's status and wall time is
-printed at the end, and the exit status is 1 when any benchmark failed.
+printed at the end, and the exit status is 1 when any benchmark failed. ``recon3d bench`` runs
+the same suite (also from an installed package, which ships a copy of this folder) and appends
+the results to ``benchmarks/results/<date>-<commit>.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def discover() -> list[str]:
     return [f"{__package__ or 'benchmarks'}.{p.stem}" for p in sorted(HERE.glob("bench_*.py"))]
 
 
-def run(quick: bool = False, only: str | None = None) -> list[tuple[str, str, float]]:
+def run(quick: bool = False, only: str | None = None, returns: dict | None = None) -> list[tuple[str, str, float]]:
+    """Run the benchmarks: ``[(name, status, seconds)]``; ``returns`` (when given) receives each
+    benchmark's ``main()`` return value (rows some of them return) under its name."""
     results = []
     for name in discover():
         short = name.rsplit(".", 1)[-1]
@@ -41,10 +45,9 @@ def run(quick: bool = False, only: str | None = None) -> list[tuple[str, str, fl
             main = getattr(mod, "main", None)
             if main is None:
                 raise AttributeError(f"{name} has no main()")
-            if "quick" in inspect.signature(main).parameters:
-                main(quick=quick)
-            else:
-                main()
+            value = main(quick=quick) if "quick" in inspect.signature(main).parameters else main()
+            if returns is not None:
+                returns[short] = value
             status = "ok"
         except KeyboardInterrupt:
             raise

@@ -11,6 +11,7 @@ import torch
 from benchmarks.bench_rvc import GaussianDataFlow, setup, turned
 
 from recon3d.data.batch import Views
+from recon3d.data.cameras import Cameras
 from recon3d.errors import ConfigError, ShapeError
 from recon3d.models.flow import FlowEulerSampler
 from recon3d.models.reconviagen import DreamSimDistance, RenderingLoss, RVCRefiner, VelocityCompensation
@@ -200,3 +201,20 @@ def test_dreamsim_term_from_a_local_vit_folder(tmp_path):
     assert a.grad is not None and torch.isfinite(a.grad).all()
     loss = RenderingLoss("paper", weights={"lpips": 0}, dreamsim=str(tmp_path / "vit"), dreamsim_size=32)
     assert loss.resolve() == ("ssim", "dreamsim")
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_an_objects_correction_does_not_depend_on_its_batch_neighbour(toy, mode):
+    """Object 0's sample with RVC is the same alone and next to an object whose views are all dropped."""
+    dec, z, flow, cams, images, sampler, noise = toy
+    alone = _hook(toy, mode=mode, steps=1, alpha=20.0)
+    a = sampler.sample(flow, noise, hook=alone).samples
+    other = sampler.noise_like(z, [torch.Generator().manual_seed(7)])
+    imgs2 = torch.cat([images, torch.ones_like(images)])  # object 1: white images on a black render -> all views dropped
+    mu2 = torch.cat([flow.mu, flow.mu])
+    h = VelocityCompensation(dec, imgs2, Cameras.cat([cams, cams]), loss=_loss(mode), mode=mode, steps=1, alpha=20.0, render_opts=TORCH)
+    both = sampler.sample(GaussianDataFlow(mu2), torch.cat([noise, other]), hook=h).samples
+    torch.testing.assert_close(both[:1], a, atol=1e-5, rtol=1e-5)
+    applied = [r for r in h.history if r["applied"]]
+    assert applied and all(r["kept"][1].sum() == 0 and r["kept"][0].all() for r in applied)
+    assert h.all_dropped == 0  # some view of the batch was kept at every step

@@ -43,7 +43,10 @@ upstream's FlexiCubes is a dual method (one vertex per cube, placed with the 21 
 ``beta/alpha/gamma`` weights, quads split by ``gamma``); here the weights are unused, vertices sit
 on cube edges, and the triangle count and the finest detail differ (the SDF, the deformation and
 the colours are the decoder's own). Colours are the first three ``color`` channels clamped to
-[0, 1] (upstream renders them unclamped); the normal-map channels are not kept.
+[0, 1] (upstream renders them unclamped); the normal-map channels are not kept. Upstream's
+training-time terms of the extractor (FlexiCubes' ``L_dev``, the L1 of the weights, the
+corner-consistency loss) are not computed here. Memory: only the SDF is dense over each object's
+bounding box (measured: a 128^3 ball of 180k cubes extracts in 1.2 s on one CPU thread).
 """
 
 from __future__ import annotations
@@ -263,18 +266,21 @@ class SparseSubdivideBlock3d(nn.Module):
         return h.replace(feats=h.feats + self.skip_connection(x).feats)
 
 
-def _edge_sample(grid: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Trilinear sample of ``grid (X, Y, Z, F)`` at index-space points ``p (V, 3)`` -> ``(V, F)``; on a
-    grid edge (marching-cubes vertices) it is the linear interpolation between the edge's two ends."""
-    hi = torch.tensor(grid.shape[:3], device=p.device) - 2
+def _edge_interp(table: torch.Tensor, vid: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Trilinear interpolation of per-vertex rows ``table (Nv, F)`` at index-space points ``p (V, 3)``
+    of the vertex grid ``vid (X, Y, Z)`` (row of each grid vertex, -1 where none: value 0) ->
+    ``(V, F)``. On a grid edge (marching-cubes vertices) it is the linear interpolation between the
+    edge's two ends."""
+    hi = torch.tensor(vid.shape, device=p.device) - 2
     i0 = torch.minimum(p.detach().floor().long().clamp_min(0), hi)
     f = p - i0.to(p.dtype)
+    padded = torch.cat([table, table.new_zeros(1, table.shape[1])])  # row -1 -> the zero row
     out = 0
     for j in range(8):
         o = _CUBE_CORNERS[j].to(p.device)
         w = torch.prod(torch.where(o.bool(), f, 1 - f), dim=-1, keepdim=True)
         i = i0 + o
-        out = out + w * grid[i[:, 0], i[:, 1], i[:, 2]]
+        out = out + w * padded[vid[i[:, 0], i[:, 1], i[:, 2]]]
     return out
 
 
@@ -332,10 +338,16 @@ class SLatMeshDecoder(SparseTransformerBase):
         a, b, shape = MESH_LAYOUT[name]
         return feats[:, a:b].reshape(-1, *shape)
 
-    def vertex_fields(self, cubes: SparseVoxels, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Object ``i`` of :meth:`forward`'s output on the grid vertices of its bounding box (one
-        vertex of margin): ``(lo (3,) int64, sdf (X, Y, Z), positions (X, Y, Z, 3), colors (X, Y, Z, 6) | None)``;
-        ``positions`` in TRELLIS's ``[-0.5, 0.5]^3``. Vertices of no cube have SDF 1 (outside)."""
+    def vertex_fields(self, cubes: SparseVoxels, i: int) -> dict:
+        """Object ``i`` of :meth:`forward`'s output on its grid vertices (module docstring).
+
+        Returns ``lo (3,)`` int64 (first vertex of the bounding box, one vertex of margin),
+        ``sdf (X, Y, Z)`` dense over the box (1 = outside where no cube touches a vertex),
+        ``vid (X, Y, Z)`` int64 row of each box vertex in the tables below (-1: none),
+        ``offset (Nv, 3)`` = ``(1 - 1e-8) / (2 res) * tanh(deform)`` (TRELLIS units) and
+        ``color (Nv, 6)`` or None: the mean over the cubes sharing each vertex, as upstream.
+        Only the SDF is dense, so a 256^3 object needs one float and one index per box vertex.
+        """
         if cubes.num_channels != self.out_channels:
             raise ShapeError(f"cubes.feats: expected the decoder's {self.out_channels} output channels, got {cubes.num_channels}")
         res = self.mesh_resolution
@@ -346,41 +358,49 @@ class SLatMeshDecoder(SparseTransformerBase):
         if self.use_color:
             attrs.append(self._field(feats, "color"))
         attrs = torch.cat(attrs, dim=-1)  # (n, 8, 1 + 3 [+ 6])
-        corners = (c[:, None, :] + _CUBE_CORNERS.to(c.device)[None]).reshape(-1, 3)
-        lo = (c.min(0).values - 1).clamp_min(0) if c.numel() else torch.zeros(3, dtype=torch.int64)
-        hi = (c.max(0).values + 2).clamp_max(res) if c.numel() else torch.ones(3, dtype=torch.int64)
+        if c.numel():
+            lo, hi = (c.min(0).values - 1).clamp_min(0), (c.max(0).values + 2).clamp_max(res)
+        else:
+            lo, hi = torch.zeros(3, dtype=torch.int64, device=c.device), torch.ones(3, dtype=torch.int64, device=c.device)
         dims = (hi - lo + 1).tolist()
-        flat = ((corners - lo) * torch.tensor([dims[1] * dims[2], dims[2], 1], device=c.device)).sum(-1)
-        nv = dims[0] * dims[1] * dims[2]
+        corners = (c[:, None, :] + _CUBE_CORNERS.to(c.device)[None] - lo).reshape(-1, 3)
+        flat = (corners * torch.tensor([dims[1] * dims[2], dims[2], 1], device=c.device)).sum(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
         # mean over the cubes sharing a vertex (upstream: scatter_reduce mean, include_self=False)
-        total = attrs.new_zeros(nv, attrs.shape[-1]).index_add_(0, flat, attrs.reshape(-1, attrs.shape[-1]))
-        count = torch.bincount(flat, minlength=nv).to(attrs.dtype)[:, None]
-        mean = total / count.clamp_min(1)
-        sdf = torch.where(count[:, 0] > 0, mean[:, 0], torch.ones_like(mean[:, 0])).reshape(dims)
-        axes = [torch.arange(int(lo[a]), int(hi[a]) + 1, device=c.device, dtype=attrs.dtype) for a in range(3)]
-        v = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-        pos = v / res - 0.5 + (1 - 1e-8) / (res * 2) * torch.tanh(mean[:, 1:4].reshape(*dims, 3))
-        colors = mean[:, 4:10].reshape(*dims, 6) if self.use_color else None
-        return lo, sdf, pos, colors
+        total = attrs.new_zeros(uniq.numel(), attrs.shape[-1]).index_add_(0, inverse, attrs.reshape(-1, attrs.shape[-1]))
+        mean = total / torch.bincount(inverse, minlength=uniq.numel()).to(attrs.dtype)[:, None]
+        sdf = attrs.new_ones(dims[0] * dims[1] * dims[2])
+        sdf[uniq] = mean[:, 0]
+        vid = torch.full((dims[0] * dims[1] * dims[2],), -1, dtype=torch.int64, device=c.device)
+        vid[uniq] = torch.arange(uniq.numel(), device=c.device)
+        return {"lo": lo, "sdf": sdf.reshape(dims), "vid": vid.reshape(dims),
+                "offset": (1 - 1e-8) / (res * 2) * torch.tanh(mean[:, 1:4]),
+                "color": mean[:, 4:10] if self.use_color else None}
 
     def to_meshes(self, cubes: SparseVoxels, scale: float = 2.0) -> Meshes:
         """:meth:`forward`'s output -> one mesh per object by marching cubes (module docstring):
         vertices ``positions * scale`` (``scale=2``: TRELLIS's ``[-0.5, 0.5]^3`` -> recon3d's
         ``[-1, 1]^3``), faces counter-clockwise from outside, vertex colours with ``use_color``.
         An object whose SDF has no zero crossing gets an empty mesh (0 vertices, 0 faces)."""
+        res = self.mesh_resolution
         verts, faces, colors = [], [], []
         for i in range(cubes.batch_size):
-            lo, sdf, pos, col = self.vertex_fields(cubes, i)
+            fields = self.vertex_fields(cubes, i)
+            sdf = fields["sdf"]
+            box = torch.stack([torch.zeros(3), torch.tensor(sdf.shape) - 1.0]).to(sdf)
             try:
-                idx_verts, f = marching_cubes(sdf, aabb=torch.stack([torch.zeros(3), torch.tensor(sdf.shape) - 1.0]).to(sdf))
+                p, f = marching_cubes(sdf, aabb=box)  # vertices in the box's vertex-index units
             except EmptySurfaceError:
                 verts.append(sdf.new_zeros(0, 3))
                 faces.append(torch.zeros(0, 3, dtype=torch.int64, device=sdf.device))
                 colors.append(sdf.new_zeros(0, 3))
                 continue
-            verts.append(_edge_sample(pos, idx_verts) * scale)
+            # position is affine in the vertex index plus the interpolated deformation offset
+            pos = (p + fields["lo"].to(p)) / res - 0.5 + _edge_interp(fields["offset"], fields["vid"], p)
+            verts.append(pos * scale)
             faces.append(f)
-            colors.append(_edge_sample(col[..., :3], idx_verts).clamp(0, 1) if col is not None else None)
+            if self.use_color:
+                colors.append(_edge_interp(fields["color"][:, :3], fields["vid"], p).clamp(0, 1))
         return Meshes(verts, faces, colors if self.use_color else None)
 
     def decode(self, x: SparseVoxels, scale: float = 2.0) -> Meshes:

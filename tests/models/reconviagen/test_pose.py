@@ -134,6 +134,32 @@ def test_nearest_render_start_picks_the_render_of_the_input_pose():
     assert est.last.tolist() == [truth]
 
 
+def test_align_mapping_recovers_input_cameras_from_an_estimator_frame():
+    """An oracle estimator in a frame rotated, scaled by 0.3 and shifted: 'align' maps the inputs'
+    estimated cameras back exactly (inputs between the renders, where 'nearest' would be off)."""
+    mesh = textured_cube()
+    start = NearestRenderStart(n_renders=6, radius=2.2, fov=40.0, elevations=(25.0, 5.0), render_opts=TORCH)
+    orbit = start.orbit(40, 40)
+    cams = orbit_cameras(torch.tensor([17.0, 200.0]), torch.tensor([40.0, -10.0]), 1.9, 40.0, 40, 40)[None]
+    with torch.no_grad():
+        images = render(mesh, cams, "black", backend="torch").rgb
+    c, s_ = math.cos(0.7), math.sin(0.7)
+    R = torch.tensor([[c, 0.0, s_], [0, 1, 0], [-s_, 0, c]]) @ torch.tensor([[1.0, 0, 0], [0, c, -s_], [0, s_, c]])
+    scale, t = 0.3, torch.tensor([0.5, -1.0, 2.0])
+
+    def estimator(imgs):
+        allc = torch.cat([orbit.c2w, cams.c2w[0]], 0).clone()
+        allc[:, :3, :3] = R @ allc[:, :3, :3]
+        allc[:, :3, 3] = scale * allc[:, :3, 3] @ R.T + t
+        return Cameras(allc[None], torch.cat([orbit.K, cams.K[0]])[None], 40, 40)
+
+    est = NearestRenderStart(n_renders=6, radius=2.2, fov=40.0, elevations=(25.0, 5.0), pose_estimator=estimator,
+                             mapping="align", render_opts=TORCH)
+    out = est(mesh, images)
+    torch.testing.assert_close(out.c2w, cams.c2w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.K, cams.K)
+
+
 def test_pose_refiner_as_a_refiner_sets_the_reconstruction_cameras(scene):
     mesh, cams, images = scene
     start = perturbed(cams, 3.0, 0.05, seed=4)

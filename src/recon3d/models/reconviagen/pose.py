@@ -8,8 +8,10 @@ RVC needs the input views' cameras in the generator's object frame, to pixel acc
    gives every input the known pose of its nearest render -- nearest by a pose estimator's cameras
    when one is given (the official code runs VGGT on [20 orbit renders + one input] and takes the
    nearest render's known pose, which is how VGGT's first-camera frame is mapped into TRELLIS's
-   object frame; the paper: 30 random renders + inputs), else by image distance. Any callable
-   can stand in (e.g. a VGGT wrapper), or fixed cameras.
+   object frame; the paper: 30 random renders + inputs), else by image distance; or
+   (``mapping="align"``) the estimator's input cameras moved into the object frame by the
+   similarity fitted on the renders' estimated vs known poses. Any callable can stand in (e.g. a
+   VGGT wrapper), or fixed cameras.
 2. **Refinement**, at most ``rounds`` (3) rounds per view: render the object at the current camera
    (colour + depth), match features between the render and the input (``matcher``, default
    :class:`OpenCVMatcher`: ORB or SIFT + brute-force kNN + Lowe's ratio test; the official code
@@ -140,9 +142,16 @@ class NearestRenderStart:
         up_axis: ``"z"`` or ``"y"``.
         target: the point the renders look at.
         pose_estimator: optional ``(images (B, S, 3, H, W)) -> Cameras (B, S)`` in any frame of its
-            own (e.g. VGGT's: first camera = identity, arbitrary scale), run on the renders followed by
-            the inputs; an input's nearest render is the one with the smallest estimated relative
-            rotation. None: nearest by the mean absolute difference of 32² thumbnails.
+            own (e.g. VGGT's: first camera = identity, arbitrary scale; intrinsics in pixels of the
+            given images), run on the renders followed by the inputs; an input's nearest render is
+            the one with the smallest estimated relative rotation. None: nearest by the mean
+            absolute difference of 32² thumbnails.
+        mapping: with a pose estimator, ``"nearest"`` (official: the nearest render's known pose)
+            or ``"align"`` (the similarity transform from the estimator's frame to the object
+            frame, fitted on the renders' estimated vs known poses -- rotation by the SVD-projected
+            mean of ``R_known R_est^T``, scale and translation by least squares on the camera
+            centres -- applied to the inputs' estimated cameras, with the estimator's intrinsics;
+            our reading of the paper's "30 renders + inputs into VGGT").
         render: ``(representation, cameras) -> RenderOutput``; default :func:`recon3d.render.render`.
         background: the default renderer's background (the inputs must stand on it).
 
@@ -152,8 +161,15 @@ class NearestRenderStart:
 
     def __init__(self, n_renders: int = 20, radius: float = 2.5, fov: float = 40.0, elevations: Sequence[float] = (15.0, 35.0, -5.0),
                  up_axis: str = "z", target: Sequence[float] = (0.0, 0.0, 0.0), pose_estimator: Callable | None = None,
-                 render: Callable | None = None, background: Any = "black", render_opts: dict | None = None):
+                 render: Callable | None = None, background: Any = "black", render_opts: dict | None = None,
+                 mapping: str = "nearest"):
         check_option("n_renders", n_renders, 1, integer=True)
+        if mapping not in ("nearest", "align"):
+            raise ConfigError(f"mapping: expected 'nearest' or 'align', got {mapping!r}")
+        if mapping == "align" and pose_estimator is None:
+            raise ConfigError("mapping: 'align' needs a pose_estimator")
+        if mapping == "align" and n_renders < 2:
+            raise ConfigError("n_renders: 'align' needs at least 2 renders to fit a scale")
         check_option("radius", radius, 0.0, strict=True)
         check_option("fov", fov, 0.0, strict=True)
         if up_axis not in ("z", "y"):
@@ -161,7 +177,7 @@ class NearestRenderStart:
         self.n_renders, self.radius, self.fov = int(n_renders), float(radius), float(fov)
         self.elevations = tuple(float(e) for e in elevations) or (0.0,)
         self.up_axis, self.target = up_axis, torch.tensor([float(v) for v in target])
-        self.pose_estimator = pose_estimator
+        self.pose_estimator, self.mapping = pose_estimator, mapping
         self.render = render if render is not None else _render_default(background, dict(render_opts or {}))
         self.last: torch.Tensor | None = None
 
@@ -190,6 +206,8 @@ class NearestRenderStart:
             est = self.pose_estimator(torch.cat([rgb.to(images), images], 1))
             if tuple(est.batch_shape) != (B, S + V):
                 raise ShapeError(f"pose_estimator: expected Cameras of batch shape ({B}, {S + V}) for {S} renders + {V} inputs, got {list(est.batch_shape)}")
+            if self.mapping == "align":
+                return _aligned(est, orbit, S, W, H).to(images.device)
             R = est.c2w[..., :3, :3].double()
             rel = R[:, S:, None].transpose(-1, -2) @ R[:, None, :S]  # B V S 3 3
             cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
@@ -202,6 +220,31 @@ class NearestRenderStart:
         c2w = orbit.c2w[idx]  # B V 4 4
         K = orbit.K[idx]
         return Cameras(c2w, K, W, H)
+
+
+def _aligned(est: Cameras, orbit: Cameras, S: int, W: int, H: int) -> Cameras:
+    """Inputs' estimated cameras ``est[:, S:]`` mapped into the object frame by the similarity
+    ``x_obj = s R x_est + t`` fitted on the renders (``est[:, :S]`` vs the known ``orbit``)."""
+    c2w = est.c2w.detach().double()
+    known = orbit.c2w.detach().double().to(c2w.device)  # S 4 4
+    out = []
+    for b in range(c2w.shape[0]):
+        Re, Ce = c2w[b, :S, :3, :3], c2w[b, :S, :3, 3]
+        Rk, Ck = known[:, :3, :3], known[:, :3, 3]
+        U, _, Vh = torch.linalg.svd((Rk @ Re.transpose(-1, -2)).sum(0))
+        D = torch.eye(3, dtype=U.dtype, device=U.device)
+        D[2, 2] = torch.sign(torch.linalg.det(U @ Vh))
+        R = U @ D @ Vh
+        a, k = Ce @ R.T, Ck
+        a0, k0 = a - a.mean(0), k - k.mean(0)
+        scale = float((a0 * k0).sum() / (a0 * a0).sum().clamp_min(1e-12))
+        t = k.mean(0) - scale * a.mean(0)
+        M = c2w[b, S:].clone()
+        M[:, :3, :3] = R @ c2w[b, S:, :3, :3]
+        M[:, :3, 3] = scale * c2w[b, S:, :3, 3] @ R.T + t
+        out.append(M)
+    K = est.K[:, S:].detach().float()
+    return Cameras(torch.stack(out).float(), K, W, H)
 
 
 @dataclass

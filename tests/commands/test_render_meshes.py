@@ -107,6 +107,14 @@ def test_renders_load_through_the_blender_loader_and_project_onto_their_masks(tm
     pts = raw.cameras.unproject(_pixel_grid(SIZE)[None], raw.depths[0, 0][None])[0]
     radius = pts[inside].norm(dim=-1)
     assert float((radius - 1).abs().max()) < 0.02  # a 24-gon sphere lies within 1 - cos(pi/24) of its circumsphere
+    # its ground truth: mesh.ply in the cameras' frame, sampled on request (seeded)
+    ds = BlenderDataset(str(out / "sphere"), split="input", num_surface_points=500)
+    geo = ds.load_geometry(0)
+    assert geo.mesh_paths == [str(out / "sphere" / "mesh.ply")] and geo.surface_points.shape == (500, 3)
+    assert float((geo.surface_points.norm(dim=-1) - 1).abs().max()) < 0.02
+    cos = (geo.surface_normals * torch.nn.functional.normalize(geo.surface_points, dim=-1)).sum(-1)
+    assert float(cos.min()) > 0.97  # outward face normals
+    assert torch.equal(ds.load_geometry(0).surface_points, geo.surface_points)
     meta = json.loads((out / "box" / "render_meshes.json").read_text())
     assert meta["mesh_up"] == "z" and json.loads((out / "sphere" / "render_meshes.json").read_text())["mesh_up"] == "y"
 

@@ -13,7 +13,8 @@ recon3d's own renders (``write_blender(depths=, normals=)``, ``recon3d data rend
 optional ``frames[].depth_path`` (a 16-bit grey PNG: z-depth = stored integer x ``depth_scale``,
 ``depth_scale`` at top level or per frame; 0 = empty) and ``frames[].normal_path`` (an RGB PNG of
 world unit normals as ``(n + 1) / 2``; mid-grey, i.e. ``n = 0``, where empty), loaded into
-``RawViews.depths`` / ``RawViews.normals``.
+``RawViews.depths`` / ``RawViews.normals``. Their ``mesh.ply`` (the normalised ground-truth mesh,
+in the cameras' world frame) is the object's geometry (:meth:`BlenderDataset.load_geometry`).
 
 Conversion: ``c2w_cv = transform_matrix @ diag(1, -1, -1, 1)``; ``fx = fl_x`` or
 ``0.5 W / tan(camera_angle_x / 2)``; ``fy = fl_y`` or from ``camera_angle_y`` or ``fx``;
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from recon3d.data.base import RawViews, focal_from_fov, load_image, resolve_inside
+from recon3d.data.batch import Geometry
 from recon3d.data.cameras import Cameras
 from recon3d.data.formats._common import (
     FolderDataset,
@@ -104,6 +106,10 @@ class BlenderDataset(FolderDataset):
             with OpenCV onto the same pinhole ``K`` at load time (maps cached per camera);
             ``"error"``: such frames are refused, naming the keys. Unsupported lens models are
             refused either way.
+        num_surface_points: with a ``mesh.ply`` in the object folder (``recon3d data
+            render-meshes``), :meth:`load_geometry` also returns this many area-weighted surface
+            samples with face normals (seeded by ``seed`` and the object index); 0: the mesh path only.
+        seed: seed of those samples.
 
     ``load_views`` returns ``rgb (V, 3, H, W)``, ``alpha (V, 1, H, W)`` (from RGBA files or
     ``mask_path``; None for RGB files without masks) and OpenCV cameras ``(V,)``.
@@ -118,6 +124,8 @@ class BlenderDataset(FolderDataset):
         scale: float = 1.0,
         missing_frames: Literal["error", "skip"] = "error",
         distortion: Literal["undistort", "error"] = "undistort",
+        num_surface_points: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__(root)
         self.split = str(split)
@@ -129,6 +137,9 @@ class BlenderDataset(FolderDataset):
         if distortion not in ("undistort", "error"):
             raise DataError(self.root, f"distortion: expected 'undistort' or 'error', got {distortion!r}")
         self.missing_frames, self.distortion = missing_frames, distortion
+        if isinstance(num_surface_points, bool) or int(num_surface_points) < 0:
+            raise DataError(self.root, f"num_surface_points: expected an integer >= 0, got {num_surface_points!r}")
+        self.num_surface_points, self.seed = int(num_surface_points), int(seed)
         if self._find_json(self.root) is not None:
             dirs = [self.root]
         else:
@@ -297,6 +308,21 @@ class BlenderDataset(FolderDataset):
         cams = build_cameras(meta.json_path, lambda: Cameras.from_opengl(c2w_t, K_t, W, H))
         return RawViews(rgb=rgb, cameras=cams, alpha=alpha, depths=depths, normals=normals)
 
+    def load_geometry(self, index: int) -> Geometry:
+        """The object's ``mesh.ply`` (``recon3d data render-meshes``; world frame of the cameras) as
+        ``mesh_paths`` and, with ``num_surface_points``, surface samples ``(N, 3)`` with face normals
+        ``(N, 3)``; empty without the file. With ``scale != 1`` the samples are scaled and the path
+        is left out (the file is in the unscaled frame)."""
+        self._check_index(index)
+        path = self._dirs[index] / "mesh.ply"
+        if not path.is_file():
+            return Geometry()
+        pts = nrm = None
+        if self.num_surface_points:
+            pts, nrm = _sample_mesh_file(path, self.num_surface_points, self.seed * 1_000_003 + index)
+            pts = pts * self.scale
+        return Geometry(surface_points=pts, surface_normals=nrm, mesh_paths=[str(path)] if self.scale == 1.0 else None)
+
     @staticmethod
     def _load_depth_normals(meta: _Meta, frames: list[_Frame], size: tuple[int, int]):
         """``depths (V, 1, H, W)`` and ``normals (V, 3, H, W)``, each None when no frame has one."""
@@ -320,6 +346,34 @@ class BlenderDataset(FolderDataset):
                     maps.append(torch.where(norm > 0.5, n / norm.clamp_min(1e-6), torch.zeros_like(n)))
             out.append(torch.stack(maps))
         return out[0], out[1]
+
+
+def _sample_mesh_file(path: Path, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` area-weighted surface points ``(n, 3)`` and their face normals ``(n, 3)`` of a mesh file."""
+    import trimesh
+
+    try:
+        m = trimesh.load(str(path), force="mesh", process=False)
+    except Exception as e:  # noqa: BLE001 - trimesh raises many types for garbled files
+        raise DataError(path, f"cannot read mesh ({type(e).__name__}); expected a PLY triangle mesh") from None
+    v = torch.as_tensor(np.array(m.vertices), dtype=torch.float64)
+    f = torch.as_tensor(np.array(m.faces), dtype=torch.int64)
+    if f.numel() == 0:
+        raise DataError(path, "mesh has no faces; expected a triangle mesh")
+    tri = v[f]  # F, 3, 3
+    cross = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area = cross.norm(dim=-1)
+    if not float(area.sum()) > 0:
+        raise DataError(path, "mesh has zero surface area; expected a triangle mesh")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.multinomial(area, n, replacement=True, generator=g)
+    u, w = torch.rand(n, 1, generator=g, dtype=torch.float64), torch.rand(n, 1, generator=g, dtype=torch.float64)
+    flip = (u + w) > 1  # fold the unit square onto the triangle: uniform barycentrics
+    u, w = torch.where(flip, 1 - u, u), torch.where(flip, 1 - w, w)
+    t = tri[pick]
+    pts = t[:, 0] + u * (t[:, 1] - t[:, 0]) + w * (t[:, 2] - t[:, 0])
+    nrm = cross[pick] / area[pick, None].clamp_min(1e-30)
+    return pts.float(), nrm.float()
 
 
 def write_blender(

@@ -317,3 +317,19 @@ def test_bad_representation_config():
         build_trellis_model("SLatGaussianDecoder", args)
     with pytest.raises(ConfigError, match="multiple of 32"):
         build_trellis_model("SLatMeshDecoder", {**TRELLIS_PRESETS["slat_dec_mesh_tiny"]["args"], "model_channels": 128})
+
+
+def test_decoders_are_differentiable_for_render_supervision():
+    """Training by rendering needs gradients from the Gaussians / mesh vertices to the decoder."""
+    model, x, _ = _loaded("slat_dec_gs_tiny")
+    gs = model.decode(x)
+    (gs.means.square().sum() + gs.scales.sum() + gs.opacities.sum() + gs.colors.sum()).backward()
+    assert model.out_layer.weight.grad.abs().sum() > 0 and model.input_layer.weight.grad.abs().sum() > 0
+    p = TRELLIS_PRESETS["slat_dec_mesh_tiny"]
+    m = build_trellis_model(p["name"], p["args"])
+    cubes = _sphere_cubes()
+    cubes = cubes.replace(feats=cubes.feats.clone().requires_grad_(True))
+    mesh = m.to_meshes(cubes)
+    mesh.verts[0].square().sum().backward()
+    g = cubes.feats.grad
+    assert g[:, :8].abs().sum() > 0 and g[:, 8:32].abs().sum() > 0  # through the SDF and the deformation

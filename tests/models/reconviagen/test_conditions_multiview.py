@@ -239,3 +239,68 @@ def test_lora_on_an_installed_flow_reaches_the_per_view_attention():
     merge_lora(flow)
     with torch.no_grad():
         torch.testing.assert_close(flow(x, t, views).feats, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_vggt_to_condition_nets_to_flows_end_to_end():
+    """The wiring: VGGT aggregator tokens -> GGC -> SS flow, and -> per-view condition -> installed
+    SLAT flow; gradients reach the condition nets' token lists (they train with the flows)."""
+    from recon3d.models.reconviagen.conditions import GlobalGeometryCondition, PerViewCondition
+    from recon3d.models.vggt.network import VGGTNetwork
+
+    vggt = VGGTNetwork("tiny", heads=()).eval()
+    with torch.no_grad():
+        out = vggt(torch.rand(2, 3, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
+    toks, ps = out["tokens"], out["patch_start_idx"]
+    Cv = toks[0].shape[-1]
+    assert ps == 5 and len(toks) == 4 and toks[0].shape == (2, 3, 5 + 4, Cv)
+    layers = (0, 1, 2, 3)
+    ggc = GlobalGeometryCondition(channels=16, vggt_channels=Cv, num_tokens=8, num_heads=2, layers=layers)
+    ss = _flow("ss_flow_tiny")
+    v = ss(torch.randn(2, 4, 8, 8, 8), torch.tensor([100.0, 900.0]), ggc(toks, patch_start_idx=ps))
+    v.square().mean().backward()
+    assert ggc.multiview_cond_tokens.grad.abs().sum() > 0 and ggc.cond_blocks[0].cross_attn.to_kv.weight.grad.abs().sum() > 0
+
+    pvc = PerViewCondition(channels=16, vggt_channels=Cv, num_tokens=6, num_heads=2, layers=layers)
+    slat = install_per_view_conditioning(_flow("slat_flow_tiny"), mode="weighted")
+    cond = pvc(toks, patch_start_idx=ps)
+    assert cond.shape == (2, 3, 6, 16)
+    slat(_voxels(ch=4), torch.tensor([100.0, 900.0]), cond).feats.square().mean().backward()
+    assert pvc.view_cond_tokens.grad.abs().sum() > 0
+
+
+def test_installed_flow_survives_deepcopy_and_pickle(tmp_path):
+    flow = install_per_view_conditioning(_flow("slat_flow_tiny"), mode="weighted", weight_hidden=4)
+    _randomise(flow.blocks[1].cross_attn.view_weight, seed=9, scale=1.0)
+    x, t, views = _voxels(ch=4), torch.tensor([300.0, 800.0]), torch.randn(2, 3, 5, 16)
+    with torch.no_grad():
+        ref = flow(x, t, views).feats
+        twin = copy.deepcopy(flow)
+        torch.testing.assert_close(twin(x, t, views).feats, ref)
+        # the copy's attentions use the copy's parameters, not the original's
+        assert twin.blocks[0].cross_attn.to_q.weight is not flow.blocks[0].cross_attn.to_q.weight
+        torch.save(flow, tmp_path / "flow.pt")
+        again = torch.load(tmp_path / "flow.pt", weights_only=False)
+        torch.testing.assert_close(again(x, t, views).feats, ref)
+
+
+def test_fusion_mlp_follows_the_half_precision_flow():
+    p = TRELLIS_PRESETS["ss_flow_tiny"]
+    flow = build_trellis_model(p["name"], {**p["args"], "use_fp16": True}, use_fp16=None)
+    install_per_view_conditioning(flow, mode="weighted")
+    assert flow.blocks[0].cross_attn.view_weight[0].weight.dtype == torch.float16 == flow.blocks[0].cross_attn.to_q.weight.dtype
+    with torch.no_grad():
+        v = flow(torch.randn(1, 4, 8, 8, 8), torch.tensor([500.0]), torch.randn(1, 2, 5, 16))
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+@pytest.mark.slow  # the first checkpointed call loads torch's checkpoint machinery (seconds)
+def test_gradient_checkpointing_recomputes_with_the_same_views():
+    flow = install_per_view_conditioning(_flow("slat_flow_tiny"), mode="weighted")
+    ckpt = copy.deepcopy(flow)
+    for b in ckpt.blocks:
+        b.use_checkpoint = True
+    x, t, views = _voxels(ch=4), torch.tensor([300.0, 800.0]), torch.randn(2, 3, 5, 16)
+    flow(x, t, views).feats.square().sum().backward()
+    ckpt(x, t, views).feats.square().sum().backward()
+    for (name, p), q in zip(flow.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)

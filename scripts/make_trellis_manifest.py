@@ -55,6 +55,8 @@ PRESETS_PAPER = ("ss_enc_conv3d_16l8_fp16", "ss_dec_conv3d_16l8_fp16", "ss_flow_
 SLAT_TINY = ("slat_flow_tiny",)
 # Keys only: with two io stages upstream's up path does not land on the input voxels (measured:
 # output coordinates differ from the input's), so there is no upstream forward to compare with.
+# Why (reading spatial.py): the scale bookkeeping gives (1,1,1) // 2 = (0,0,0) and 0 * 2 = 0, so
+# both downsamples register their way back under one cache key, the second overwriting the first.
 SLAT_TINY_KEYS_ONLY = ("slat_flow_tiny_p4",)
 SLAT_PAPER = ("slat_flow_img_dit_L_64l8p2_fp16",)
 SLAT_VAE_PAPER = ("slat_enc_swin8_B_64l8_fp16", "slat_dec_gs_swin8_B_64l8gs32_fp16", "slat_dec_mesh_swin8_B_64l8m256c_fp16")

@@ -171,3 +171,16 @@ def test_pose_refiner_as_a_refiner_sets_the_reconstruction_cameras(scene):
     assert out.extras["pose_refinement"]["fallback"] == [[False]]
     with pytest.raises(ShapeError, match="start"):
         PoseRefiner(start=Cameras.cat([start, start], 1), render_opts=TORCH).refine_cameras(mesh, images)
+
+
+def test_nearest_render_start_then_refinement_end_to_end():
+    """Official pipeline without VGGT: the nearest of 20 orbit renders (8.6 deg and 0.36 off here,
+    other radius and elevation) as the start, then <= 3 rounds of matching + PnP."""
+    mesh = textured_cube()
+    cams = orbit_cameras(torch.tensor([47.0]), torch.tensor([20.0]), 2.0, 40.0, 160, 160)[None]
+    with torch.no_grad():
+        images = render(mesh, cams, "black", backend="torch").rgb
+    res = PoseRefiner(start=NearestRenderStart(n_renders=20, radius=2.2, fov=40.0, render_opts=TORCH), render_opts=TORCH).refine_cameras(mesh, images)
+    assert _errors(res.start, cams)[0] > 5.0
+    rot, trans = _errors(res.cameras, cams)
+    assert rot < 2.0 and trans < 0.02 * SIZE, (rot, trans, res.records)

@@ -103,9 +103,9 @@ COMMAND_HELP = {
     "test": "evaluate a checkpoint on the held-out objects (test/metrics.csv, per_object.csv)",
     "predict": "reconstruct the held-out objects with a checkpoint: meshes and turntables",
     "demo": "train, evaluate and export GTR on the embedded synthetic data, end to end on a CPU",
-    "data": "prepare data: synthetic objects, format conversion, depth-prior caches",
+    "data": "prepare data: synthetic objects, format conversion, depth-prior caches, evaluation sets rendered from meshes",
     "export": "reconstruct objects from posed views with a checkpoint: meshes (.glb/.obj), turntables",
-    "bench": "run the speed/memory benchmarks in benchmarks/ (same as make bench)",
+    "bench": "run the speed/memory benchmarks (make bench); results to benchmarks/results/<date>-<commit>.json, --compare FILE",
     "compare": "train/evaluate several configs on one budget and protocol: results table, plots, image grid",
 }
 

@@ -331,7 +331,8 @@ class RVCRefiner(Refiner):
                 return _with_feats(latent, f)
 
             def model(x, tt, c, **kw):  # steps before `first` are replaced by the re-noised latent: skip the network there
-                if float(tt.flatten()[0]) / self.sampler.time_scale > grid[first] + 1e-12:
+                # tt is float32 t * 1000: compare with a margin far above its rounding, far below a grid gap
+                if float(tt.flatten()[0]) / self.sampler.time_scale > grid[first] + 1e-6:
                     return _with_feats(x, torch.zeros_like(_feats(x)))
                 return self.model(x, tt, c, **kw)
 

@@ -13,6 +13,7 @@ __all__ = ["RenderingLoss", "DreamSimDistance", "TERMS", "VelocityCompensation",
            "PoseRefiner", "PoseRefinement", "NearestRenderStart", "OpenCVMatcher", "rotation_angle_deg"]
 
 # Condition nets (paper §4.2.2) and the per-view cross-attention they condition the flows through.
+from recon3d.models.reconviagen.condition_pretrained import build_condition_net, load_condition_net  # noqa: E402
 from recon3d.models.reconviagen.conditions import (  # noqa: E402
     ConditionFusionBlock,
     GlobalGeometryCondition,
@@ -29,4 +30,4 @@ from recon3d.models.reconviagen.multiview_cross_attention import (  # noqa: E402
 
 __all__ += ["GlobalGeometryCondition", "PerViewCondition", "LinearPerViewCondition", "ConditionFusionBlock",
             "null_condition", "condition_dropout", "MultiViewCrossAttention", "install_per_view_conditioning",
-            "per_view_attentions"]
+            "per_view_attentions", "build_condition_net", "load_condition_net"]

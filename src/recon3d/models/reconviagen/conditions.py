@@ -246,6 +246,11 @@ class GlobalGeometryCondition(_TokenListCondition):
         dino_prefix_tokens: leading DINO tokens dropped (cls + registers) [5].
         qk_rms_norm, qk_rms_norm_cross: [True, False]. init_std: token-list init std [1e-6].
         use_checkpoint, use_fp16: memory / precision switches (upstream's).
+
+    The paper writes each of the 4 steps as one cross-attention ``T_k = CA(Q(T_{k-1}), K(F_k), V(F_k))``;
+    the block here is upstream's (self-attention, cross-attention, MLP, each residual), of which
+    that cross-attention is the middle part. With :class:`~recon3d.models.vggt.network.VGGTNetwork`:
+    ``ggc(out["tokens"], patch_start_idx=out["patch_start_idx"])``.
     """
 
     def __init__(self, channels: int = 1024, vggt_channels: int = 2048, dino_channels: int = 0, num_tokens: int = 4096,

@@ -145,3 +145,22 @@ def test_supersampling_gives_fractional_coverage_and_the_same_interior():
     full = (soft.alpha == 1) & (hard.alpha == 1)
     assert torch.allclose(soft.rgb.expand(-1, 3, -1, -1)[full.expand(-1, 3, -1, -1)], torch.ones(1))
     assert float((soft.alpha - hard.alpha).abs().mean()) < 0.05
+
+
+def test_missing_texture_is_refused_and_ids_follow_the_folder_layout(tmp_path):
+    from recon3d.data.mesh_assets import find_meshes
+    from recon3d.errors import DataError
+
+    obj = tmp_path / "gso" / "Mug" / "meshes" / "model.obj"
+    obj.parent.mkdir(parents=True)
+    textured_box(checker(2, 4)).export(obj)
+    assert load_textured_mesh(obj).parts[0].texture is not None
+    png = next(obj.parent.glob("*.png"))
+    png.unlink()  # trimesh alone would render the box in its flat Kd grey
+    with pytest.raises(DataError, match=rf"texture {png.name} named by .*\.mtl not found"):
+        load_textured_mesh(obj)
+    for rel in ("Cup/meshes/model.obj", "omni/apple/apple_001/Scan/Scan.obj", "omni/apple/apple_002/Scan/Scan.obj"):
+        (tmp_path / "gso" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "gso" / rel).write_text("v 0 0 0\n")
+    ids = [i for i, _ in find_meshes(tmp_path / "gso")]
+    assert ids == ["Cup", "Mug", "omni__apple__apple_001", "omni__apple__apple_002"]

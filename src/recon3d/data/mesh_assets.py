@@ -140,6 +140,8 @@ def load_textured_mesh(path: str | Path) -> TexturedMesh:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "mesh file not found")
+    if path.suffix.lower() == ".obj":
+        _check_obj_textures(path)
     try:
         scene = trimesh.load(str(path), force="scene", process=False)
         meshes = [g for g in scene.dump() if isinstance(g, trimesh.Trimesh)]
@@ -179,11 +181,31 @@ def load_textured_mesh(path: str | Path) -> TexturedMesh:
     )
 
 
+def _check_obj_textures(path: Path) -> None:
+    """Every texture an OBJ's material libraries name must exist (trimesh would silently drop a
+    missing one and the object would render in its flat ``Kd`` colour)."""
+    libs = []
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.startswith(b"mtllib"):
+                libs += raw[6:].decode("utf-8", "replace").split()
+    for name in libs:
+        mtl = path.parent / name
+        if not mtl.is_file():
+            raise DataError(path, f"material library {name} not found next to it; expected {mtl}")
+        for line in mtl.read_text(encoding="utf-8", errors="replace").splitlines():
+            parts = line.split()
+            if parts and parts[0].lower() in ("map_kd", "map_ka") and len(parts) > 1:
+                tex = mtl.parent / parts[-1].replace("\\", "/")  # the last token: options (-s, -o ...) come first
+                if not tex.is_file():
+                    raise DataError(path, f"texture {parts[-1]} named by {name} not found; expected {tex}")
+
+
 def find_meshes(root: str | Path) -> list[tuple[str, Path]]:
     """``[(object id, mesh file)]`` under ``root`` (recursive), sorted by id.
 
-    Ids are the shortest prefixes of the files' relative paths (suffix dropped, parts joined with
-    ``__``) that tell every file apart: GSO's ``<name>/meshes/model.obj`` gives ``<name>``,
+    An id is the shortest prefix of the file's relative path (suffix dropped, parts joined with
+    ``__``) that no other file shares: GSO's ``<name>/meshes/model.obj`` gives ``<name>``,
     OmniObject3D's ``<class>/<class>_001/Scan/Scan.obj`` gives ``<class>__<class>_001``, a flat
     folder of ``a.obj, b.glb`` gives ``a, b``. Hidden files and folders are skipped.
     """
@@ -196,12 +218,17 @@ def find_meshes(root: str | Path) -> list[tuple[str, Path]]:
     )
     if not files:
         raise DataError(root, f"no mesh files ({', '.join(MESH_SUFFIXES)}) in this folder")
-    parts = [list(p.relative_to(root).with_suffix("").parts) for p in files]
-    depth = max(len(x) for x in parts)
-    for k in range(1, depth + 1):
-        ids = ["__".join(x[:k]) for x in parts]
-        if len(set(ids)) == len(ids):
-            break
-    else:  # the same path with two suffixes (a.obj, a.glb): keep the suffix
-        ids = ["__".join(p.relative_to(root).parts).replace(".", "_") for p in files]
+    parts = [tuple(p.relative_to(root).with_suffix("").parts) for p in files]
+    prefixes: dict[tuple, int] = {}
+    for x in parts:
+        for k in range(1, len(x) + 1):
+            prefixes[x[:k]] = prefixes.get(x[:k], 0) + 1
+    same = {x: parts.count(x) for x in set(parts)} if len(set(parts)) < len(parts) else {}
+    ids = []
+    for p, x in zip(files, parts):
+        k = next((k for k in range(1, len(x) + 1) if prefixes[x[:k]] == 1), None)
+        if k is None and same.get(x, 1) > 1:  # the same path with two suffixes (a.obj, a.glb): keep the suffix
+            ids.append("__".join(p.relative_to(root).parts).replace(".", "_"))
+        else:  # its own shortest unique prefix (or its whole path, when that is a prefix of another's)
+            ids.append("__".join(x[:k] if k is not None else x))
     return sorted(zip(ids, files))

@@ -7,10 +7,12 @@ the image centre ``(W/2, H/2)`` — recon3d's convention as well (pixel ``(u, v)
 ``u + 0.5``, so ``W/2`` is the geometric centre). recon3d's ``c2w`` is the inverse of ``[R | t]``.
 
 The world of a prediction is frame 0's camera (its encoding is ≈ identity, t ≈ 0) and its scale is
-VGGT's scene normalisation (training normalises by the mean distance of the first frame's points),
-so predicted cameras match ground truth only up to a similarity: an evaluation aligns the two
-(first-frame alignment for rotations; translations compared after scale normalisation, as
-ReconViaGen's RRE / TE / Acc@θ protocol does) — not done here.
+VGGT's scene normalisation (training divides by the mean distance of all frames' valid points to
+frame 0's camera centre, :func:`recon3d.models.vggt.loss.vggt_targets`), so predicted cameras
+match ground truth only up to a similarity. The pose metrics (:mod:`recon3d.metrics.pose`: RRE,
+TE after scale normalisation, Acc@θ, ReconViaGen's protocol) are invariant to it and score the
+cameras as predicted; :class:`recon3d.methods.vggt.VGGTModule` maps its outputs into a dataset's
+world by camera 0 and the camera-centre scale for the view and geometry metrics.
 :func:`relative_to_first` re-expresses ground truth in frame 0's camera frame for training targets.
 """
 

@@ -19,6 +19,7 @@ import torch
 
 from recon3d.cli import main as cli_main
 from recon3d.data.formats import BlenderDataset
+from recon3d.errors import DataError
 from tests.render.test_textured_mesh import checker, textured_box, uv_sphere
 
 trimesh = pytest.importorskip("trimesh")
@@ -209,3 +210,34 @@ def test_normalisation_is_the_protocols_and_y_up_meshes_turn_to_z_up():
     ext = got.verts.amax(0) - got.verts.amin(0)
     assert torch.allclose(ext, torch.tensor([2.0, 0.5, 1.0]), atol=1e-5)
     assert torch.allclose(got.vertex_normals.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def test_rendered_set_feeds_the_datamodule_with_its_input_and_orbit_views(tmp_path, mesh_dir, capsys):
+    from recon3d.commands.render_meshes import view_set_cameras
+    from recon3d.data.datamodule import ReconDataModule
+    from recon3d.data.formats import RenderedMeshesDataset
+
+    out = tmp_path / "out"
+    args = [str(mesh_dir), "--out", str(out), "--resolution", "16", "--orbit-views", "6", "--orbit-elevations", "20",
+            "--random-views", "2", "--supersample", "1", "--no-progress"]
+    rc, _, err = _run(args, capsys)
+    assert rc == 0, err
+    (out / ".late.partial").mkdir()  # a folder being written is not an object
+    ds = RenderedMeshesDataset(str(out), num_surface_points=32)
+    assert ds.object_ids() == ["box", "sphere"]
+    assert ds.view_sets(0) == {"input": [0, 1, 2, 3], "orbit": list(range(4, 10)), "random": [10, 11]}
+    dm = ReconDataModule(ds, num_val_objects=0, num_test_objects=1, num_input_views=4, num_target_views=3,
+                         supervise_inputs=False, batch_size=1)
+    b = next(iter(dm.test_dataloader()))
+    oid = b.object_ids[0]
+    settings = json.loads((out / oid / "render_meshes.json").read_text())["settings"]
+    want = view_set_cameras(oid, settings)
+    # inputs: the input set in order (azimuths 0/90/180/270); targets: evenly spaced orbit views
+    assert torch.allclose(b.inputs.cameras.c2w[0], want["input"][0].c2w, atol=1e-5)
+    assert torch.allclose(b.targets.cameras.c2w[0], want["orbit"][0].c2w[[0, 2, 4]], atol=1e-5)
+    assert b.geometry.mesh_paths == [str(out / oid / "mesh.ply")]
+    # random sampling draws targets among the orbit views only, and refuses a missing set
+    inputs, targets = ds.choose_views(0, 0, 2, 4, "random", True, torch.Generator().manual_seed(0))
+    assert inputs == [0, 2] and targets[:2] == [0, 2] and set(targets[2:]) <= set(range(4, 10)) and len(targets) == 6
+    with pytest.raises(DataError, match="no view set 'turntable'"):
+        RenderedMeshesDataset(str(out), target_sets=["turntable"]).choose_views(0, 0, 4, 2, "fixed", False, torch.Generator())

@@ -323,3 +323,33 @@ def test_official_weights_load_strictly_before_the_adapters(tmp_path):
     torch.save({f"module.{k}": v for k, v in released.items()}, tmp_path / "wrong.pt")
     with pytest.raises(CheckpointError, match="expected aggregator"):
         _module(official_weights=str(tmp_path / "wrong.pt"))
+
+
+def test_merged_adapters_compute_the_adapted_network_and_resize_reconstructs_other_sizes(batch):
+    import torch.nn.functional as F
+
+    from recon3d.data.batch import Views
+
+    model = _module()
+    opt = model.configure_optimizers()
+    model.train()
+    model.training_losses(batch)["loss"].backward()
+    opt.step()  # B != 0 now: the adapters change the outputs
+    model.eval()
+    images = batch.inputs.images
+    with torch.no_grad():
+        adapted = model.predict_views(images)["pose_enc"]
+        model.merge_adapters()
+        merged = model.predict_views(images)["pose_enc"]
+    assert not lora_layers(model.net)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    # a network with resize=True takes 30 x 30 inputs (resized to 28 inside, one warning); cameras at 30 x 30
+    sized = _module(network=VGGTNetwork("tiny", resize=True)).eval()
+    B, S = images.shape[:2]
+    up = lambda x: F.interpolate(x.flatten(0, 1), size=(30, 30), mode="bilinear", align_corners=False).unflatten(0, (B, S))  # noqa: E731
+    views = Views(up(images).clamp(0, 1), batch.inputs.cameras.resized(30, 30), up(batch.inputs.masks).clamp(0, 1))
+    from dataclasses import replace
+
+    with pytest.warns(UserWarning, match="30x30 is not a multiple of the patch size 14; resized to 28x28"), torch.no_grad():
+        rec = sized.reconstruct(replace(batch, inputs=views))
+    assert (rec.cameras.width, rec.cameras.height) == (30, 30) and (rec.representation.counts > 0).all()

@@ -373,9 +373,9 @@ class VGGTModule(ReconModule):
         :class:`Cameras` ``[B, S]`` at the input size, VGGT's frame) and ``images`` (resized to a
         multiple of 14 when the network has ``resize``)."""
         H0, W0 = images.shape[-2:]
-        if self.net.resize:
-            images = resize_to_patch_multiple(images, self.net.cfg.patch_size)
-        out = self.net(images)
+        out = self.net(images)  # with resize=True the network resizes (and warns once per size)
+        if tuple(out.get("image_size", (H0, W0))) != (H0, W0):
+            images = resize_to_patch_multiple(images, self.net.cfg.patch_size)  # the colours at the outputs' size
         enc = out["pose_enc"].float()
         # an untrained head may give FoV 0 after its ReLU: clamp so that the intrinsics exist
         enc = torch.cat([enc[..., :7], enc[..., 7:].clamp(1e-3, math.pi - 1e-3)], -1)

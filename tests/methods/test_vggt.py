@@ -256,6 +256,13 @@ def test_reconstruct_gives_world_cameras_and_masked_point_gaussians(batch):
     fg = (batch.inputs.masks[:, :, 0] >= 0.5).flatten(1).sum(1)
     assert (g.counts <= fg).all() and (g.counts > 0).all()
     assert g.colors.min() >= 0 and g.colors.max() <= 1
+    # the points are the extras' depth unprojected with the (world) predicted cameras, at the mask's pixels
+    H, W = batch.inputs.images.shape[-2:]
+    v, u = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    pix = torch.stack([u, v], -1).reshape(1, 1, -1, 2).expand(B, S, -1, -1).float()
+    allpts = rec.cameras.unproject(pix, rec.extras["depth"].reshape(B, S, -1))
+    keep0 = (batch.inputs.masks[0, :, 0] >= 0.5).reshape(-1)
+    torch.testing.assert_close(g[0].means, allpts[0].reshape(-1, 3)[keep0], atol=1e-4, rtol=1e-4)
     out = model.render_reconstruction(rec, batch.targets.cameras)
     assert out["rgb"].shape == batch.targets.images.shape and torch.isfinite(out["rgb"]).all()
 

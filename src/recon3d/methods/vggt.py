@@ -384,7 +384,11 @@ class VGGTModule(ReconModule):
         return out
 
     def reconstruct(self, batch: Batch) -> Reconstruction:
-        """Predicted input cameras and a Gaussian point cloud per object (module docstring)."""
+        """Predicted input cameras and a Gaussian point cloud per object (module docstring).
+
+        ``extras``: ``frame`` (``"world"`` or ``"vggt"``), ``vggt_to_world`` (``[B, 4, 4]`` or
+        None), ``depth`` ``[B, S, H, W]`` (z-depth along the predicted cameras, in the output
+        frame's units) and ``depth_conf`` ``[B, S, H, W]`` (the confidence of the points' head)."""
         images = batch.inputs.images
         out = self.predict_views(images)
         B, S, _, H, W = out["images"].shape
@@ -413,6 +417,7 @@ class VGGTModule(ReconModule):
         pts, footprint = pts.reshape(B, S * H * W, 3), footprint.reshape(B, S * H * W)
         colors = out["images"].float().permute(0, 1, 3, 4, 2).reshape(B, S * H * W, 3).clamp(0, 1)
         pred_cams, to_world, frame = out["cameras"], None, "vggt"
+        depth_out = z.reshape(B, S, H, W)
         true = batch.inputs.cameras
         if true is not None:
             true_depth = batch.inputs.depths[:, :, 0] if batch.inputs.depths is not None and (H, W) == tuple(images.shape[-2:]) else None
@@ -421,6 +426,7 @@ class VGGTModule(ReconModule):
             s = torch.linalg.det(to_world[:, :3, :3].double()).abs().pow(1 / 3).float()
             pts = pts @ to_world[:, :3, :3].transpose(-1, -2) + to_world[:, None, :3, 3]
             footprint = footprint * s[:, None]
+            depth_out = depth_out * s[:, None, None, None]
             c2w = to_world[:, None].double() @ out["cameras"].c2w.double()
             c2w[..., :3, :3] = c2w[..., :3, :3] / s.double()[:, None, None, None]  # rotation part back to orthonormal
             pred_cams = Cameras(c2w.float(), out["cameras"].K, out["cameras"].width, out["cameras"].height)
@@ -433,7 +439,8 @@ class VGGTModule(ReconModule):
         gaussians = Gaussians(means, torch.tensor([1.0, 0.0, 0.0, 0.0], device=means.device).expand(n, 4).contiguous(),
                               sigma[:, None].expand(n, 3).contiguous(), torch.ones(n, device=means.device),
                               colors.reshape(-1, 3)[sel], counts=counts)
-        return Reconstruction(list(batch.object_ids), gaussians, extras={"frame": frame, "vggt_to_world": to_world}, cameras=pred_cams)
+        extras = {"frame": frame, "vggt_to_world": to_world, "depth": depth_out, "depth_conf": conf.reshape(B, S, H, W)}
+        return Reconstruction(list(batch.object_ids), gaussians, extras=extras, cameras=pred_cams)
 
     def rasterizer(self, device: torch.device | None = None):
         kind = torch.device(device or self.device).type

@@ -12,6 +12,7 @@ A **suite** is a YAML file (``configs/compare/*.yaml``; not a LightningCLI confi
     evaluation: {...}      # optional: one model.init_args.evaluation forced on every entry
     metrics: [psnr, ssim]  # optional: the table's columns (default: every metric reported)
     grid_objects: 4        # held-out objects shown in grid.png
+    papers: {GTR: {data: ..., protocol: ...}}   # optional: each paper's own layout, shown in results.md
     entries:
       - name: gtr
         config: configs/gtr_cpu.yaml
@@ -25,7 +26,10 @@ With ``--configs`` every file is an entry named by its file name; the first one'
 **Same protocol.** Every entry is resolved first (``recon3d fit --print_config``). Their ``data``
 blocks must agree on every key that decides the held-out objects and views (dataset, split sizes,
 seed, view sampling, target views and resolution, background, ...); only the keys in
-:data:`METHOD_DATA_KEYS` (batch sizes, workers, input resolution, training view sampling) may differ.
+:data:`METHOD_DATA_KEYS` (batch sizes, workers, input resolution, training view sampling) may differ,
+and, when the data names a separate ``test_dataset`` (the held-out set), the training-side
+:data:`TRAIN_SIDE_WITH_TEST_SET` (``dataset``, ``val_dataset``, split sizes: each method's own
+training data).
 A difference elsewhere stops the command with one line, unless the entry names the key under
 ``data_differs``; then the row is flagged in ``results.md``. The entries' evaluation protocols must be
 equal too (``evaluation:`` forces one). Training runs ``recon3d fit`` with the budget as
@@ -72,6 +76,9 @@ ROOT = Path(__file__).resolve().parents[3]
 #: how fast, not which held-out objects and target views are scored.
 METHOD_DATA_KEYS = frozenset({"batch_size", "eval_batch_size", "num_workers", "input_resolution", "train_view_sampling",
                               "on_bad_sample"})
+#: With a separate ``test_dataset`` (the held-out set, e.g. GSO renders), these are training-side
+#: too: each method may train on its own data.
+TRAIN_SIDE_WITH_TEST_SET = frozenset({"dataset", "val_dataset", "num_val_objects", "num_test_objects"})
 #: Evaluation-protocol keys that change speed, not values.
 _EVAL_SPEED_KEYS = frozenset({"backend", "lpips_chunk"})
 #: Environment variables of a distributed launch, hidden from each entry's single-process run.
@@ -111,10 +118,11 @@ class Suite:
     grid_objects: int = 4
     source: str = "--configs"
     description: str = ""
+    papers: dict = field(default_factory=dict)
 
 
 _BUDGET_KEYS = ("max_steps", "max_time", "val_every", "checkpoint_every")
-_SUITE_KEYS = ("entries", "budget", "data", "evaluation", "metrics", "grid_objects", "description", "name")
+_SUITE_KEYS = ("entries", "budget", "data", "evaluation", "metrics", "grid_objects", "description", "name", "papers")
 _ENTRY_KEYS = ("name", "config", "overrides", "ckpt", "data_differs", "after", "note")
 
 
@@ -226,12 +234,16 @@ def load_suite(path: str | os.PathLike) -> Suite:
     ev = doc.get("evaluation")
     if ev is not None and not isinstance(ev, dict):
         raise ConfigError(f"suite {path}: evaluation: expected a mapping (class_path + init_args), got {ev!r}")
+    papers = doc.get("papers") or {}
+    if not isinstance(papers, dict) or not all(isinstance(v, dict) for v in papers.values()):
+        raise ConfigError(f"suite {path}: papers: expected a mapping of paper -> {{data, protocol, ...}}, got {papers!r}")
     grid = doc.get("grid_objects", 4)
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 0:
         raise ConfigError(f"suite {path}: grid_objects: expected an integer >= 0, got {grid!r}")
     return Suite(entries, _check_budget(doc.get("budget"), f"suite {path}: budget"),
                  [str(a) for a in data] if isinstance(data, list) else data, ev,
-                 _check_metrics(doc.get("metrics"), f"suite {path}: metrics"), grid, str(p), str(doc.get("description") or ""))
+                 _check_metrics(doc.get("metrics"), f"suite {path}: metrics"), grid, str(p), str(doc.get("description") or ""),
+                 papers)
 
 
 def suite_from_configs(configs: list[str], data: str | None = None) -> Suite:
@@ -364,13 +376,15 @@ def check_same_protocol(resolved: dict[str, dict], entries: list[Entry]) -> dict
     ref_name = entries[0].name
     ref_data = _flat(resolved[ref_name].get("data") or {})
     ref_eval = _eval_block(resolved[ref_name])
+    own_test_set = any(_data_key(k) == "test_dataset" and v is not None for k, v in ref_data.items())
+    free = METHOD_DATA_KEYS | (TRAIN_SIDE_WITH_TEST_SET if own_test_set else frozenset())
     flags: dict[str, dict[str, tuple]] = {}
     for e in entries:
         cfg = resolved[e.name]
         data = _flat(cfg.get("data") or {})
         for key in sorted(set(data) | set(ref_data)):
             top = _data_key(key)
-            if top in METHOD_DATA_KEYS or data.get(key) == ref_data.get(key):
+            if top in free or data.get(key) == ref_data.get(key):
                 continue
             if top in e.data_differs:
                 flags.setdefault(e.name, {})[key.removeprefix("init_args.")] = (data.get(key), ref_data.get(key))

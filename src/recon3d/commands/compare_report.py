@@ -127,7 +127,7 @@ def collect(out: Path, suite, flags: dict[str, dict[str, tuple]]) -> dict:
         "dataset": (data.get("dataset") or {}).get("class_path") if isinstance(data.get("dataset"), dict) else data.get("dataset"),
     }
     return {
-        "suite": suite.source, "description": suite.description, "budget": suite.budget, "metrics": metrics,
+        "suite": suite.source, "description": suite.description, "papers": suite.papers, "budget": suite.budget, "metrics": metrics,
         "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in metrics}, "best": best,
         "protocol": {k: protocol_doc.get(k) for k in ("geometry_protocol", "image_metrics", "lpips")} if protocol_doc else None,
         "protocol_text": _protocol_lines(protocol_doc) if protocol_doc else [],
@@ -211,6 +211,11 @@ def results_markdown(doc: dict) -> str:
         f"(`{h.get('eval_view_sampling')}` view sampling).",
         *doc.get("protocol_text", []),
     ]
+    if doc.get("papers"):
+        lines += ["", "## Each paper's own data layout and protocol", "",
+                  "The table above uses the one protocol of this suite; the papers reported theirs:", ""]
+        for paper, info in doc["papers"].items():
+            lines.append(f"- **{paper}**: " + "; ".join(f"{k}: {' '.join(str(v).split())}" for k, v in info.items()))
     if notes:
         lines += ["", "## Notes", "", *notes]
     lines += ["", "Files: results.json (per entry and per object), plots/metrics_vs_step.png, plots/per_object.png, grid.png, "

@@ -273,7 +273,11 @@ def run(a: argparse.Namespace) -> int:
                     print(f"{prog}: [{k + 1}/{len(mine)}] {oid}: {info['view_sets']} in {info['seconds']:.1f} s", file=sys.stderr, flush=True)
             except DataError as e:
                 reason = e.problem if e.path == str(path) else str(e)
-                print(f"{prog}: skipped {path}: {reason}", file=sys.stderr, flush=True)
+                line = f"{prog}: skipped {path}: {reason}"
+                if bar is not None:
+                    bar.write(line, file=sys.stderr)  # above the bar, not through it
+                else:
+                    print(line, file=sys.stderr, flush=True)
                 skipped += 1
         if bar is not None:
             bar.update(1)

@@ -395,3 +395,74 @@ def test_paper_config_uses_trellis_image_large_sizes():
     assert cfg["slat_flow"]["init_args"]["resolution"] == 64 and cfg["slat_flow"]["init_args"]["io_block_channels"] == [128]
     assert cfg["ss_decoder"]["init_args"]["channels"] == [512, 128, 32]
     assert cfg["slat_mean"] == TRELLIS_IMAGE_LARGE_SLAT_NORMALIZATION["mean"]
+
+
+# ---------------------------------------------------------------------------------- TRELLIS's decoders
+def _gs_decoder():
+    from recon3d.models.trellis import SLatGaussianDecoder
+    from recon3d.models.trellis.slat_decoders import GAUSSIAN_REPRESENTATION_DEFAULTS
+
+    torch.manual_seed(2)
+    return SLatGaussianDecoder(8, 32, 4, 1, num_heads=2, mlp_ratio=2, window_size=4,
+                               representation_config={**GAUSSIAN_REPRESENTATION_DEFAULTS, "num_gaussians": 4})
+
+
+def test_gaussian_decoder_output_lands_around_its_voxels_in_recon3d_frame(batch):
+    model = _trellis(gaussian_decoder=_randomize_zero_init(_gs_decoder())).eval()
+    rec = model.reconstruct(batch)
+    vox, g = rec.get("voxels"), rec.representation.packed()
+    assert g.counts.tolist() == (vox.counts * 4).tolist()
+    # TRELLIS: |offset| <= 0.5 * voxel_size(1.5) / R in its unit cube, so in recon3d's cube every
+    # Gaussian is within 2 * 0.75 / R of its voxel's centre (voxel-major order, 4 per voxel)
+    centres = vox.centers().repeat_interleave(4, 0)
+    assert float((g.means - centres).abs().max()) <= 1.5 / 8 + 1e-6
+    assert g.sh_degree == 0 and torch.isfinite(model.render_reconstruction(rec, batch.targets.cameras)["rgb"]).all()
+
+
+def test_decoder_sizes_must_match_the_slat_flow():
+    with pytest.raises(ConfigError, match="gaussian_decoder: resolution 16 differs from slat_flow.resolution 8"):
+        from recon3d.models.trellis import SLatGaussianDecoder
+
+        _trellis(gaussian_decoder=SLatGaussianDecoder(16, 32, 4, 1, num_heads=2, window_size=4))
+
+
+def test_trellis_with_both_trellis_decoders_exports_ply_and_glb(batch, tmp_path):
+    import trimesh
+    from plyfile import PlyData
+
+    from recon3d.models.trellis import SLatMeshDecoder
+
+    torch.manual_seed(4)
+    mesh_dec = SLatMeshDecoder(8, 256, 4, 1, num_heads=4, mlp_ratio=1, window_size=4, representation_config={"use_color": True})
+    model = _trellis(gaussian_decoder=_gs_decoder(), mesh_decoder=mesh_dec).eval()
+    with torch.no_grad():  # a small structure (a 3^3 block per object): the mesh decoder subdivides every voxel 64 x
+        conv = model.ss_decoder.out_layer[2]
+        conv.weight.zero_()
+        conv.bias.fill_(-1.0)
+    orig = model.ss_decoder.forward
+
+    def block(z):
+        out = orig(z)
+        out[:, :, 2:5, 2:5, 2:5] = 1.0
+        return out
+
+    model.ss_decoder.forward = block
+    rec = model.reconstruct(batch)
+    assert rec.get("voxels").counts.tolist() == [27, 27]
+    files = model.export_reconstruction(rec.select(0), tmp_path)
+    assert PlyData.read(files["gaussians.ply"])["vertex"].count == 27 * 4
+    mesh = trimesh.load(files["mesh.glb"], force="mesh")
+    # the mesh decoder's surface stays within the structure's cells (voxels 2..4 of 8: [-0.5, 0.25] in recon3d's cube)
+    assert len(mesh.faces) > 0 and mesh.vertices.min() >= -0.5 - 0.1 and mesh.vertices.max() <= 0.25 + 0.1
+
+
+def test_bench_trellis_tables_run_at_tiny_sizes():
+    from benchmarks import bench_trellis
+
+    ss = bench_trellis.ss_flow_rows((2, 4), width=16, cond_tokens=4, repeats=1)
+    assert [r["tokens"] for r in ss] == [8, 64] and all(r["eval"] > 0 and r["train"] > 0 for r in ss)
+    sl = bench_trellis.slat_flow_rows((64, 128), width=16, cond_tokens=4, repeats=1)
+    assert [r["voxels"] for r in sl] == [64, 128] and all(0 < r["tokens"] <= r["voxels"] for r in sl)
+    # the shell voxels are distinct cells of the 64^3 grid
+    xyz = bench_trellis._shell_voxels(500)
+    assert torch.unique(xyz, dim=0).shape[0] == 500 and int(xyz.max()) < 64

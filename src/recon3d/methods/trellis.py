@@ -39,7 +39,11 @@ voxel grids are the same cube at the same resolution (axes permuted for Y up). G
 (means, scales x2, rotations composed with ``A``), meshes and voxels leave in recon3d's frame;
 ground-truth meshes enter TRELLIS's frame through the inverse map.
 
-Decoders (``gaussian_decoder``, ``mesh_decoder``): typed parts (``class_path``) called as
+Decoders (``gaussian_decoder``, ``mesh_decoder``): typed parts (``class_path``), TRELLIS's
+:class:`~recon3d.models.trellis.SLatGaussianDecoder` (32 Gaussians per voxel, TRELLIS's
+activations) and :class:`~recon3d.models.trellis.SLatMeshDecoder` (FlexiCubes features at 4x the
+resolution, extracted by marching cubes: not FlexiCubes, see that module), run through their
+``decode(slat, scale=1)`` (TRELLIS's frame; this module maps it); any other part is called as
 ``decoder(slat: SparseVoxels) -> Gaussians | Meshes`` in TRELLIS's frame. Without a Gaussian
 decoder the Gaussians are the sampled sparse structure itself (one grey Gaussian per occupied
 voxel, half a voxel wide): what the SS stages produce, not TRELLIS's appearance. Without a mesh
@@ -477,6 +481,8 @@ class TrellisModule(_TrellisBase):
         if self.slat_flow.resolution != self.ss_resolution:
             raise ConfigError(f"model.slat_flow: resolution {self.slat_flow.resolution} differs from the decoded structure's "
                               f"{self.ss_resolution} (ss_flow.resolution x ss_decoder upsampling)")
+        _check_decoder(self.gaussian_decoder, self.slat_flow, "model.gaussian_decoder")
+        _check_decoder(self.mesh_decoder, self.slat_flow, "model.mesh_decoder")
         if self.ss_encoder is not None:
             _load_frozen_encoder(self.ss_encoder, ss_encoder_weights, ss_encoder_prefix)
         self.ss_sampler_params = _sampler_params(ss_params, ss_sampler, "model.ss_sampler")
@@ -563,17 +569,11 @@ class TrellisModule(_TrellisBase):
     def decode(self, slat: SparseVoxels, structure: SparseVoxels, logits: torch.Tensor) -> tuple[Gaussians, Meshes]:
         """Gaussians and meshes in recon3d's frame (decoders, or the fallbacks of the module docstring)."""
         if self.gaussian_decoder is not None:
-            g = self.gaussian_decoder(slat)
-            if not isinstance(g, Gaussians):
-                raise ShapeError(f"model.gaussian_decoder: expected it to return Gaussians, got {type(g).__name__}")
-            gaussians = gaussians_to_world(g, self.up_axis)
+            gaussians = gaussians_to_world(_run_decoder(self.gaussian_decoder, slat, Gaussians, "model.gaussian_decoder"), self.up_axis)
         else:
             gaussians = structure_gaussians(trellis_voxels_to_world(structure, self.up_axis))
         if self.mesh_decoder is not None:
-            m = self.mesh_decoder(slat)
-            if not isinstance(m, Meshes):
-                raise ShapeError(f"model.mesh_decoder: expected it to return Meshes, got {type(m).__name__}")
-            meshes = meshes_to_world(m, self.up_axis)
+            meshes = meshes_to_world(_run_decoder(self.mesh_decoder, slat, Meshes, "model.mesh_decoder"), self.up_axis)
         else:
             meshes = self.logits_meshes(logits)
         return gaussians, meshes
@@ -638,6 +638,27 @@ class TrellisModule(_TrellisBase):
         if mesh is not None and mesh.num_faces[0] > 0:
             files.update(export_representation(mesh, Path(out_dir), ("glb",), suffix=suffix))
         return files
+
+
+def _run_decoder(decoder: nn.Module, slat: SparseVoxels, kind: type, what: str):
+    """``decoder``'s output for ``slat`` in TRELLIS's frame: recon3d's SLAT decoders
+    (:class:`~recon3d.models.trellis.SLatGaussianDecoder`, :class:`~recon3d.models.trellis.SLatMeshDecoder`)
+    through ``decode(slat, scale=1)`` (scale 1: their ``[-0.5, 0.5]^3``, before this module's
+    frame map); any other part is called and must return ``kind``."""
+    out = decoder.decode(slat, scale=1.0) if hasattr(decoder, "decode") else decoder(slat)
+    if not isinstance(out, kind):
+        raise ShapeError(f"{what}: expected it to return {kind.__name__} (TRELLIS's frame), got {type(out).__name__}")
+    return out
+
+
+def _check_decoder(decoder: nn.Module | None, slat_flow: SLatFlowModel, what: str) -> None:
+    if decoder is None:
+        return
+    lat, res = getattr(decoder, "latent_channels", None), getattr(decoder, "resolution", None)
+    if lat is not None and lat != slat_flow.out_channels:
+        raise ConfigError(f"{what}: latent_channels {lat} differs from slat_flow.out_channels {slat_flow.out_channels}")
+    if res is not None and res != slat_flow.resolution:
+        raise ConfigError(f"{what}: resolution {res} differs from slat_flow.resolution {slat_flow.resolution}")
 
 
 def _sampler_params(base: dict, override: dict | None, what: str) -> dict:

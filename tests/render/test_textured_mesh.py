@@ -154,9 +154,16 @@ def test_missing_texture_is_refused_and_ids_follow_the_folder_layout(tmp_path):
     obj = tmp_path / "gso" / "Mug" / "meshes" / "model.obj"
     obj.parent.mkdir(parents=True)
     textured_box(checker(2, 4)).export(obj)
-    assert load_textured_mesh(obj).parts[0].texture is not None
+    here = load_textured_mesh(obj).parts[0].texture
+    assert here is not None
+    # Google Scanned Objects: the .mtl next to the mesh names texture.png, which lives in materials/textures/
     png = next(obj.parent.glob("*.png"))
-    png.unlink()  # trimesh alone would render the box in its flat Kd grey
+    gso = obj.parent.parent / "materials" / "textures" / png.name
+    gso.parent.mkdir(parents=True)
+    png.rename(gso)
+    moved = load_textured_mesh(obj).parts[0].texture
+    assert moved is not None and torch.equal(moved, here)
+    gso.unlink()  # nowhere: trimesh alone would render the box in its flat Kd grey
     with pytest.raises(DataError, match=rf"texture {png.name} named by .*\.mtl not found"):
         load_textured_mesh(obj)
     for rel in ("Cup/meshes/model.obj", "omni/apple/apple_001/Scan/Scan.obj", "omni/apple/apple_002/Scan/Scan.obj"):

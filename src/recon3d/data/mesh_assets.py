@@ -140,8 +140,7 @@ def load_textured_mesh(path: str | Path) -> TexturedMesh:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "mesh file not found")
-    if path.suffix.lower() == ".obj":
-        _check_obj_textures(path)
+    textures = _obj_textures(path) if path.suffix.lower() == ".obj" else {}
     try:
         scene = trimesh.load(str(path), force="scene", process=False)
         meshes = [g for g in scene.dump() if isinstance(g, trimesh.Trimesh)]
@@ -149,6 +148,11 @@ def load_textured_mesh(path: str | Path) -> TexturedMesh:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(path, f"cannot read mesh ({type(e).__name__}: {msg[:200]}); expected an OBJ/GLB/glTF/PLY/OFF mesh") from None
     meshes = [m for m in meshes if len(m.faces) and len(m.vertices)]
+    if textures:
+        try:
+            _fill_textures(meshes, textures)
+        except Exception as e:  # noqa: BLE001 - an unreadable image
+            raise DataError(path, f"cannot read its texture ({type(e).__name__}: {str(e)[:200]})") from None
     if not meshes:
         raise DataError(path, "no triangles in this mesh file; expected at least one face")
     verts, faces, uvs, rgbs, normals, parts = [], [], [], [], [], []
@@ -181,24 +185,56 @@ def load_textured_mesh(path: str | Path) -> TexturedMesh:
     )
 
 
-def _check_obj_textures(path: Path) -> None:
-    """Every texture an OBJ's material libraries name must exist (trimesh would silently drop a
-    missing one and the object would render in its flat ``Kd`` colour)."""
+def _obj_textures(path: Path) -> dict[str, Path]:
+    """``{material name: texture file}`` of an OBJ's material libraries (``map_Kd``), each found on
+    disk, else a :class:`DataError` (trimesh would silently drop a missing texture and the object
+    would render in its flat ``Kd`` colour).
+
+    A texture is looked up next to its ``.mtl``, then (Google Scanned Objects: ``meshes/model.mtl``
+    names ``texture.png``, which lives in ``materials/textures/``) in ``../materials/textures/``.
+    """
     libs = []
     with open(path, "rb") as f:
         for raw in f:
             if raw.startswith(b"mtllib"):
                 libs += raw[6:].decode("utf-8", "replace").split()
+    found: dict[str, Path] = {}
     for name in libs:
         mtl = path.parent / name
         if not mtl.is_file():
             raise DataError(path, f"material library {name} not found next to it; expected {mtl}")
+        material = ""
         for line in mtl.read_text(encoding="utf-8", errors="replace").splitlines():
             parts = line.split()
-            if parts and parts[0].lower() in ("map_kd", "map_ka") and len(parts) > 1:
-                tex = mtl.parent / parts[-1].replace("\\", "/")  # the last token: options (-s, -o ...) come first
-                if not tex.is_file():
-                    raise DataError(path, f"texture {parts[-1]} named by {name} not found; expected {tex}")
+            if parts and parts[0] == "newmtl":
+                material = " ".join(parts[1:])
+            elif parts and parts[0].lower() == "map_kd" and len(parts) > 1:
+                named = parts[-1].replace("\\", "/")  # the last token: options (-s, -o ...) come first
+                tries = [mtl.parent / named, mtl.parent / Path(named).name,
+                         mtl.parent.parent / "materials" / "textures" / Path(named).name]
+                tex = next((t for t in tries if t.is_file()), None)
+                if tex is None:
+                    raise DataError(path, f"texture {named} named by {name} not found; expected {tries[0]} "
+                                          f"(or {tries[2]}, the Google Scanned Objects layout)")
+                found[material] = tex
+    return found
+
+
+def _fill_textures(meshes: list, textures: dict[str, Path]) -> None:
+    """Give each textured part whose image trimesh did not find (it looks only next to the
+    ``.mtl``) the file :func:`_obj_textures` found, by material name (or the only one)."""
+    from PIL import Image
+
+    for m in meshes:
+        visual = m.visual
+        material = getattr(visual, "material", None)
+        if getattr(visual, "kind", None) != "texture" or material is None or getattr(material, "image", None) is not None:
+            continue
+        name = getattr(material, "name", None)
+        tex = textures.get(name) if name in textures else (next(iter(textures.values())) if len(textures) == 1 else None)
+        if tex is not None:
+            with Image.open(tex) as im:
+                material.image = im.convert("RGB")
 
 
 def find_meshes(root: str | Path) -> list[tuple[str, Path]]:

@@ -360,3 +360,31 @@ def test_merged_adapters_compute_the_adapted_network_and_resize_reconstructs_oth
     with pytest.warns(UserWarning, match="30x30 is not a multiple of the patch size 14; resized to 28x28"), torch.no_grad():
         rec = sized.reconstruct(replace(batch, inputs=views))
     assert (rec.cameras.width, rec.cameras.height) == (30, 30) and (rec.representation.counts > 0).all()
+
+
+def test_an_exact_prediction_reconstructs_the_true_points_and_cameras_in_the_world(batch):
+    from recon3d.models.vggt.cameras import pose_encoding_to_cameras
+
+    # the "prediction": the training targets (frame 0's camera frame, VGGT's scale)
+    tg = vggt_targets(batch.inputs.cameras, batch.inputs.depths)
+    H, W = batch.inputs.images.shape[-2:]
+    model = _module().eval()
+    pv = model.predict_views
+
+    def exact(images):
+        out = pv(images)
+        out["cameras"] = pose_encoding_to_cameras(tg["pose_enc"], H, W)
+        out["depth"] = tg["depth"] + (tg["depth"] == 0).float()  # empty pixels: any depth (masked out)
+        return out
+
+    model.predict_views = exact
+    with torch.no_grad():
+        rec = model.reconstruct(batch)
+    torch.testing.assert_close(rec.cameras.c2w, batch.inputs.cameras.c2w, atol=1e-4, rtol=0)
+    B, S = batch.inputs.images.shape[:2]
+    v, u = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    pix = torch.stack([u, v], -1).reshape(1, 1, -1, 2).expand(B, S, -1, -1).float()
+    world = batch.inputs.cameras.unproject(pix, batch.inputs.depths[:, :, 0].reshape(B, S, -1))
+    for b in range(B):
+        keep = (batch.inputs.masks[b, :, 0] >= 0.5).reshape(-1)
+        torch.testing.assert_close(rec.representation[b].means, world[b].reshape(-1, 3)[keep], atol=1e-3, rtol=1e-4)

@@ -184,7 +184,7 @@ class VGGTModule(ReconModule):
             end of ``fit`` (None: not written); merge_at_inference: merge before test / predict.
         points_from: ``depth`` (depth head + predicted cameras) or ``point_map`` (point head).
         conf_quantile: per object, keep points whose confidence is at or above this quantile (0: all).
-        point_scale: Gaussian standard deviation in pixel footprints.
+        point_scale: Gaussian standard deviation in pixel footprints (0.5: with the rasteriser's 0.3 px² low-pass a splat covers its pixel).
         render_backend: ``auto | torch | gsplat`` for the Gaussian rasteriser.
         evaluation, init_weights, init_weights_ignore, nonfinite, vis_views, validation_mode, eval_seed:
             see :class:`~recon3d.methods.base.ReconModule`.
@@ -222,7 +222,7 @@ class VGGTModule(ReconModule):
         merge_at_inference: bool = False,
         points_from: Literal["depth", "point_map"] = "depth",
         conf_quantile: float = 0.0,
-        point_scale: float = 0.7,
+        point_scale: float = 0.5,
         render_backend: str = "auto",
         evaluation: EvaluationProtocol | None = None,
         init_weights: str | None = None,

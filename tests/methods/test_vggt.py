@@ -388,3 +388,16 @@ def test_an_exact_prediction_reconstructs_the_true_points_and_cameras_in_the_wor
     for b in range(B):
         keep = (batch.inputs.masks[b, :, 0] >= 0.5).reshape(-1)
         torch.testing.assert_close(rec.representation[b].means, world[b].reshape(-1, 3)[keep], atol=1e-3, rtol=1e-4)
+
+
+def test_bf16_autocast_trains_and_reconstructs_with_float32_geometry(batch):
+    model = _module()
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = model.training_losses(batch)  # targets' frames in float32: valid rotations
+        terms["loss"].backward()
+        model.eval()
+        with torch.no_grad():
+            rec = model.reconstruct(batch)
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert rec.representation.means.dtype == torch.float32 and rec.cameras.c2w.dtype == torch.float32

@@ -324,7 +324,9 @@ class VGGTModule(ReconModule):
         tg = vggt_targets(batch.inputs.cameras, batch.inputs.depths, self._valid(batch))
         valid = tg["valid"]
         frame0_ok = valid[:, 0].flatten(1).sum(1) > self.min_valid_points
-        terms = camera_loss(out["pose_enc_list"], tg["pose_enc"], frame0_ok, self.gamma, self.weight_trans, self.weight_rot, self.weight_fov)
+        # the losses in float32 also under bf16 autocast (upstream computes its normals outside autocast)
+        terms = camera_loss([p.float() for p in out["pose_enc_list"]], tg["pose_enc"], frame0_ok, self.gamma, self.weight_trans,
+                            self.weight_rot, self.weight_fov)
         loss = self.camera_weight * terms["camera"]
         enough = int(valid.sum()) >= self.min_valid_points
         for task, key, conf_key, gt, grad, weight in (
@@ -334,7 +336,8 @@ class VGGTModule(ReconModule):
             if key not in out or weight == 0:
                 continue
             if enough:
-                t = regression_loss(out[key], gt, valid, out[conf_key], grad, 1.0, self.conf_alpha, self.valid_range)
+                with torch.autocast(device_type=images.device.type, enabled=False):
+                    t = regression_loss(out[key].float(), gt, valid, out[conf_key].float(), grad, 1.0, self.conf_alpha, self.valid_range)
             else:  # upstream: too few valid pixels, a zero that keeps the graph
                 zero = (out[key] * 0).mean()
                 t = {"conf": zero, "reg": zero, "grad": zero}
@@ -379,7 +382,8 @@ class VGGTModule(ReconModule):
         enc = out["pose_enc"].float()
         # an untrained head may give FoV 0 after its ReLU: clamp so that the intrinsics exist
         enc = torch.cat([enc[..., :7], enc[..., 7:].clamp(1e-3, math.pi - 1e-3)], -1)
-        out["cameras"] = pose_encoding_to_cameras(enc, int(H0), int(W0))
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            out["cameras"] = pose_encoding_to_cameras(enc, int(H0), int(W0))
         out["images"] = images
         return out
 
@@ -391,6 +395,12 @@ class VGGTModule(ReconModule):
         frame's units) and ``depth_conf`` ``[B, S, H, W]`` (the confidence of the points' head)."""
         images = batch.inputs.images
         out = self.predict_views(images)
+        # the geometry in float32 also under bf16 autocast (frames, unprojection, alignment)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self._reconstruction(batch, out)
+
+    def _reconstruction(self, batch: Batch, out: dict) -> Reconstruction:
+        images = batch.inputs.images
         B, S, _, H, W = out["images"].shape
         cams = out["cameras"].resized(W, H) if (H, W) != tuple(images.shape[-2:]) else out["cameras"]
         if self.points_from == "depth":

@@ -63,6 +63,12 @@ def vggt_targets(cameras: Cameras, depths: torch.Tensor, valid: torch.Tensor | N
     """
     if len(cameras.batch_shape) != 2:
         raise ShapeError(f"cameras: expected a [B, S] batch of cameras, got batch shape {tuple(cameras.batch_shape)}")
+    # float32 also under bf16 autocast: bf16 matmuls would break the rotations' orthonormality
+    with torch.autocast(device_type=depths.device.type, enabled=False):
+        return _targets(cameras, depths, valid)
+
+
+def _targets(cameras: Cameras, depths: torch.Tensor, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
     B, S = cameras.batch_shape
     H, W = cameras.height, cameras.width
     if tuple(depths.shape) != (B, S, 1, H, W):

@@ -466,3 +466,42 @@ def test_bench_trellis_tables_run_at_tiny_sizes():
     # the shell voxels are distinct cells of the 64^3 grid
     xyz = bench_trellis._shell_voxels(500)
     assert torch.unique(xyz, dim=0).shape[0] == 500 and int(xyz.max()) < 64
+
+
+@pytest.mark.slow  # transformers' save_pretrained + from_pretrained: ~4 s on the shared 2 cores
+def test_dinov2_from_a_folder_is_a_frozen_part_left_out_of_checkpoints(tmp_path):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    hf = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**DINO))
+    hf.save_pretrained(str(tmp_path))
+    cond = TrellisImageCondition(pretrained_path=str(tmp_path), image_size=28)
+    for k, v in hf.state_dict().items():
+        assert torch.equal(cond.backbone.state_dict()[k], v), k
+    model = _trellis(condition=cond)
+    assert "condition.backbone" in model.frozen_pretrained()
+    with pytest.raises(Exception, match="not a directory"):
+        TrellisImageCondition(pretrained_path=str(tmp_path / "missing"))
+
+
+def test_part_weights_load_the_stages_checkpoints_into_trellis_module(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    vae = TrellisSSVAEModule(_encoder(), _decoder(), resolution=8)
+    flow_stage = TrellisSSFlowModule(_randomize_zero_init(_ss_flow()), _encoder(), _condition())
+    files = {}
+    for name, m in (("vae", vae), ("flow", flow_stage)):
+        files[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(files[name]))
+    model = _trellis(part_weights={"ss_flow": {"path": str(files["flow"]), "prefix": "flow."},
+                                   "ss_decoder": {"path": str(files["vae"]), "prefix": "decoder."}})
+    for k, v in flow_stage.flow.state_dict().items():
+        assert torch.equal(model.ss_flow.state_dict()[k], v), k
+    for k, v in vae.decoder.state_dict().items():
+        assert torch.equal(model.ss_decoder.state_dict()[k], v), k
+    # the decoder is a fixed part now (left out of checkpoints); the SS flow still trains
+    assert "ss_decoder" in model.frozen_pretrained() and "ss_flow" not in model.frozen_pretrained()
+    assert all(p.requires_grad for p in model.ss_flow.parameters())
+    with pytest.raises(ConfigError, match="unknown part 'decoder'"):  # checked before any file is read
+        _trellis(part_weights={"ss_decoder": {"path": str(files["vae"]), "prefix": "decoder."}, "decoder": "x"})

@@ -422,6 +422,14 @@ class TrellisModule(_TrellisBase):
         max_views: condition on the first this many input views (None: all).
         up_axis: the dataset's up axis.
         ss_encoder_weights, ss_encoder_prefix: as :class:`TrellisSSFlowModule`.
+        part_weights: weights of the stages' checkpoints for the parts, ``{part: path}`` or
+            ``{part: {path, prefix}}`` with ``part`` one of ``ss_flow``, ``ss_decoder``,
+            ``slat_flow``, ``gaussian_decoder``, ``mesh_decoder``, ``condition``; e.g. the SS-flow
+            stage's ``last.ckpt`` with prefix ``flow.`` for ``ss_flow``, the SS-VAE stage's with
+            ``decoder.`` for ``ss_decoder``, the SLAT stages' (``recon3d.methods.trellis_slat``) for
+            ``slat_flow`` / ``gaussian_decoder``. Loaded strictly at construction; every part but
+            ``ss_flow`` (the one this module trains) becomes a frozen part (left out of
+            checkpoints, re-read from its file).
         sigma_min, t_mean, t_std, p_uncond, lr, weight_decay, betas: SS-flow training (the only
             part this module trains; the SLAT flow has its own stage).
         render_backend: Gaussian rasteriser (``auto | torch | gsplat``).
@@ -440,6 +448,7 @@ class TrellisModule(_TrellisBase):
                  slat_mean: list[float] | None = None, slat_std: list[float] | None = None,
                  multi_image_mode: Literal["stochastic", "multidiffusion"] = "stochastic", max_views: int | None = None,
                  up_axis: Literal["z", "y"] = "z", ss_encoder_weights: str | None = None, ss_encoder_prefix: str = "encoder.",
+                 part_weights: dict[str, str | dict[str, str]] | None = None,
                  sigma_min: float = 1e-5, t_mean: float = 1.0, t_std: float = 1.0, p_uncond: float = 0.1,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  voxel_spacing: float = 0.25, render_backend: str = "auto", export_min_opacity: float = 0.0,
@@ -485,6 +494,7 @@ class TrellisModule(_TrellisBase):
         _check_decoder(self.mesh_decoder, self.slat_flow, "model.mesh_decoder")
         if self.ss_encoder is not None:
             _load_frozen_encoder(self.ss_encoder, ss_encoder_weights, ss_encoder_prefix)
+        self._load_part_weights(part_weights)
         self.ss_sampler_params = _sampler_params(ss_params, ss_sampler, "model.ss_sampler")
         self.slat_sampler_params = _sampler_params(slat_params, slat_sampler, "model.slat_sampler")
         C = self.slat_flow.out_channels
@@ -505,6 +515,37 @@ class TrellisModule(_TrellisBase):
         if self.gaussian_decoder is None:
             log.info("TrellisModule: no gaussian_decoder: the Gaussians show the sampled sparse structure (one per voxel)")
         self._rasterizer = None
+
+    PARTS = ("ss_flow", "ss_decoder", "slat_flow", "gaussian_decoder", "mesh_decoder", "condition")
+
+    def _load_part_weights(self, spec: dict | None) -> None:
+        from recon3d.utils.checkpoint import load_frozen, load_weights_into
+
+        if not spec:
+            return
+        if not isinstance(spec, dict):
+            raise ConfigError(f"model.part_weights: expected a mapping {{part: path or {{path, prefix}}}}, got {type(spec).__name__}")
+        todo = []
+        for name, entry in spec.items():  # every entry checked before anything loads
+            if name not in self.PARTS:
+                raise ConfigError(f"model.part_weights: unknown part {name!r}; expected some of {list(self.PARTS)}")
+            if isinstance(entry, str):
+                path, prefix = entry, ""
+            elif isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "prefix"}:
+                path, prefix = entry["path"], str(entry.get("prefix", ""))
+            else:
+                raise ConfigError(f"model.part_weights.{name}: expected a path or {{path, prefix}}, got {entry!r}")
+            if getattr(self, name) is None:
+                raise ConfigError(f"model.part_weights.{name}: the module has no {name} to load into (give the part)")
+            todo.append((name, path, prefix))
+        for name, path, prefix in todo:
+            part = getattr(self, name)
+            if name == "condition":
+                part = part.backbone
+            if name == "ss_flow":
+                load_weights_into(part, path, prefix=prefix)
+            else:
+                load_frozen(part, path, prefix=prefix)
 
     # -------------------------------------------------------------- pipeline.json
     def _from_pipeline(self, path: str, parts: dict) -> tuple[dict, dict, dict]:
@@ -608,6 +649,12 @@ class TrellisModule(_TrellisBase):
         return Reconstruction(ids, gaussians, {"mesh": meshes, "voxels": voxels, "slat": slat}, seeds=seeds)
 
     # -------------------------------------------------------------- training (the SS flow)
+    def on_fit_start(self) -> None:
+        if self.ss_encoder is not None and self.hparams.get("ss_encoder_weights") is None:
+            log.warning("TrellisModule: model.ss_encoder_weights is not set: the SS flow trains on latents of an SS-VAE encoder "
+                        "with its initial weights (give the SS-VAE stage's checkpoint or ckpts/ss_enc_conv3d_16l8_fp16.safetensors "
+                        "with ss_encoder_prefix '')")
+
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.ss_encoder is None:
             raise ConfigError("model.ss_encoder: TrellisModule trains its SS flow on SS-VAE latents of the ground-truth "

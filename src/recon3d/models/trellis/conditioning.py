@@ -129,7 +129,9 @@ class TrellisImageCondition(nn.Module):
         image_size: square input side (TRELLIS: 518; a multiple of the patch size).
         preprocess: apply :func:`trellis_preprocess` (alpha crop, black background) when masks are given.
 
-    The backbone is frozen (TRELLIS never trains it) and runs in eval mode.
+    The backbone is frozen (TRELLIS never trains it) and runs in eval mode; loaded from a folder
+    with one ``.safetensors`` file it is a frozen pretrained part
+    (:func:`~recon3d.utils.checkpoint.mark_frozen`: left out of checkpoints, re-read on load).
     """
 
     def __init__(self, pretrained_path: str | None = None, config: dict | None = None, image_size: int = 518,
@@ -138,6 +140,14 @@ class TrellisImageCondition(nn.Module):
         self.backbone = _build_backbone(pretrained_path, config)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
+        if pretrained_path is not None:
+            from recon3d.models.encoders import _weights_file
+            from recon3d.utils.checkpoint import mark_frozen
+
+            weights = _weights_file(pretrained_path)
+            if weights is not None:
+                # a frozen pretrained part: checkpoints leave its ~300M weights out and re-read the file
+                mark_frozen(self.backbone, weights)
         cfg = self.backbone.config
         self.patch_size, self.hidden = int(cfg.patch_size), int(cfg.hidden_size)
         self.num_registers = int(getattr(cfg, "num_register_tokens", 0) or 0)

@@ -145,6 +145,12 @@ def test_features_sample_the_prenorm_patch_token_at_the_projected_voxel_centre()
     assert not torch.allclose(tokens.flatten(2).transpose(1, 2), hs.last_hidden_state[:, 5:], atol=1e-3)
     expect = (_hand_bilinear(tokens[0], u, v, W) + tokens[1, :, 0, 0].double()) / 2
     assert torch.allclose(f[0].double(), expect, atol=1e-5)
+    # Y-up datasets: recon3d = 2 (x, z, -y) of TRELLIS's point (the frame of recon3d.methods.trellis)
+    c = centre
+    world_y = 2 * torch.stack([c[0], c[2], -c[1]])
+    uy, vy = _hand_pixel(cam1, world_y)
+    fy = slat_voxel_features(dino, images[:1], cam1, coords[:1], R, up_axis="y")
+    assert torch.allclose(fy[0].double(), _hand_bilinear(tokens[0], uy, vy, W), atol=1e-5)
     # masks premultiply (the object on black): a zero mask gives zero-image features
     m = torch.zeros(2, 1, W, W)
     f0 = slat_voxel_features(dino, images, cams, coords, R, masks=m, background=torch.ones(3))

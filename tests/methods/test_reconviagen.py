@@ -269,3 +269,36 @@ def test_bad_inputs_and_options_are_one_line_errors(batch):
     model = _module(gaussian_decoder=_gs_decoder(), rvc={"alpha": 0.1}, rvc_cameras="inputs").eval()
     with pytest.raises(DataError, match="inputs.cameras"):
         model.reconstruct(_one(batch, (0,), cameras=False))
+
+
+@pytest.mark.slow  # ~6 s on 2 cores: plain sampling, orbit renders through VGGT, one PnP round, RVC sampling
+def test_rvc_at_nearest_render_cameras_runs_under_inference_mode_and_reports_them(batch):
+    model = _module(gaussian_decoder=_gs_decoder(), rvc={"alpha": 1.0, "drop_threshold": 2.0}, rvc_cameras="nearest_render",
+                    n_renders=4, pose_refine={"rounds": 1}).eval()
+    with torch.inference_mode():  # Lightning's predict loop
+        rec = model.reconstruct(_one(batch, (0, 1)))
+    info = rec.get("rvc")["cameras"]
+    assert info["source"] == "nearest_render" and tuple(info["nearest_render"].shape) == (1, 2)
+    assert int(info["nearest_render"].min()) >= 0 and int(info["nearest_render"].max()) < 4
+    # the reported input cameras are the object-frame ones RVC used: each is one of the orbit poses
+    # (or its PnP refinement; a failed refinement keeps the orbit pose, as recorded)
+    from recon3d.models.reconviagen import NearestRenderStart
+
+    orbit = NearestRenderStart(4, model.render_radius, model.render_fov).orbit(28, 28)
+    for v in range(2):
+        if info["pose_fallback"][0][v]:
+            assert torch.allclose(rec.cameras.c2w[0, v], orbit.c2w[int(info["nearest_render"][0, v])], atol=1e-5)
+    assert torch.isfinite(rec.get("rvc")["view_loss"]).all()
+
+
+def test_ggc_only_row_conditions_the_slat_flow_on_dino_tokens_trellis_m_style(batch):
+    from recon3d.models.flow import FlowEulerSampler
+
+    model = _module(pvc=None, condition=_dino()).eval()
+    rec = model.reconstruct(batch)
+    assert rec.get("voxels").num_voxels > 0
+    c = model.conditions(batch)
+    assert isinstance(c["slat"], list) and len(c["slat"]) == 2 and c["slat"][0].shape == (2, 9, 16)  # cls + 4 registers + 2 x 2 patches
+    sampler, cond = model._sampler(model.slat_sampler_params, c["slat"])
+    assert isinstance(sampler, FlowEulerSampler) and sampler.multi_condition == "multidiffusion" and cond is c["slat"]
+    assert model._sampler(model.slat_sampler_params, c["slat"][:1])[0].multi_condition is None  # one view: single-image

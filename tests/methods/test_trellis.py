@@ -196,8 +196,9 @@ def test_stochastic_and_multidiffusion_differ_only_as_specified(batch):
     assert not torch.equal(s.get("voxels").coords, m.get("voxels").coords) or not torch.allclose(s.get("slat").feats, m.get("slat").feats)
 
 
-def test_stochastic_cycles_the_views_round_robin(batch):
-    """TRELLIS-S: SS-flow step k sees view k mod V alone (upstream's cond_indices)."""
+def test_stochastic_cycles_the_views_round_robin_multidiffusion_sees_all(batch):
+    """TRELLIS-S: SS-flow step k sees view k mod V alone (upstream's cond_indices); TRELLIS-M:
+    each step evaluates every view and, with guidance, the zero condition once."""
     model = _trellis(True, ss_sampler={"steps": 3, "cfg_strength": 0.0}).eval()
     seen = []
     forward = model.ss_flow.forward
@@ -214,6 +215,14 @@ def test_stochastic_cycles_the_views_round_robin(batch):
     assert len(seen) == 3
     for k, c in enumerate(seen):
         assert torch.equal(c, conds[k % 2])
+    # TRELLIS-M with guidance: every step sees every view, then the zero condition once
+    seen.clear()
+    model.ss_sampler_params = {**model.ss_sampler_params, "cfg_strength": 2.0, "cfg_interval": (0.0, 1.0)}
+    model.sample_structure(conds, gens, list(b.object_ids), mode="multidiffusion")
+    assert len(seen) == 3 * 3
+    for k in range(3):
+        a, c, neg = seen[3 * k : 3 * k + 3]
+        assert torch.equal(a, conds[0]) and torch.equal(c, conds[1]) and not bool(neg.any())
 
 
 def test_empty_structure_is_one_error_naming_the_object(batch):

@@ -18,7 +18,9 @@ Here the backbone is ``transformers``' ``Dinov2WithRegistersModel`` (the HF port
 ``hidden_states[-1]`` is upstream's ``x_prenorm``. Differences, stated:
 
 * resizing is torch's bilinear with antialiasing, not PIL's Lanczos (both low-pass; values
-  differ by a few 1e-3 on natural images);
+  differ near edges; not measured here). Resizing the premultiplied image, as here, is what
+  upstream's order (resize the RGBA crop, then multiply by alpha) computes: Pillow resamples RGBA
+  in premultiplied form;
 * ``image_size`` may be set below 518 for CPU tests (fewer patch tokens); 518 is TRELLIS's.
 
 :meth:`TrellisImageCondition.patch_features` gives the **pre-norm** patch tokens on the patch

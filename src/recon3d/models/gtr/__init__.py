@@ -9,6 +9,7 @@ from recon3d.models.gtr.generator import (
     SelfAttentionBlock,
     TriplaneGenerator,
 )
+from recon3d.models.gtr.lifting import ProjectedFeatureLifting, plane_line_points, sample_views
 from recon3d.models.gtr.network import GTRNetwork, gtr_official, gtr_paper, gtr_tiny
 from recon3d.models.gtr.pretrained import convert_official_state_dict, load_official_gtr, official_key_table
 
@@ -21,6 +22,9 @@ __all__ = [
     "SelfAttention",
     "SelfAttentionBlock",
     "TriplaneGenerator",
+    "ProjectedFeatureLifting",
+    "plane_line_points",
+    "sample_views",
     "GTRNetwork",
     "gtr_official",
     "gtr_paper",

@@ -14,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from recon3d.errors import ConfigError
+from recon3d.data.cameras import Cameras
+from recon3d.errors import ConfigError, ShapeError
+from recon3d.models.gtr.lifting import ProjectedFeatureLifting
 from recon3d.utils.checks import check_shape
 
 __all__ = ["SelfAttention", "GEGLUFeedForward", "SelfAttentionBlock", "PixelShuffleUpsampler", "DeconvUpsampler", "TriplaneGenerator"]
@@ -145,6 +147,19 @@ class TriplaneGenerator(nn.Module):
         token_norm: LayerNorm on the incoming view tokens (official GTR).
         gradient_checkpointing: recompute each block in backward (training only).
         init_scale: std of the plane-token init; ``None`` = ``width ** -0.5``.
+        lift_tokens: **not in the paper** (default off): add to the learned plane tokens the view
+            tokens lifted onto the ``r x r`` planes through the input cameras
+            (:class:`~recon3d.models.gtr.lifting.ProjectedFeatureLifting`, ``lift_depth_samples``
+            points per cell line), so each plane token starts from the features of the patches
+            it projects to instead of learning that correspondence by attention alone. Needs
+            ``cameras`` in :meth:`forward`.
+        lift_pixels: **not in the paper** (default off): add to the output triplane the input
+            pixels (rgb + mask) lifted the same way at the output resolution ``R = r s`` (a
+            pixel-aligned skip past the transformer, for colour detail finer than a patch).
+            Needs ``cameras`` and ``images``.
+        lift_depth_samples: points per cell line for both liftings (default: the plane side).
+        lift_aabb: the box the triplane spans (must equal the field's).
+        lift_hidden_dim: hidden width of the liftings' line read-out (None: one linear layer).
     """
 
     def __init__(
@@ -163,6 +178,11 @@ class TriplaneGenerator(nn.Module):
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         init_scale: float | None = None,
+        lift_tokens: bool = False,
+        lift_pixels: bool = False,
+        lift_depth_samples: int | None = None,
+        lift_aabb: tuple[float, float] = (-1.0, 1.0),
+        lift_hidden_dim: int | None = None,
     ):
         super().__init__()
         if upsampler not in _UPSAMPLERS:
@@ -178,19 +198,42 @@ class TriplaneGenerator(nn.Module):
         )
         self.out_norm = nn.LayerNorm(self.width)
         self.upsampler = _UPSAMPLERS[upsampler](self.width, self.plane_channels, self.upsample_factor)
+        self.lift_aabb = (float(lift_aabb[0]), float(lift_aabb[1]))
+        self.token_lifting = (ProjectedFeatureLifting(self.width, self.width, self.plane_resolution, lift_depth_samples, self.lift_aabb,
+                                                      lift_hidden_dim)
+                              if lift_tokens else None)
+        self.pixel_lifting = (ProjectedFeatureLifting(4, self.plane_channels, self.output_resolution, lift_depth_samples, self.lift_aabb,
+                                                      lift_hidden_dim)
+                              if lift_pixels else None)
+
+    @property
+    def needs_cameras(self) -> bool:
+        """Whether :meth:`forward` needs the input cameras (a lifting option is on)."""
+        return self.token_lifting is not None or self.pixel_lifting is not None
 
     @property
     def output_resolution(self) -> int:
         """Side ``R = r * s`` of the output planes."""
         return self.plane_resolution * self.upsample_factor
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``tokens (B, N, width)`` -> triplane ``(B, 3, plane_channels, R, R)``."""
+    def forward(self, tokens: torch.Tensor, cameras: Cameras | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens (B, N, width)`` -> triplane ``(B, 3, plane_channels, R, R)``.
+
+        ``cameras`` (batch ``(B, V)``, size ``W x H``) and ``images`` (``(B, V, 4, H, W)`` rgb +
+        mask) are read only by the lifting options; the tokens must then be view-major, ``T`` per
+        view on an ``h x w`` patch grid with ``h / w = H / W`` (:class:`~recon3d.models.encoders.ImageEncoder`).
+        """
         check_shape(tokens, f"B N {self.width}", "tokens")
         B = tokens.shape[0]
         r, D = self.plane_resolution, self.width
-        planes = self.planes.expand(B, -1, -1, -1, -1).permute(0, 1, 3, 4, 2).reshape(B, 3 * r * r, D)
-        x = torch.cat([planes, self.token_norm(tokens).to(planes.dtype)], 1)
+        if self.needs_cameras and cameras is None:
+            raise ShapeError("cameras: TriplaneGenerator with lift_tokens/lift_pixels needs the input cameras, got None")
+        planes = self.planes.expand(B, -1, -1, -1, -1)
+        view_tokens = self.token_norm(tokens).to(planes.dtype)
+        if self.token_lifting is not None:
+            planes = planes + self.token_lifting(_token_maps(view_tokens, cameras), cameras.resized(*_grid(tokens, cameras)[::-1]))
+        planes = planes.permute(0, 1, 3, 4, 2).reshape(B, 3 * r * r, D)
+        x = torch.cat([planes, view_tokens], 1)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
@@ -199,4 +242,29 @@ class TriplaneGenerator(nn.Module):
         x = self.out_norm(x[:, : 3 * r * r])
         x = x.reshape(B * 3, r, r, D).permute(0, 3, 1, 2)
         out = self.upsampler(x)
-        return out.reshape(B, 3, *out.shape[1:])
+        out = out.reshape(B, 3, *out.shape[1:])
+        if self.pixel_lifting is not None:
+            if images is None:
+                raise ShapeError("images: TriplaneGenerator with lift_pixels needs the input images, got None")
+            check_shape(images, "B V 4 H W", "images", {"B": B, "V": cameras.batch_shape[1], "H": cameras.height, "W": cameras.width})
+            out = out + self.pixel_lifting(images.to(out.dtype), cameras)
+        return out
+
+
+def _grid(tokens: torch.Tensor, cameras: Cameras) -> tuple[int, int]:
+    """``(h, w)`` of each view's patch grid: ``T = N / V`` tokens with ``h / w = H / W``."""
+    V = cameras.batch_shape[-1]
+    N = tokens.shape[1]
+    T = N // V
+    h = max(1, round((T * cameras.height / cameras.width) ** 0.5))
+    w = T // h
+    if N != V * T or h * w != T:
+        raise ShapeError(f"tokens: {N} tokens are not {V} views of an h x w patch grid with h/w = {cameras.height}/{cameras.width}")
+    return h, w
+
+
+def _token_maps(tokens: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+    """View-major tokens ``(B, V*h*w, D)`` as feature maps ``(B, V, D, h, w)``."""
+    h, w = _grid(tokens, cameras)
+    B, _, D = tokens.shape
+    return tokens.reshape(B, -1, h, w, D).permute(0, 1, 4, 2, 3)

@@ -39,6 +39,8 @@ class GTRNetwork(nn.Module):
             raise ConfigError(
                 f"field.plane_channels={field.plane_channels} must equal generator.plane_channels={generator.plane_channels}"
             )
+        if generator.needs_cameras and generator.lift_aabb != field.aabb:
+            raise ConfigError(f"generator.lift_aabb={generator.lift_aabb} must equal field.aabb={field.aabb}")
         self.encoder, self.generator, self.field = encoder, generator, field
         self.token_proj = nn.Linear(encoder.out_dim, generator.width) if encoder.out_dim != generator.width else nn.Identity()
 
@@ -58,7 +60,10 @@ class GTRNetwork(nn.Module):
             check_shape(masks, "B V 1 H W", "masks", {k: dims[k] for k in ("B", "V", "H", "W")})
             images = torch.cat([images[:, :, :3], masks.to(images.dtype)], 2)
         tokens = self.encoder(images, cameras)
-        return self.generator(self.token_proj(tokens))
+        if not self.generator.needs_cameras:
+            return self.generator(self.token_proj(tokens))
+        rgba = images if images.shape[2] == 4 else torch.cat([images[:, :, :3], torch.ones_like(images[:, :, :1])], 2)
+        return self.generator(self.token_proj(tokens), cameras, rgba)
 
     def forward(
         self, images: torch.Tensor, cameras: Cameras, points: torch.Tensor, masks: torch.Tensor | None = None

@@ -1,0 +1,143 @@
+"""Projected feature lifting: per-view image features onto a triplane through the known cameras.
+
+Not part of GTR's paper (an option of :class:`~recon3d.models.gtr.TriplaneGenerator`, off by
+default). Pixel-aligned methods (PixelNeRF, MVS-style volumes) read, for a 3-D point, the image
+features under its projection in every input view. A triplane cell is not a point but a line
+through the box perpendicular to its plane, so this module samples ``depth_samples`` points on
+that line, projects each into every view, samples the view's feature map bilinearly, reduces over
+the views (mean and variance: agreement across views is the multi-view cue of where the surface
+is) and mixes the per-depth statistics into one feature per cell with a ``Linear`` layer.
+
+Shapes: feature maps ``(B, V, C_in, h, w)`` with cameras of batch ``(B, V)`` and size ``w x h``
+(for a patch encoder, the input cameras :meth:`~recon3d.data.cameras.Cameras.resized` to the
+patch grid: cell ``(i, j)`` of the map is the patch whose centre is pixel ``(j + 0.5, i + 0.5)``
+of the grid); output ``(B, 3, C_out, R, R)`` in the triplane layout of
+:mod:`recon3d.render.triplane` (planes xy, xz, yz; plane axis ``a`` along the width, ``b`` along
+the height, cell centres at ``lo + (k + 0.5) (hi - lo) / R``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from recon3d.data.cameras import Cameras
+from recon3d.errors import ConfigError, ShapeError
+from recon3d.render.triplane import PLANE_AXES
+from recon3d.utils.checks import check_shape
+
+__all__ = ["ProjectedFeatureLifting", "plane_line_points", "sample_views"]
+
+
+def plane_line_points(resolution: int, depth_samples: int, aabb: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """World points on the line through every triplane cell: ``(3, R, R, K, 3)``.
+
+    Entry ``[p, i, j, k]`` lies in plane ``p``'s cell at row ``i`` (the plane's second axis) and
+    column ``j`` (its first axis), at the ``k``-th of ``K`` evenly spaced bin centres along the
+    third axis; all coordinates are cell/bin centres of the box ``aabb``.
+    """
+    lo, hi = float(aabb[0]), float(aabb[1])
+    R, K = int(resolution), int(depth_samples)
+    cell = lo + (torch.arange(R, dtype=torch.float32) + 0.5) * (hi - lo) / R
+    depth = lo + (torch.arange(K, dtype=torch.float32) + 0.5) * (hi - lo) / K
+    out = torch.empty(3, R, R, K, 3)
+    for p, (a, b) in enumerate(PLANE_AXES):
+        c = 3 - a - b  # the perpendicular axis
+        out[p, :, :, :, a] = cell[None, :, None]
+        out[p, :, :, :, b] = cell[:, None, None]
+        out[p, :, :, :, c] = depth[None, None, :]
+    return out
+
+
+def sample_views(feature_maps: torch.Tensor, cameras: Cameras, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear samples of each view's feature map under the projection of world points.
+
+    Args:
+        feature_maps: ``(B, V, C, h, w)``.
+        cameras: batch ``(B, V)``, size ``w x h`` (pixel ``(u, v)`` covers ``[u, u+1) x [v, v+1)``).
+        points: ``(N, 3)`` world points shared by all objects, or ``(B, N, 3)``.
+
+    Returns:
+        ``feats (B, V, N, C)`` (zero where invalid) and ``valid (B, V, N)``: the point is in front
+        of the camera and projects inside the image.
+    """
+    dims = check_shape(feature_maps, "B V C h w", "feature_maps")
+    B, V, C, h, w = (dims[k] for k in ("B", "V", "C", "h", "w"))
+    if tuple(cameras.batch_shape) != (B, V) or (cameras.width, cameras.height) != (w, h):
+        raise ShapeError(
+            f"cameras: expected batch [{B}, {V}] and size {w}x{h} to match feature_maps, got "
+            f"{list(cameras.batch_shape)} and {cameras.width}x{cameras.height}"
+        )
+    if points.dim() == 2:
+        points = points[None].expand(B, -1, -1)
+    check_shape(points, "B N 3", "points", {"B": B})
+    pts = points[:, None].expand(B, V, -1, 3).to(cameras.c2w)
+    uv, z = cameras.project(pts)  # B V N 2, B V N
+    valid = (z > 1e-6) & (uv[..., 0] >= 0) & (uv[..., 0] <= w) & (uv[..., 1] >= 0) & (uv[..., 1] <= h)
+    # grid_sample(align_corners=False): -1 and +1 are the outer edges of the border pixels.
+    grid = torch.stack([uv[..., 0] / w * 2 - 1, uv[..., 1] / h * 2 - 1], -1)
+    grid = torch.where(valid[..., None], grid, torch.full_like(grid, 2.0))  # off-image: zeros padding
+    feats = F.grid_sample(feature_maps.reshape(B * V, C, h, w), grid.reshape(B * V, 1, -1, 2).to(feature_maps.dtype),
+                          mode="bilinear", padding_mode="zeros", align_corners=False)  # B*V, C, 1, N
+    return feats.reshape(B, V, C, -1).transpose(2, 3), valid
+
+
+class ProjectedFeatureLifting(nn.Module):
+    """Image features lifted onto a triplane through the input cameras (module docstring).
+
+    ``forward(feature_maps (B, V, C_in, h, w), cameras (B, V)) -> (B, 3, C_out, R, R)``. Per cell:
+    ``K`` line points, per point the valid-view mean and variance of the sampled features
+    (``2 C_in`` values; zeros where no view sees the point), concatenated over the line
+    (``2 K C_in``), layer-normed and mapped by ``Linear(2 K C_in -> C_out)`` or, with
+    ``hidden_dim``, by ``Linear(2 K C_in -> hidden) -> GELU -> Linear(hidden -> C_out)`` (a
+    non-linear read of the line, e.g. where along it every view sees the object).
+
+    Args:
+        in_channels: ``C_in`` of the feature maps.
+        out_channels: ``C_out`` of the lifted planes.
+        resolution: ``R``, cells per plane side.
+        depth_samples: ``K``, points per cell line (default ``R``).
+        aabb: ``(lo, hi)`` of the cube the triplane spans (the field's box).
+        hidden_dim: width of the optional hidden layer (None: one linear layer).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, resolution: int, depth_samples: int | None = None,
+                 aabb: tuple[float, float] = (-1.0, 1.0), hidden_dim: int | None = None):
+        super().__init__()
+        K = int(resolution if depth_samples is None else depth_samples)
+        if int(resolution) < 1 or K < 1 or int(in_channels) < 1 or int(out_channels) < 1:
+            raise ConfigError(
+                f"ProjectedFeatureLifting: expected positive in_channels, out_channels, resolution, depth_samples; got "
+                f"{in_channels}, {out_channels}, {resolution}, {depth_samples}"
+            )
+        if hidden_dim is not None and int(hidden_dim) < 1:
+            raise ConfigError(f"ProjectedFeatureLifting: hidden_dim: expected a positive int or None, got {hidden_dim}")
+        if not float(aabb[1]) > float(aabb[0]):
+            raise ConfigError(f"aabb: expected lo < hi, got {tuple(aabb)}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.resolution, self.depth_samples = int(resolution), K
+        self.aabb = (float(aabb[0]), float(aabb[1]))
+        self.register_buffer("points", plane_line_points(self.resolution, K, self.aabb).reshape(-1, 3), persistent=False)
+        self.norm = nn.LayerNorm(2 * K * self.in_channels)
+        n_in = 2 * K * self.in_channels
+        self.proj = (nn.Linear(n_in, self.out_channels) if hidden_dim is None else
+                     nn.Sequential(nn.Linear(n_in, int(hidden_dim)), nn.GELU(), nn.Linear(int(hidden_dim), self.out_channels)))
+
+    def statistics(self, feature_maps: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        """Valid-view mean and variance at every line point: ``(B, 3, R, R, K, 2 C_in)``."""
+        B = feature_maps.shape[0]
+        feats, valid = sample_views(feature_maps, cameras, self.points)  # B V N C, B V N
+        wgt = valid.to(feats.dtype)[..., None]
+        n = wgt.sum(1).clamp_min(1.0)  # B N 1
+        mean = (feats * wgt).sum(1) / n
+        var = ((feats - mean[:, None]).square() * wgt).sum(1) / n
+        R, K = self.resolution, self.depth_samples
+        return torch.cat([mean, var], -1).reshape(B, 3, R, R, K, 2 * self.in_channels)
+
+    def forward(self, feature_maps: torch.Tensor, cameras: Cameras) -> torch.Tensor:
+        check_shape(feature_maps, f"B V {self.in_channels} h w", "feature_maps")
+        s = self.statistics(feature_maps, cameras)
+        B, R = s.shape[0], self.resolution
+        out = self.proj(self.norm(s.reshape(B, 3, R, R, -1)))  # B 3 R R C_out
+        return out.permute(0, 1, 4, 2, 3)

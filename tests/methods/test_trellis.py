@@ -169,6 +169,9 @@ def test_trellis_samples_a_structure_and_exports_ply_and_glb(batch, tmp_path):
     # reproducible per object (seeded by the object ids)
     again = model.reconstruct(batch)
     assert torch.equal(again.get("slat").feats, rec.get("slat").feats)
+    # `recon3d export --format ply` sets export_formats: the Gaussians alone
+    model.export_formats = ("ply",)
+    assert set(model.export_reconstruction(rec.select(1), tmp_path / "only")) == {"gaussians.ply"}
 
 
 def _views(batch, which: list[int]):

@@ -672,7 +672,9 @@ class TrellisModule(_TrellisBase):
         return render(rec.representation.to(torch.float32), cameras.to(torch.float32), "white", renderer=self._rasterizer[1])
 
     def export_reconstruction(self, rec: Reconstruction, out_dir: Path, suffix: str = "", views: Views | None = None) -> dict[str, str]:
-        """``gaussians<suffix>.ply`` (3DGS layout) and ``mesh<suffix>.glb`` of the one object of ``rec``."""
+        """``gaussians<suffix>.ply`` (3DGS layout) and ``mesh<suffix>.glb`` of the one object of ``rec``
+        (an object whose mesh has no face gets no ``.glb``). With :attr:`export_formats` set
+        (``recon3d export --format``): the Gaussians in those formats only."""
         from recon3d.render.export import export_representation
 
         g = rec.representation[0].packed()
@@ -680,7 +682,9 @@ class TrellisModule(_TrellisBase):
             keep = g.opacities >= self.export_min_opacity
             g = Gaussians(g.means[keep], g.quats[keep], g.scales[keep], g.opacities[keep], g.colors[keep], g.sh_degree,
                           counts=[int(keep.sum())])
-        files = dict(export_representation(g, Path(out_dir), ("ply",), suffix=suffix))
+        files = dict(export_representation(g, Path(out_dir), self.export_formats or ("ply",), suffix=suffix))
+        if self.export_formats:
+            return files
         mesh = rec.find(Meshes)
         if mesh is not None and mesh.num_faces[0] > 0:
             files.update(export_representation(mesh, Path(out_dir), ("glb",), suffix=suffix))

@@ -224,7 +224,7 @@ def test_sampling_gives_voxels_files_and_predicted_cameras(batch, tmp_path):
 @pytest.mark.slow  # ~4 s on 2 cores: two SLAT samplings with 3 rendered RVC steps
 def test_rvc_lowers_the_input_view_loss_against_plain_sampling_from_the_same_noise(batch):
     model = _module(gaussian_decoder=_gs_decoder(), rvc={"alpha": 30.0, "start_t": 0.8, "drop_threshold": 2.0},
-                    rvc_cameras="inputs", slat_sampler={"steps": 4, "rescale_t": 1.0})
+                    rvc_cameras="inputs", rvc_reference=True, slat_sampler={"steps": 4, "rescale_t": 1.0})
     _train(model, batch, 2)  # "a model trained a little"
     rec = model.eval().reconstruct(_one(batch, (0, 1)))
     r = rec.get("rvc")

@@ -68,7 +68,8 @@ SS-VAE decode -> occupied voxels (empty -> one DataError naming the object) -> P
   sampled again from the same noise with the hook; ``"inputs"``: the batch's own input cameras
   (posed data / oracle; tests). The images must stand on the renderer's background
   (``rvc_background``, white as recon3d's views). ``extras["rvc"]`` holds the hook's record and
-  the per-view loss of the final sample.
+  the per-view loss of the final sample (and, with ``rvc_reference`` or the nearest-render route,
+  that of the plain sample from the same noise).
 - ``Reconstruction.cameras``: the predicted input cameras — the RVC cameras when estimated in
   the object frame, else VGGT's, mapped into the dataset's world by the camera-0 + scale
   similarity when the batch has input cameras (as :class:`~recon3d.methods.vggt.VGGTModule`; pose
@@ -570,6 +571,9 @@ class ReconViaGenModule(_ReconViaGenBase):
             n_renders: orbit renders (official 20); render_radius, render_fov: their orbit;
             pose_refine: :class:`~recon3d.models.reconviagen.PoseRefiner` options (None = no refinement);
             rvc_background: renderer background of RVC (the views' colour).
+            rvc_reference: with ``rvc_cameras: inputs``, also sample without RVC from the same noise and
+                record its input-view loss (``extras["rvc"]["view_loss_without_rvc"]``); the nearest-render
+                route samples it anyway (the object the cameras are found on).
         max_views: use the first this many input views (None: all).
         mask_tol: background tolerance of derived masks.
         objective, p_uncond, sigma_min, lr, weight_decay, betas, random_views: the SS-flow + GGC
@@ -578,7 +582,7 @@ class ReconViaGenModule(_ReconViaGenBase):
     """
 
     RUNTIME_OPTIONS = _TrellisBase.RUNTIME_OPTIONS | {"sampler_preset", "ss_sampler", "slat_sampler", "rvc", "rvc_cameras",
-                                                      "camera_mapping", "n_renders", "pose_refine", "max_views",
+                                                      "camera_mapping", "n_renders", "pose_refine", "max_views", "rvc_reference",
                                                       "render_backend", "export_min_opacity"}
     EXPORT_REPRESENTATION = Gaussians
 
@@ -594,6 +598,7 @@ class ReconViaGenModule(_ReconViaGenBase):
                  rvc: dict | None = None, rvc_cameras: Literal["nearest_render", "inputs"] = "nearest_render",
                  camera_mapping: Literal["nearest", "align"] = "nearest", n_renders: int = 20, render_radius: float = 2.5,
                  render_fov: float = 40.0, pose_refine: dict | None = None, rvc_background: str = "white",
+                 rvc_reference: bool = False,
                  max_views: int | None = None, mask_tol: float = 0.02, objective: Literal["paper", "official"] = "paper",
                  p_uncond: float | None = None, sigma_min: float = 1e-5, random_views: bool = False, lr: float = 1e-4,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), render_backend: str = "auto",
@@ -666,6 +671,7 @@ class ReconViaGenModule(_ReconViaGenBase):
         self.rvc, self.rvc_cameras, self.camera_mapping = (dict(rvc) if rvc is not None else None), rvc_cameras, camera_mapping
         self.n_renders, self.render_radius, self.render_fov = int(n_renders), float(render_radius), float(render_fov)
         self.pose_refine, self.rvc_background = (dict(pose_refine) if pose_refine is not None else None), rvc_background
+        self.rvc_reference = bool(rvc_reference)
         self.max_views, self.render_backend, self.export_min_opacity = max_views, render_backend, float(export_min_opacity)
         C = self.slat_flow.out_channels
         self.register_buffer("slat_mean", torch.zeros(C))
@@ -839,13 +845,16 @@ class ReconViaGenModule(_ReconViaGenBase):
         coords = structure.replace(feats=structure.feats[:, :0])
         noise = self.slat_noise(coords, gens())
         extras: dict[str, Any] = {}
-        slat = self.sample_slat(c["slat"], noise)
+        # The plain sample: the result without RVC, the object the nearest-render cameras are found on, or
+        # (rvc_reference) the reference RVC's input-view loss is compared with.
+        plain_needed = self.rvc is None or self.rvc_cameras != "inputs" or self.rvc_reference
+        slat = self.sample_slat(c["slat"], noise) if plain_needed else None
         pred_cams = self.predicted_cameras(batch, c["vggt"])
         if self.rvc is not None:
             from recon3d.models.reconviagen.rvc import VelocityCompensation
 
             views = c["views"]
-            cams, info = self.rvc_view_cameras(batch, views, c["masks"], self.decode_gaussians(slat))
+            cams, info = self.rvc_view_cameras(batch, views, c["masks"], self.decode_gaussians(slat) if slat is not None else None)
             if info["source"] != "inputs":
                 pred_cams = cams  # estimated in the object frame = the world up to TRELLIS's fixed map
             with test_time_optimization():
@@ -860,11 +869,11 @@ class ReconViaGenModule(_ReconViaGenBase):
                 sampler, cc = self._sampler(self.slat_sampler_params, cond)
                 x = sampler.sample(self.slat_flow, n, cc, hook=hook).samples
                 after = hook.evaluate(x)
-                plain = hook.evaluate(self.normalize(slat.replace(feats=trainable_copy(slat.feats))))
+                plain = hook.evaluate(self.normalize(slat.replace(feats=trainable_copy(slat.feats)))) if slat is not None else None
                 x = self.denormalize(x)
                 slat = x.replace(feats=x.feats.detach())
             extras["rvc"] = {"history": hook.history, "all_dropped": hook.all_dropped, "cameras": info,
-                             "view_loss": after.detach().cpu(), "view_loss_without_rvc": plain.detach().cpu()}
+                             "view_loss": after.detach().cpu(), "view_loss_without_rvc": None if plain is None else plain.detach().cpu()}
         gaussians, meshes = self.decode(slat, structure, logits)
         voxels = trellis_voxels_to_world(structure, self.up_axis)
         extras.update({"mesh": meshes, "voxels": voxels, "slat": slat, "views_used": c["views"]})

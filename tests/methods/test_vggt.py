@@ -401,3 +401,20 @@ def test_bf16_autocast_trains_and_reconstructs_with_float32_geometry(batch):
             rec = model.reconstruct(batch)
     assert all(torch.isfinite(v) for v in terms.values())
     assert rec.representation.means.dtype == torch.float32 and rec.cameras.c2w.dtype == torch.float32
+
+
+def test_quantile_filter_keeps_values_below_the_nearest_rank_quantile():
+    import numpy as np
+
+    from recon3d.models.vggt.loss import quantile_filter
+
+    v = torch.rand(3000, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 10
+    v[:5] = 1e4  # outliers, clamped at 100 first
+    k = int(round(0.98 * (v.numel() - 1))) + 1
+    thr = np.sort(np.minimum(v.numpy(), 100))[k - 1]
+    kept = quantile_filter(v, 0.98)
+    ref = np.minimum(v.numpy(), 100)
+    assert kept.numel() == int((ref < thr).sum()) and float(kept.max()) < thr
+    assert float(kept.mean()) == pytest.approx(float(ref[ref < thr].mean()))
+    assert torch.equal(quantile_filter(v[:1000], 0.98), v[:1000])  # <= 1000 values: unchanged
+    assert torch.equal(quantile_filter(v, None), v)

@@ -366,13 +366,19 @@ def test_pipeline_json_is_read_and_its_errors_name_file_and_key(tmp_path):
         read_pipeline_json(tmp_path / "nowhere")
 
 
+def nets_gs_rep() -> dict:
+    from recon3d.models.trellis.slat_decoders import GAUSSIAN_REPRESENTATION_DEFAULTS
+
+    return {**GAUSSIAN_REPRESENTATION_DEFAULTS, "num_gaussians": 4}
+
+
 def test_trellis_module_loads_its_networks_from_a_pipeline_folder(tmp_path):
     from safetensors.torch import save_file
 
     ck = tmp_path / "ckpts"
     ck.mkdir()
     torch.manual_seed(1)
-    nets = {"ss_dec": _decoder(), "ss_flow": _ss_flow(), "slat_flow": _slat_flow()}
+    nets = {"ss_dec": _decoder(), "ss_flow": _ss_flow(), "slat_flow": _slat_flow(), "gs_dec": _randomize_zero_init(_gs_decoder())}
     args = {"ss_dec": {"name": "SparseStructureDecoder", "args": {"out_channels": 1, "latent_channels": 4, "num_res_blocks": 1,
                                                                   "channels": [16, 8], "num_res_blocks_middle": 1, "use_fp16": True}},
             "ss_flow": {"name": "SparseStructureFlowModel", "args": {
@@ -381,16 +387,24 @@ def test_trellis_module_loads_its_networks_from_a_pipeline_folder(tmp_path):
             "slat_flow": {"name": "SLatFlowModel", "args": {
                 "resolution": 8, "in_channels": 4, "model_channels": 32, "cond_channels": 16, "out_channels": 4, "num_blocks": 1,
                 "num_heads": 2, "mlp_ratio": 2, "patch_size": 2, "num_io_res_blocks": 1, "io_block_channels": [16],
-                "qk_rms_norm": True, "use_fp16": True}}}
+                "qk_rms_norm": True, "use_fp16": True}},
+            "gs_dec": {"name": "SLatGaussianDecoder", "args": {
+                "resolution": 8, "model_channels": 32, "latent_channels": 4, "num_blocks": 1, "num_heads": 2, "mlp_ratio": 2,
+                "window_size": 4, "representation_config": nets_gs_rep(), "use_fp16": True}}}
     for name, net in nets.items():
         (ck / f"{name}.json").write_text(json.dumps(args[name]))
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ck / f"{name}.safetensors"))
     norm = {"mean": [0.5, -1.0, 0.0, 2.0], "std": [1.0, 2.0, 0.5, 1.5]}
-    (tmp_path / "pipeline.json").write_text(json.dumps(_pipeline(slat_normalization=norm)))
+    pipe = _pipeline(slat_normalization=norm)
+    pipe["args"]["models"]["slat_decoder_gs"] = "ckpts/gs_dec"
+    (tmp_path / "pipeline.json").write_text(json.dumps(pipe))
     model = TrellisModule(condition=_condition(), pipeline=str(tmp_path))
-    for name, part in (("ss_dec", model.ss_decoder), ("ss_flow", model.ss_flow), ("slat_flow", model.slat_flow)):
+    for name, part in (("ss_dec", model.ss_decoder), ("ss_flow", model.ss_flow), ("slat_flow", model.slat_flow),
+                       ("gs_dec", model.gaussian_decoder)):
         for k, v in nets[name].state_dict().items():
             assert torch.equal(part.state_dict()[k], v), (name, k)
+    # the fixed networks are frozen parts (checkpoints re-read them), the SS flow trains
+    assert {"ss_decoder", "slat_flow", "gaussian_decoder"} <= set(model.frozen_pretrained()) and "ss_flow" not in model.frozen_pretrained()
     assert model.ss_sampler_params["steps"] == 25 and model.slat_sampler_params["cfg_strength"] == 3.0
     assert model.slat_std.tolist() == norm["std"] and model.slat_mean.tolist() == norm["mean"]
     # a json naming a class recon3d does not know: one line naming the file

@@ -292,3 +292,19 @@ def test_slat_flow_takes_the_normalisation_from_pipeline_json_or_config(tmp_path
     bad.write_text(json.dumps({"name": "TrellisImageTo3DPipeline", "args": {}}))
     with pytest.raises(ConfigError, match="pipeline.json"):
         TrellisSLatFlowModule(flow, enc, _dino(), pipeline=str(bad))
+
+
+def test_slat_vae_with_lpips_weights_adds_the_term_outside_the_state_dict(batch, tmp_path):
+    from recon3d.metrics.lpips import BACKBONE_FILES, VGG16Features
+
+    torch.manual_seed(0)
+    torch.save(VGG16Features().state_dict(), tmp_path / BACKBONE_FILES["vgg"])  # heads: torchmetrics' bundled copy
+    model = _vae(lambda_lpips=0.2, lpips_weights_dir=str(tmp_path))
+    keys = set(model.state_dict())
+    t = model.training_losses(batch)
+    assert "lpips" in t and float(t["lpips"]) > 0
+    expect = t["l1"] + 0.2 * t["ssim"] + 0.2 * t["lpips"] + 1e-6 * t["kl"] + 1e4 * t["reg_vol"] + 1e-3 * t["reg_opacity"]
+    assert torch.allclose(t["loss"], expect)
+    # LPIPS is a fixed tool, not part of the model: checkpoints are the same with or without it
+    assert set(model.state_dict()) == keys and not any("lpips" in k for k in keys)
+    assert model.lpips_loss() is not None and not any(p.requires_grad for p in model.lpips_loss().parameters())

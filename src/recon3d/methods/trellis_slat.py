@@ -275,7 +275,9 @@ class TrellisSLatVAEModule(_SLatBase):
         self.lambda_vol, self.lambda_opacity = float(lambda_vol), float(lambda_opacity)
         self.sample_posterior, self.render_backend = bool(sample_posterior), render_backend
         self.lpips_weights_dir, self.lpips_resolution = lpips_weights_dir, lpips_resolution
-        self._lpips: nn.Module | None = None
+        # In a list: not a submodule (kept out of the state dict, so a checkpoint loads whether or
+        # not LPIPS was found), moved to the device on use.
+        self._lpips: list[nn.Module] = []
         self._lpips_state = "unloaded" if self.lambda_lpips > 0 else "off"
         self._rasterizer = None
 
@@ -292,16 +294,15 @@ class TrellisSLatVAEModule(_SLatBase):
             try:
                 net = LPIPSLoss("vgg", pretrained=True, weights_dir=self.lpips_weights_dir, resize=self.lpips_resolution)
                 net.requires_grad_(False).eval()
-                # kept out of the module tree: not in the checkpoint, not moved by Lightning
-                self._lpips, self._lpips_state = net, "on"
+                self._lpips, self._lpips_state = [net], "on"
             except LPIPSWeightsNotFoundError as err:
                 self._lpips_state = "missing"
                 log.warning("TrellisSLatVAEModule: no LPIPS-VGG weights (%s), so the 0.2 LPIPS term of TRELLIS's loss is left "
                             "out. Put %s and %s in $TORCH_HOME/hub/checkpoints, $RECON3D_LPIPS_DIR or model.lpips_weights_dir.",
                             err, BACKBONE_FILES["vgg"], HEAD_FILES["vgg"])
-        if self._lpips is not None:
-            self._lpips.to(self.device)
-        return self._lpips
+        if not self._lpips:
+            return None
+        return self._lpips[0].to(self.device)
 
     def _rasterize(self, g: Gaussians, cameras: Cameras):
         from recon3d.render import render

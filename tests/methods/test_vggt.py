@@ -227,6 +227,12 @@ def test_lora_stage_lowers_the_loss_with_only_adapter_weights_moving(batch, tmp_
     fresh = _module(adapters=str(path))
     for k, v in model.adapter_state_dict().items():
         assert torch.equal(fresh.adapter_state_dict()[k], v), k
+    # ... and into a bare network from the file's own header (how a later stage reads it)
+    from recon3d.adapters import add_lora, load_lora, lora_state_dict, read_lora_config
+
+    bare = add_lora(VGGTNetwork("tiny"), read_lora_config(path))
+    load_lora(bare, path)
+    assert lora_state_dict(bare).keys() == model.adapter_state_dict().keys()
 
 
 def test_training_needs_depths_and_patch_multiples(batch):

@@ -33,7 +33,7 @@ test-slow: $(STAMP)
 
 ## Distributed + kill/resume tests on every config, every kill point and the multi-node launch (gloo on CPU).
 test-ddp: $(STAMP)
-	RECON3D_FULL_MATRIX=1 $(BIN)/python -m pytest -m "ddp" -q -s tests/reliability
+	RECON3D_FULL_MATRIX=1 $(BIN)/python -m pytest -m "ddp" -q -s tests/reliability tests/methods/test_conformance.py
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m "gpu" -q

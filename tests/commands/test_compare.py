@@ -239,3 +239,14 @@ def test_two_process_split(tmp_path):
     assert "running (toy.yaml, rank 0)" in p.stderr and "running (toy.yaml, rank 1)" in p.stderr
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(e["status"] == "done" and e["steps"] == STEPS for e in doc["entries"].values())
+
+
+def test_budget_arguments():
+    steps = cmp.budget_args({"max_steps": 7, "val_every": 2})
+    assert steps[steps.index("--trainer.max_steps") + 1] == "7" and steps[steps.index("--trainer.max_time") + 1] == "null"
+    assert steps[steps.index("--trainer.val_check_interval") + 1] == "2"
+    # a wall-time budget alone keeps each config's max_steps (its LR schedule's length)
+    timed = cmp.budget_args({"max_time": "00:00:02:00"})
+    assert "--trainer.max_steps" not in timed and timed[timed.index("--trainer.max_time") + 1] == "00:00:02:00"
+    assert timed[timed.index("--trainer.max_epochs") + 1] == "-1"
+    assert cmp.budget_args({}) == []

@@ -295,12 +295,16 @@ def config_args(entry: Entry, suite: Suite, out: Path) -> list[str]:
 
 
 def budget_args(budget: dict) -> list[str]:
-    """``--trainer.*`` arguments of a budget: a step and/or a wall-time limit (the other unlimited,
-    ``max_epochs`` unlimited) and validation every ``val_every`` steps (``checkpoint_every``: see
-    :func:`checkpoint_args`)."""
+    """``--trainer.*`` arguments of a budget: a step and/or a wall-time limit (``max_epochs``
+    unlimited) and validation every ``val_every`` steps (``checkpoint_every``: see
+    :func:`checkpoint_args`). A wall-time budget alone keeps each config's own ``max_steps``: the
+    methods' learning-rate schedules are laid out over it (an unlimited step count has no cosine),
+    and the time limit stops training first when it is shorter."""
     args = []
     if "max_steps" in budget or "max_time" in budget:
-        args += ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(budget.get("max_steps", -1))]
+        args += ["--trainer.max_epochs", "-1"]
+        if "max_steps" in budget:
+            args += ["--trainer.max_steps", str(budget["max_steps"])]
         args += ["--trainer.max_time", str(budget["max_time"]) if "max_time" in budget else "null"]
     if "val_every" in budget:
         args += ["--trainer.val_check_interval", str(budget["val_every"]), "--trainer.check_val_every_n_epoch", "null"]

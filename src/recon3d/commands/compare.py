@@ -625,7 +625,9 @@ def run_suite(suite: Suite, out: Path, report_only: bool = False, wait_timeout: 
         from recon3d.utils.io import atomic_write_text
 
         for name, cfg in resolved.items():
-            atomic_write_text(out / "configs" / f"{name}.yaml", yaml.safe_dump(cfg, sort_keys=False))
+            # a finished entry keeps the config it ran with (the suite file may have changed since)
+            if entry_state(out, name) != "done" or not (out / "configs" / f"{name}.yaml").is_file():
+                atomic_write_text(out / "configs" / f"{name}.yaml", yaml.safe_dump(cfg, sort_keys=False))
     failed = 0
     if not report_only:
         mine = [e for i, e in enumerate(suite.entries) if i % world == rank]

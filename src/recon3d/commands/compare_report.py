@@ -244,16 +244,17 @@ def plot_curves(doc: dict, path: Path) -> Path | None:
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, m in zip(axes.flat, names):
-        for name, e in doc["entries"].items():
+        for i, (name, e) in enumerate(doc["entries"].items()):
             pts = e.get("curves", {}).get(m)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+            if pts:  # one colour per entry in every panel (the legend is drawn once)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name, color=f"C{i % 10}")
         ax.set_title(f"val/{m} ({'higher' if doc['higher_is_better'].get(m, True) else 'lower'} is better)")
         ax.set_xlabel("step (as logged in metrics.csv)")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines()}
+    fig.legend(list(handles.values()), list(handles), loc="lower right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -275,7 +276,8 @@ def plot_per_object(doc: dict, path: Path) -> Path | None:
         data = [[r[m] for r in doc["entries"][n]["per_object"] if m in r and math.isfinite(r[m])] for n in entries]
         ax.boxplot([d if d else [math.nan] for d in data], showfliers=False)
         for i, d in enumerate(data, start=1):
-            ax.scatter([i + 0.08 * ((j % 5) - 2) for j in range(len(d))], d, s=10, alpha=0.7)
+            color = f"C{list(doc['entries']).index(entries[i - 1]) % 10}"
+            ax.scatter([i + 0.08 * ((j % 5) - 2) for j in range(len(d))], d, s=10, alpha=0.7, color=color)
         ax.set_xticks(range(1, len(entries) + 1), entries, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{m} per held-out object ({'↑' if doc['higher_is_better'][m] else '↓'})")
         ax.grid(alpha=0.3, axis="y")

@@ -320,14 +320,15 @@ def comparison_grid(out: Path, names: list[str], path: Path, min_view_size: int 
 
     rows, labels = [], []
     for i, oid in enumerate(ref["object_ids"]):
-        rows.append(tile(torch.cat([ref["inputs"][i, :1], ref["targets"][i]])))
+        # input view 0 may have another size than the targets (input_resolution): each tile is resized
+        rows.append(torch.cat([tile(ref["inputs"][i, :1]), tile(ref["targets"][i])], dim=-1))
         labels.append(f"{oid}\ninput 0 | truth")
         for n, v in views.items():
             if oid not in v["object_ids"]:
                 continue
             j = v["object_ids"].index(oid)
             blank = torch.ones_like(ref["targets"][i, :1])
-            rows.append(tile(torch.cat([blank, v["preds"][j][: ref["targets"].shape[1]]])))
+            rows.append(torch.cat([tile(blank), tile(v["preds"][j][: ref["targets"].shape[1]])], dim=-1))
             labels.append(n)
     width = max(r.shape[-1] for r in rows)
     grid = to_uint8_hwc(torch.cat([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows], dim=1))

@@ -20,6 +20,7 @@ def test_benchmark_module_imports_and_has_main(name):
     assert "quick" in inspect.signature(mod.main).parameters
 
 
+@pytest.mark.slow  # ~21 s: trains both encoder variants
 def test_bench_m3d_trains_and_evaluates_both_variants(capsys):
     from benchmarks import bench_m3d
 

@@ -180,7 +180,7 @@ def test_weights_only_reload_gives_equal_outputs(trained):
 
 
 #: Configs whose 2-process equal-weights run is in the full matrix only (``RECON3D_FULL_MATRIX=1``).
-FULL_MATRIX_ONLY_DDP = {"mvboost", "mvboost_gtr", "vggt", "trellis", "reconviagen"}
+FULL_MATRIX_ONLY_DDP = {"mvboost", "mvboost_gtr", "vggt", "trellis", "reconviagen", "m3d", "gaussian_fit"}
 
 
 def test_ddp_ranks_hold_equal_weights(trained, tmp_path):
@@ -190,9 +190,8 @@ def test_ddp_ranks_hold_equal_weights(trained, tmp_path):
     if case.ddp:
         pytest.skip("covered by tests/reliability/test_ddp.py: equal ranks and the 1-process curve")
     if case.name in FULL_MATRIX_ONLY_DDP and not full_matrix():
-        # BoostModule's DDP path is its base's (the base configs run this check); VGGTModule,
-        # TrellisModule and ReconViaGenModule train through ReconModule's DDP path unchanged (every
-        # base config runs it); 2-3 min each of default-suite time.
+        # Every method trains through ReconModule's DDP path (tests/reliability/test_ddp.py runs it
+        # on the toy config in the default suite); each config's own 2-process run costs 30-60 s.
         pytest.skip(f"{case.name}: the 2-process run with {FULL_MATRIX_ENV}=1 (make test-ddp)")
     p = run(cli_args(case, tmp_path, cache, "-c", str(REPO / "configs/trainer/cpu_ddp2.yaml"), "--trainer.max_steps", "2",
                      "--trainer.limit_val_batches", "0", "--data.batch_size", "1",

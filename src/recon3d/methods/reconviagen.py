@@ -105,6 +105,7 @@ from recon3d.methods.trellis import (
     structure_gaussians,
     trellis_voxels_to_world,
 )
+from recon3d.methods.trellis import _sampler_params as _trellis_sampler_params
 from recon3d.models.flow import FlowEulerSampler, RectifiedFlowObjective
 from recon3d.models.reconviagen.conditions import GlobalGeometryCondition, LinearPerViewCondition, PerViewCondition
 from recon3d.models.reconviagen.multiview_cross_attention import install_per_view_conditioning
@@ -152,18 +153,8 @@ def derive_masks(images: torch.Tensor, background: torch.Tensor | None, tol: flo
 
 
 def _sampler_params(base: dict, override: dict | None, what: str) -> dict:
-    params = dict(base)
-    if override:
-        if not isinstance(override, dict):
-            raise ConfigError(f"{what}: expected a mapping of sampler params, got {type(override).__name__}")
-        unknown = sorted(set(override) - set(_SAMPLER_KEYS))
-        if unknown:
-            raise ConfigError(f"{what}: unknown sampler params {unknown}; expected some of {list(_SAMPLER_KEYS)}")
-        params.update(override)
-    if "cfg_interval" in params:
-        params["cfg_interval"] = tuple(float(x) for x in params["cfg_interval"])
-    FlowEulerSampler(**params)  # validates every value (one ConfigError line)
-    return params
+    """TrellisModule's sampler-param check with ReconViaGen's keys (``cfg_convention`` too)."""
+    return _trellis_sampler_params(base, override, what, keys=_SAMPLER_KEYS)
 
 
 def apply_flow_finetune(flow: nn.Module, mode: str, rank: int, alpha: float, targets: list[str] | str, what: str) -> dict | None:

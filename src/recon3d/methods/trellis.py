@@ -712,14 +712,15 @@ def _check_decoder(decoder: nn.Module | None, slat_flow: SLatFlowModel, what: st
         raise ConfigError(f"{what}: resolution {res} differs from slat_flow.resolution {slat_flow.resolution}")
 
 
-def _sampler_params(base: dict, override: dict | None, what: str) -> dict:
+def _sampler_params(base: dict, override: dict | None, what: str, keys: tuple[str, ...] = _SAMPLER_KEYS) -> dict:
+    """``base`` updated by ``override`` (only ``keys`` allowed), validated by building the sampler."""
     params = dict(base)
     if override:
         if not isinstance(override, dict):
             raise ConfigError(f"{what}: expected a mapping of sampler params, got {type(override).__name__}")
-        unknown = sorted(set(override) - set(_SAMPLER_KEYS))
+        unknown = sorted(set(override) - set(keys))
         if unknown:
-            raise ConfigError(f"{what}: unknown sampler params {unknown}; expected some of {list(_SAMPLER_KEYS)}")
+            raise ConfigError(f"{what}: unknown sampler params {unknown}; expected some of {list(keys)}")
         params.update(override)
     if "cfg_interval" in params:
         params["cfg_interval"] = tuple(float(x) for x in params["cfg_interval"])

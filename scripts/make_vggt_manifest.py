@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import _upstream
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,44 +48,21 @@ TINY_INPUT = (1, 3, 3, 28, 42)
 
 def _checkout(src: Path, rev: str, subdir: str, tmp: Path) -> tuple[Path, str | None]:
     """The folder that holds the ``vggt`` package, and the commit (None when unknown)."""
-    if (src / subdir / "vggt" / "models" / "vggt.py").is_file():
-        try:
-            commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            commit = None
-        return src / subdir, commit
-    git = ["git", f"--git-dir={src}"]
+    if _upstream.is_checkout(src / subdir, "vggt/models/vggt.py"):
+        return src / subdir, _upstream.head_commit(src)
     prefix = "" if subdir in ("", ".") else subdir.rstrip("/") + "/"
-    try:
-        commit = subprocess.run(git + ["rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
-        names = subprocess.run(git + ["ls-tree", "-r", "--name-only", commit, f"{prefix}vggt"], capture_output=True, text=True,
-                               check=True).stdout.split()
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
-        raise SystemExit(f"{src}: neither a checkout with {prefix}vggt/ nor a git dir with revision {rev!r} ({e})") from None
-    for name in names:
-        if not name.endswith(".py"):
-            continue
-        text = subprocess.run(git + ["show", f"{commit}:{name}"], capture_output=True, text=True, check=True).stdout
-        out = tmp / name[len(prefix):]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+    commit, names = _upstream.resolve_revision(src, rev, f"{prefix}vggt/", tree=f"{prefix}vggt", recursive=True)
+    _upstream.show_into(src, commit, [n for n in names if n.endswith(".py")], tmp, strip=prefix)
     return tmp, commit
 
 
-def _manifest(model: torch.nn.Module) -> dict:
-    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in model.state_dict().items()}
+#: Token and embedding tensors get the vectors' std 0.2 (not 1 / sqrt(fan_in)).
+TOKEN_KEYS = ("camera_token", "register_token", "register_tokens", "cls_token", "pos_embed", "empty_pose_tokens", "mask_token")
 
 
 def deterministic_weights(state: dict) -> dict[str, torch.Tensor]:
-    """The rule recon3d's test repeats (module docstring)."""
-    out = {}
-    for i, (key, t) in enumerate(sorted(state.items())):
-        g = torch.Generator().manual_seed(i)
-        std = 0.2 if t.ndim < 2 or key.endswith(("camera_token", "register_token", "register_tokens", "cls_token", "pos_embed",
-                                                "empty_pose_tokens", "mask_token")) \
-            else float(torch.tensor(t.shape[1:]).prod()) ** -0.5
-        out[key] = std * torch.randn(t.shape, generator=g, dtype=torch.float32)
-    return out
+    """The rule recon3d's test repeats (module docstring): :func:`_upstream.seeded_weights` with the token keys as vectors."""
+    return _upstream.seeded_weights(state, TOKEN_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root, commit = _checkout(args.upstream.resolve(), args.rev, args.subdir, Path(tmp))
-        sys.path.insert(0, str(root))
+        _upstream.on_path(root)
         import vggt.models.aggregator as up_agg
         from vggt.heads.camera_head import CameraHead
         from vggt.heads.dpt_head import DPTHead
@@ -143,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         tiny.eval()
 
         configs = {
-            "paper": {"args": {"img_size": 518, "patch_size": 14, "embed_dim": 1024}, "keys": _manifest(paper)},
+            "paper": {"args": {"img_size": 518, "patch_size": 14, "embed_dim": 1024}, "keys": _upstream.key_layout(paper)},
             "tiny": {"args": {k: getattr(t, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "dino_depth",
                                                            "dino_heads", "camera_trunk_depth", "camera_heads", "dpt_features")}
                      | {"dpt_out_channels": list(t.dpt_out_channels), "dpt_layers": list(t.dpt_layers)},
-                     "keys": _manifest(tiny)},
+                     "keys": _upstream.key_layout(tiny)},
         }
 
         weights = deterministic_weights(tiny.state_dict())
@@ -170,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import save_file
 
-    args.out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "source": {"repo": "GAP-LAB-CUHK-SZ/ReconViaGen" if args.subdir == SUBDIR else "facebookresearch/vggt", "commit": commit,
                    "subdir": args.subdir, "files": ["vggt/models/vggt.py", "vggt/models/aggregator.py", "vggt/heads/*.py", "vggt/layers/*.py"],
@@ -179,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": {"tiny_forward_max_abs_diff": errs},
         "configs": configs,
     }
-    (args.out / "official_manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    _upstream.write_manifest(args.out / "official_manifest.json", manifest)
     save_file(fixture, str(args.out / "tiny_forward.safetensors"))
     print(f"wrote {args.out}: keys {({k: len(v['keys']) for k, v in configs.items()})}; recon3d vs upstream max |diff| {errs}")
     if max(errs.values()) > 1e-4:

@@ -63,7 +63,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recon3d.data.batch import Batch, Views
-from recon3d.errors import ConfigError, DataError, ShapeError
+from recon3d.errors import CheckpointError, ConfigError, DataError, ShapeError
 from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance
 from recon3d.models.flow import FlowEulerSampler, RectifiedFlowObjective
 from recon3d.models.trellis.conditioning import TrellisImageCondition
@@ -76,7 +76,7 @@ from recon3d.utils.checks import check_option
 
 __all__ = ["TrellisSSVAEModule", "TrellisSSFlowModule", "TrellisModule", "TRELLIS_SCALE", "trellis_axes",
            "trellis_to_world_points", "world_to_trellis_points", "trellis_voxels_to_world", "structure_gaussians",
-           "DEFAULT_SS_SAMPLER", "DEFAULT_SLAT_SAMPLER"]
+           "DEFAULT_SS_SAMPLER", "DEFAULT_SLAT_SAMPLER", "checkpoint_slat_normalization", "resolve_slat_normalization"]
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,19 @@ log = logging.getLogger(__name__)
 TRELLIS_SCALE = 2.0
 UP_AXES = ("z", "y")
 
-#: Sampler params when no pipeline.json is given: TRELLIS-image-large's as recalled from its
-#: Hugging Face pipeline.json (25 steps, CFG 7.5 / 3, interval [0.5, 1], rescale_t 3), which
-#: cannot be read from here -- a given ``pipeline`` overrides them (unverified otherwise).
-DEFAULT_SS_SAMPLER = {"steps": 25, "cfg_strength": 7.5, "cfg_interval": (0.5, 1.0), "rescale_t": 3.0, "sigma_min": 1e-5}
-DEFAULT_SLAT_SAMPLER = {"steps": 25, "cfg_strength": 3.0, "cfg_interval": (0.5, 1.0), "rescale_t": 3.0, "sigma_min": 1e-5}
+#: Sampler params when no ``pipeline`` folder is given: those of TRELLIS-image-large's
+#: ``pipeline.json`` (Hugging Face ``microsoft/TRELLIS-image-large``), which upstream's
+#: ``TrellisImageTo3DPipeline.from_pretrained`` (``trellis/pipelines/trellis_image_to_3d.py``) reads
+#: as ``sparse_structure_sampler`` / ``slat_sampler`` = ``FlowEulerGuidanceIntervalSampler``
+#: ``{"args": {"sigma_min": 1e-5}, "params": {"steps": 25, "cfg_strength": 5.0, "cfg_interval": [0.5, 1.0],
+#: "rescale_t": 3.0}}`` for both stages. The file itself is not readable from here: these values
+#: are the ones public copies of it agree on, not read from the file; a given ``pipeline``
+#: replaces them, and :class:`TrellisModule` logs one warning naming the defaults a run samples
+#: with. Not upstream's other defaults: the sampler classes' own (``trellis/pipelines/samplers/
+#: flow_euler.py``: steps 50, rescale_t 1, cfg_strength 3, cfg_interval (0, 1)) and the demo's
+#: (``app.py``: 12 steps, CFG 7.5 for the structure and 3 for the latents) differ.
+DEFAULT_SS_SAMPLER = {"steps": 25, "cfg_strength": 5.0, "cfg_interval": (0.5, 1.0), "rescale_t": 3.0, "sigma_min": 1e-5}
+DEFAULT_SLAT_SAMPLER = {"steps": 25, "cfg_strength": 5.0, "cfg_interval": (0.5, 1.0), "rescale_t": 3.0, "sigma_min": 1e-5}
 _SAMPLER_KEYS = ("steps", "cfg_strength", "cfg_interval", "rescale_t", "sigma_min", "guidance_rescale")
 
 
@@ -416,8 +424,14 @@ class TrellisModule(_TrellisBase):
         ss_sampler, slat_sampler: sampler params (``steps``, ``cfg_strength``, ``cfg_interval``,
             ``rescale_t``, ``sigma_min``, ``guidance_rescale``) over :data:`DEFAULT_SS_SAMPLER` /
             :data:`DEFAULT_SLAT_SAMPLER` (or the pipeline's).
-        slat_mean, slat_std: SLAT normalisation (``slat = sample * std + mean``); None: the
-            pipeline's, else 0 / 1.
+        slat_mean, slat_std: SLAT normalisation (``slat = sample * std + mean``, the per-channel
+            statistics the SLAT flow was trained with); None: read from where the SLAT flow's
+            weights come from -- the ``part_weights.slat_flow`` file (a
+            :class:`~recon3d.methods.trellis_slat.TrellisSLatFlowModule` checkpoint stores them
+            beside ``flow.*``), else ``pipeline``'s ``slat_normalization``. A weights file without
+            them and no pipeline: one CheckpointError; given values that differ from the file's:
+            one ConfigError. A SLAT flow with no weights file at all (untrained): 0 / 1, with a
+            warning.
         multi_image_mode: ``stochastic`` (TRELLIS-S) or ``multidiffusion`` (TRELLIS-M).
         max_views: condition on the first this many input views (None: all).
         up_axis: the dataset's up axis.
@@ -497,13 +511,12 @@ class TrellisModule(_TrellisBase):
         self._load_part_weights(part_weights)
         self.ss_sampler_params = _sampler_params(ss_params, ss_sampler, "model.ss_sampler")
         self.slat_sampler_params = _sampler_params(slat_params, slat_sampler, "model.slat_sampler")
-        C = self.slat_flow.out_channels
-        mean = slat_mean if slat_mean is not None else (norm["mean"] if norm else [0.0] * C)
-        std = slat_std if slat_std is not None else (norm["std"] if norm else [1.0] * C)
-        if len(mean) != C or len(std) != C:
-            raise ConfigError(f"model.slat_mean / slat_std: expected {C} values each (the SLAT flow's channels), got {len(mean)} and {len(std)}")
-        if any(s <= 0 for s in std):
-            raise ConfigError(f"model.slat_std: expected values > 0, got {list(std)}")
+        # Which sampler values are upstream's defaults rather than read from a pipeline.json or given:
+        # said once, when sampling starts (DEFAULT_SS_SAMPLER).
+        self._sampler_defaults = {} if pipeline is not None else {
+            what: {k: v for k, v in base.items() if k not in (over or {})}
+            for what, base, over in (("ss_sampler", DEFAULT_SS_SAMPLER, ss_sampler), ("slat_sampler", DEFAULT_SLAT_SAMPLER, slat_sampler))}
+        mean, std = self._slat_normalization(slat_mean, slat_std, norm, part_weights)
         self.register_buffer("slat_mean", torch.tensor([float(x) for x in mean]), persistent=False)
         self.register_buffer("slat_std", torch.tensor([float(x) for x in std]), persistent=False)
         # Only the SS flow trains here (module docstring); everything else is a fixed part.
@@ -529,12 +542,7 @@ class TrellisModule(_TrellisBase):
         for name, entry in spec.items():  # every entry checked before anything loads
             if name not in self.PARTS:
                 raise ConfigError(f"model.part_weights: unknown part {name!r}; expected some of {list(self.PARTS)}")
-            if isinstance(entry, str):
-                path, prefix = entry, ""
-            elif isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "prefix"}:
-                path, prefix = entry["path"], str(entry.get("prefix", ""))
-            else:
-                raise ConfigError(f"model.part_weights.{name}: expected a path or {{path, prefix}}, got {entry!r}")
+            path, prefix = _part_entry(name, entry)
             if getattr(self, name) is None:
                 raise ConfigError(f"model.part_weights.{name}: the module has no {name} to load into (give the part)")
             todo.append((name, path, prefix))
@@ -546,6 +554,33 @@ class TrellisModule(_TrellisBase):
                 load_weights_into(part, path, prefix=prefix)
             else:
                 load_frozen(part, path, prefix=prefix)
+
+    def _slat_normalization(self, slat_mean, slat_std, pipeline_norm: dict | None, part_weights: dict | None) -> tuple[list[float], list[float]]:
+        """``(mean, std)`` (C values each) of the SLAT flow's normalisation (class docstring, ``slat_mean``):
+        the given values, checked against the source of the flow's weights, else that source's."""
+        C = self.slat_flow.out_channels
+        entry = (part_weights or {}).get("slat_flow")
+        found = where = None
+        if entry is not None:
+            path, prefix = _part_entry("slat_flow", entry)
+            found, where = checkpoint_slat_normalization(path, prefix), f"{path} (model.part_weights.slat_flow)"
+            if found is None and pipeline_norm is not None:
+                log.info("TrellisModule: %s holds no SLAT normalisation; using the pipeline's (%s)", path, pipeline_norm["path"])
+            elif found is None and slat_mean is None:
+                key = _stats_prefix(prefix)
+                raise CheckpointError(f"{path}: no SLAT normalisation for model.part_weights.slat_flow (keys '{key}slat_mean' / "
+                                      f"'{key}slat_std', which a TrellisSLatFlowModule checkpoint stores); give model.slat_mean / "
+                                      "slat_std (the per-channel values that SLAT flow was trained with) or model.pipeline")
+        if found is None and pipeline_norm is not None:
+            found = (pipeline_norm["mean"], pipeline_norm["std"])
+            where = f"{pipeline_norm['path']} (args.slat_normalization)"
+        out = resolve_slat_normalization(slat_mean, slat_std, found, where, C)
+        if out is None:
+            log.warning("TrellisModule: the SLAT flow has no weights file (model.part_weights.slat_flow / model.pipeline) and no "
+                        "model.slat_mean / slat_std: its samples are decoded as they are (mean 0, std 1), right only for an "
+                        "untrained SLAT flow")
+            out = ([0.0] * C, [1.0] * C)
+        return out
 
     # -------------------------------------------------------------- pipeline.json
     def _from_pipeline(self, path: str, parts: dict) -> tuple[dict, dict, dict]:
@@ -567,12 +602,27 @@ class TrellisModule(_TrellisBase):
         slat = {**DEFAULT_SLAT_SAMPLER, **cfg.slat_sampler.sampler_kwargs()}
         for d in (ss, slat):
             d.pop("cfg_convention", None)
-        return ss, slat, {"mean": cfg.slat_mean, "std": cfg.slat_std}
+        return ss, slat, {"mean": cfg.slat_mean, "std": cfg.slat_std, "path": str(cfg.path)}
 
     # -------------------------------------------------------------- sampling
     def _sampler(self, params: dict, num_views: int, mode: str | None = None) -> FlowEulerSampler:
+        self.warn_sampler_defaults()
         multi = None if num_views == 1 else (mode or self.multi_image_mode)
         return FlowEulerSampler(cfg_convention="trellis", multi_condition=multi, **params)
+
+    def warn_sampler_defaults(self) -> str | None:
+        """Once per module, when sampling starts without ``pipeline``: one warning line naming the
+        sampler values taken from :data:`DEFAULT_SS_SAMPLER` / :data:`DEFAULT_SLAT_SAMPLER`
+        (those neither given nor read from a pipeline.json). Returns the line (None: nothing to say)."""
+        used = {k: v for k, v in getattr(self, "_sampler_defaults", {}).items() if v}
+        if not used or getattr(self, "_sampler_defaults_said", False):
+            return None
+        self._sampler_defaults_said = True
+        parts = "; ".join(f"{what} " + ", ".join(f"{k}={v}" for k, v in vals.items()) for what, vals in used.items())
+        line = (f"TrellisModule: no model.pipeline: sampling with TRELLIS-image-large's pipeline.json values as defaults "
+                f"(not read from a file): {parts}; give model.pipeline or set them in model.ss_sampler / slat_sampler")
+        log.warning(line)
+        return line
 
     def conditions(self, batch: Batch) -> list[torch.Tensor]:
         """Tokens ``(B, L, C)`` of each input view used (the first ``max_views``)."""
@@ -727,3 +777,74 @@ def _sampler_params(base: dict, override: dict | None, what: str, keys: tuple[st
     FlowEulerSampler(**params)  # validates every value (one ConfigError line)
     return params
 
+
+def _part_entry(name: str, entry) -> tuple[str, str]:
+    """``(path, prefix)`` of one ``model.part_weights`` entry (a path, or ``{path, prefix}``)."""
+    if isinstance(entry, str):
+        return entry, ""
+    if isinstance(entry, dict) and isinstance(entry.get("path"), str) and set(entry) <= {"path", "prefix"}:
+        return entry["path"], str(entry.get("prefix", ""))
+    raise ConfigError(f"model.part_weights.{name}: expected a path or {{path, prefix}}, got {entry!r}")
+
+
+def _stats_prefix(prefix: str) -> str:
+    # A SLAT-flow stage keeps its network under "flow." and its normalisation buffers beside it.
+    return prefix[: -len("flow.")] if prefix.endswith("flow.") else prefix
+
+
+def checkpoint_slat_normalization(path: str, prefix: str = "") -> tuple[list[float], list[float]] | None:
+    """The SLAT normalisation stored with a SLAT flow's weights, ``(mean, std)`` (C floats each),
+    or None when the file has none.
+
+    A SLAT-flow stage checkpoint (:class:`~recon3d.methods.trellis_slat.TrellisSLatFlowModule`,
+    ReconViaGen's SLAT stage; ``.ckpt`` or ``.safetensors``) keeps its network under ``flow.`` and
+    the persistent buffers ``slat_mean``, ``slat_std`` ``(C,)`` and ``normalization_ready`` beside
+    it: they are looked up at the level of ``prefix`` without its trailing ``flow.``. A stage that
+    never computed them (``normalization_ready`` false: 0 / 1 placeholders) counts as none.
+    TRELLIS's own ``slat_flow_*.safetensors`` holds none (upstream keeps them in pipeline.json)."""
+    base = _stats_prefix(prefix)
+    keys = [f"{base}slat_mean", f"{base}slat_std", f"{base}normalization_ready"]
+    p = Path(path)
+    if p.suffix == ".safetensors":  # only the three tensors are read
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt", device="cpu") as f:
+            names = set(f.keys())
+            got = {k: f.get_tensor(k) for k in keys if k in names}
+    else:
+        from recon3d.utils.checkpoint import load_state_dict_file
+
+        obj = load_state_dict_file(p)
+        sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+        got = {k: sd[k] for k in keys if isinstance(sd.get(k), torch.Tensor)}
+    if keys[0] not in got or keys[1] not in got:
+        return None
+    if keys[2] in got and not bool(got[keys[2]]):
+        return None
+    return got[keys[0]].double().flatten().tolist(), got[keys[1]].double().flatten().tolist()
+
+
+def resolve_slat_normalization(mean, std, found: tuple[list[float], list[float]] | None, where: str | None,
+                               channels: int) -> tuple[list[float], list[float]] | None:
+    """The SLAT normalisation to de-normalise with: the given ``mean`` / ``std`` (both or neither;
+    ``channels`` values each, std > 0) when given -- a ConfigError when they differ from ``found``
+    (the values stored with the flow's weights, in ``where``) by more than 1e-4 relative and
+    absolute (a 4-decimal copy of the logged values passes) -- else ``found``, else None."""
+    if (mean is None) != (std is None):
+        raise ConfigError("model.slat_mean / slat_std: give both (or neither: read from the SLAT flow's checkpoint or pipeline)")
+    if mean is None:
+        if found is not None and (len(found[0]) != channels or len(found[1]) != channels):
+            raise CheckpointError(f"{where}: SLAT normalisation of {len(found[0])} / {len(found[1])} channels; the SLAT flow has {channels}")
+        return found
+    mean, std = [float(x) for x in mean], [float(x) for x in std]
+    if len(mean) != channels or len(std) != channels:
+        raise ConfigError(f"model.slat_mean / slat_std: expected {channels} values each (the SLAT flow's channels), got {len(mean)} and {len(std)}")
+    if any(x <= 0 for x in std):
+        raise ConfigError(f"model.slat_std: expected values > 0, got {std}")
+    if found is not None:
+        a, b = torch.tensor(mean + std, dtype=torch.float64), torch.tensor([*found[0], *found[1]], dtype=torch.float64)
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+            raise ConfigError(f"model.slat_mean / slat_std: differ from the SLAT normalisation stored in {where} "
+                              f"(mean {[round(x, 4) for x in found[0]]}, std {[round(x, 4) for x in found[1]]}); the flow was trained "
+                              "with those: drop model.slat_mean / slat_std to use them")
+    return mean, std

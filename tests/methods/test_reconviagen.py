@@ -21,26 +21,28 @@ from recon3d.methods.reconviagen import (
 )
 from recon3d.models.reconviagen import GlobalGeometryCondition, LinearPerViewCondition, PerViewCondition
 from recon3d.models.trellis import SLatFlowModel, SparseStructureDecoder, SparseStructureEncoder, SparseStructureFlowModel
-from recon3d.models.trellis.conditioning import TrellisImageCondition
 from recon3d.models.trellis.slat_decoders import SLatGaussianDecoder
-from recon3d.models.trellis.slat_vae import SLatEncoder
 from recon3d.models.vggt import VGGTNetwork
 from recon3d.representations import Gaussians
+from tests.methods._trellis_tiny import (
+    randomize_zero_init,
+    synthetic_batch,
+    tiny_dino,
+    tiny_gs_decoder,
+    tiny_slat_encoder,
+    tiny_slat_flow,
+    tiny_ss_decoder,
+    tiny_ss_encoder,
+    tiny_ss_flow,
+    train_steps,
+)
 
-DINO = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=14, image_size=28,
-            num_register_tokens=4)
-R = 8  # decoded structure side (SS latent 4^3 x 2)
 VGGT_LAYERS = [0, 1, 2, 3]  # the tiny VGGT has 4 aggregator layers (paper: [4, 11, 17, 23] of 24)
 
 
 def _vggt() -> VGGTNetwork:
     torch.manual_seed(0)
     return VGGTNetwork("tiny")  # width 32 -> tokens 64 wide
-
-
-def _dino() -> TrellisImageCondition:
-    torch.manual_seed(0)
-    return TrellisImageCondition(config=DINO, image_size=28)
 
 
 def _ggc() -> GlobalGeometryCondition:
@@ -55,35 +57,23 @@ def _pvc() -> PerViewCondition:
 
 
 def _ss_flow() -> SparseStructureFlowModel:
-    torch.manual_seed(3)
-    return SparseStructureFlowModel(4, 4, 32, 16, 4, num_blocks=1, num_heads=2, mlp_ratio=2, patch_size=1, qk_rms_norm=True)
+    return tiny_ss_flow(seed=3)
 
 
 def _slat_flow() -> SLatFlowModel:
-    torch.manual_seed(4)
-    return SLatFlowModel(R, 4, 32, 16, 4, num_blocks=1, num_heads=2, mlp_ratio=2, patch_size=2, num_io_res_blocks=1,
-                         io_block_channels=[16], qk_rms_norm=True)
+    return tiny_slat_flow(seed=4)
 
 
 def _encoder() -> SparseStructureEncoder:
-    torch.manual_seed(5)
-    return SparseStructureEncoder(1, 4, 1, [8, 16], num_res_blocks_middle=1)
+    return tiny_ss_encoder(seed=5)
 
 
 def _decoder() -> SparseStructureDecoder:
-    torch.manual_seed(6)
-    dec = SparseStructureDecoder(1, 4, 1, [16, 8], num_res_blocks_middle=1)
-    with torch.no_grad():  # a decoder whose logits are mostly > 0: a non-empty structure from any latent
-        dec.out_layer[-1].bias.fill_(0.5)
-    return dec
+    return tiny_ss_decoder(seed=6, out_bias=0.5)  # logits mostly > 0: a non-empty structure from any latent
 
 
 def _gs_decoder() -> SLatGaussianDecoder:
-    torch.manual_seed(7)
-    cfg = {"lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
-           "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 2, "2d_filter_kernel_size": 0.1,
-           "3d_filter_kernel_size": 9e-4, "scaling_bias": 0.04, "opacity_bias": 0.5, "scaling_activation": "softplus"}
-    dec = SLatGaussianDecoder(R, 32, 4, num_blocks=1, num_heads=2, mlp_ratio=2, attn_mode="full", representation_config=cfg)
+    dec = tiny_gs_decoder(2, seed=7, attn_mode="full", scaling_bias=0.04, opacity_bias=0.5)
     g = torch.Generator().manual_seed(8)
     with torch.no_grad():  # colours that depend on the latent (a fresh decoder's output layer is zero)
         dec.out_layer.weight.copy_(0.3 * torch.randn(dec.out_layer.weight.shape, generator=g))
@@ -100,40 +90,7 @@ def _module(**kw) -> ReconViaGenModule:
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     """Two synthetic objects: meshes, 2 input + 2 target views with masks and cameras, 28 px (VGGT tiny)."""
-    from recon3d.data.datamodule import ReconDataModule
-    from recon3d.data.synthetic import SyntheticDataset
-
-    ds = SyntheticDataset(num_objects=4, views_per_object=4, resolution=28, num_surface_points=256, num_sdf_points=32,
-                          mesh_resolution=24, cache_dir=str(tmp_path_factory.mktemp("rvg_cache")))
-    dm = ReconDataModule(ds, num_val_objects=1, num_test_objects=1, num_input_views=2, num_target_views=2, batch_size=2,
-                         with_geometry=True)
-    dm.prepare_data()
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-def _train(model, batch, steps: int) -> list[float]:
-    opt = model.configure_optimizers()
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model.training_losses(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
-
-
-def _randomize_zero_init(net: torch.nn.Module) -> torch.nn.Module:
-    """Random weights where a fresh TRELLIS flow has zeros (adaLN, output layer): a stand-in for
-    released weights, without which LoRA (and any condition) has no effect on the velocity."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not bool(p.any()):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return net
+    return synthetic_batch(tmp_path_factory.mktemp("rvg_cache"), resolution=28, num_target_views=2, with_geometry=True)
 
 
 def _one(batch, views=(0,), masks=True, cameras=True):
@@ -152,7 +109,7 @@ def test_ss_flow_stage_lowers_its_loss_training_the_ggc_not_vggt(batch):
     m = ReconViaGenSSFlowModule(_ss_flow(), _ggc(), _vggt(), _encoder(), flow_finetune="full", lr=1e-2)
     vggt0 = {k: v.clone() for k, v in m.vggt.state_dict().items()}
     ggc0 = m.ggc.multiview_cond_tokens.detach().clone()
-    losses = _train(m, batch, 4)
+    losses = train_steps(m, batch, 4)
     assert min(losses[-2:]) < losses[0], losses
     assert all(torch.equal(v, m.vggt.state_dict()[k]) for k, v in vggt0.items())  # frozen
     assert not torch.equal(ggc0, m.ggc.multiview_cond_tokens)  # the condition net trains
@@ -165,26 +122,25 @@ def test_ss_flow_stage_lowers_its_loss_training_the_ggc_not_vggt(batch):
 
 
 def test_slat_flow_stage_with_per_view_conditions_lowers_its_loss(batch):
-    torch.manual_seed(9)
-    enc = SLatEncoder(R, 16, 32, 4, num_blocks=1, num_heads=2, mlp_ratio=2, attn_mode="full")
+    enc = tiny_slat_encoder(seed=9)
     with torch.no_grad():  # latents that vary over the voxels (a fresh encoder's output layer is zero)
         enc.out_layer.weight.normal_(0, 0.5)
-    m = ReconViaGenSLatFlowModule(_slat_flow(), enc, _dino(), _pvc(), _vggt(), flow_finetune="full", lr=1e-2,
+    m = ReconViaGenSLatFlowModule(_slat_flow(), enc, tiny_dino(), _pvc(), _vggt(), flow_finetune="full", lr=1e-2,
                                   slat_mean=[0.0] * 4, slat_std=[1.0] * 4)
     w0 = [p.detach().clone() for n, p in m.flow.named_parameters() if ".view_weight." in n]
     assert w0, "paper mode installs the per-view weight MLPs"
-    losses = _train(m, batch, 5)
+    losses = train_steps(m, batch, 5)
     assert min(losses[-2:]) < losses[0], losses
     assert any(not torch.equal(a, p) for a, p in zip(w0, [p for n, p in m.flow.named_parameters() if ".view_weight." in n]))
     assert m.pvc.view_cond_tokens.grad is not None
 
 
 def test_lora_stage_checkpoint_is_merged_into_the_sampler(batch, tmp_path):
-    flow = _randomize_zero_init(_ss_flow())
+    flow = randomize_zero_init(_ss_flow(), scale=0.1)  # a stand-in for released weights: LoRA acts on them
     m = ReconViaGenSSFlowModule(flow, _ggc(), _vggt(), _encoder(), flow_finetune="lora", lora_rank=4, lora_alpha=8.0, lr=1e-2)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or n.startswith("ggc.") for n in trainable)
-    _train(m, batch, 2)
+    train_steps(m, batch, 2)
     ckpt = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(ckpt)
     assert ckpt["reconviagen_lora"]["flow"] == {"r": 4, "alpha": 8.0, "targets": ["to_q", "to_kv", "to_out", "to_qkv"]}
@@ -225,7 +181,7 @@ def test_sampling_gives_voxels_files_and_predicted_cameras(batch, tmp_path):
 def test_rvc_lowers_the_input_view_loss_against_plain_sampling_from_the_same_noise(batch):
     model = _module(gaussian_decoder=_gs_decoder(), rvc={"alpha": 30.0, "start_t": 0.8, "drop_threshold": 2.0},
                     rvc_cameras="inputs", rvc_reference=True, slat_sampler={"steps": 4, "rescale_t": 1.0})
-    _train(model, batch, 2)  # "a model trained a little"
+    train_steps(model, batch, 2)  # "a model trained a little"
     rec = model.eval().reconstruct(_one(batch, (0, 1)))
     r = rec.get("rvc")
     assert [h["applied"] for h in r["history"]] == [False, True, True, True]  # t = 1, 0.75, 0.5, 0.25 vs start_t 0.8
@@ -294,7 +250,7 @@ def test_rvc_at_nearest_render_cameras_runs_under_inference_mode_and_reports_the
 def test_ggc_only_row_conditions_the_slat_flow_on_dino_tokens_trellis_m_style(batch):
     from recon3d.models.flow import FlowEulerSampler
 
-    model = _module(pvc=None, condition=_dino()).eval()
+    model = _module(pvc=None, condition=tiny_dino()).eval()
     rec = model.reconstruct(batch)
     assert rec.get("voxels").num_voxels > 0
     c = model.conditions(batch)

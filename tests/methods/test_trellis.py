@@ -25,55 +25,34 @@ from recon3d.methods.trellis import (
     trellis_voxels_to_world,
     world_to_trellis_points,
 )
-from recon3d.models.trellis import SLatFlowModel, SparseStructureDecoder, SparseStructureEncoder, SparseStructureFlowModel
+from recon3d.models.trellis import SLatFlowModel
 from recon3d.models.trellis.conditioning import TrellisImageCondition, trellis_preprocess
 from recon3d.models.trellis.pipeline_config import TRELLIS_IMAGE_LARGE_SLAT_NORMALIZATION, read_pipeline_json
 from recon3d.representations import Gaussians, SparseVoxels
 from recon3d.representations.gaussians import quat_to_rotmat
-
-DINO = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=14, image_size=28,
-            num_register_tokens=4)
-
-
-def _condition(image_size: int = 28) -> TrellisImageCondition:
-    torch.manual_seed(0)
-    return TrellisImageCondition(config=DINO, image_size=image_size)
-
-
-def _encoder() -> SparseStructureEncoder:
-    return SparseStructureEncoder(1, 4, 1, [8, 16], num_res_blocks_middle=1)
-
-
-def _decoder() -> SparseStructureDecoder:
-    return SparseStructureDecoder(1, 4, 1, [16, 8], num_res_blocks_middle=1)
-
-
-def _ss_flow() -> SparseStructureFlowModel:
-    return SparseStructureFlowModel(4, 4, 32, 16, 4, num_blocks=1, num_heads=2, mlp_ratio=2, patch_size=1, qk_rms_norm=True)
-
-
-def _slat_flow() -> SLatFlowModel:
-    return SLatFlowModel(8, 4, 32, 16, 4, num_blocks=1, num_heads=2, mlp_ratio=2, patch_size=2, num_io_res_blocks=1,
-                         io_block_channels=[16], qk_rms_norm=True)
-
-
-def _randomize_zero_init(net: torch.nn.Module) -> torch.nn.Module:
-    """Give the zero-initialised adaLN / output layers random weights: a fresh flow predicts
-    velocity 0 whatever the condition, which would hide any difference between conditions."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not bool(p.any()):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return net
+from tests.methods._trellis_tiny import (
+    DINO,
+    gs_representation,
+    randomize_zero_init,
+    save_state,
+    synthetic_batch,
+    tiny_dino,
+    tiny_gs_decoder,
+    tiny_slat_flow,
+    tiny_ss_decoder,
+    tiny_ss_encoder,
+    tiny_ss_flow,
+    train_steps,
+    write_model_files,
+)
 
 
 def _trellis(random_flows: bool = False, **kw) -> TrellisModule:
     torch.manual_seed(0)
-    ss, slat = _ss_flow(), _slat_flow()
+    ss, slat = tiny_ss_flow(), tiny_slat_flow()
     if random_flows:
-        _randomize_zero_init(ss), _randomize_zero_init(slat)
-    args = dict(condition=_condition(), ss_flow=ss, ss_decoder=_decoder(), slat_flow=slat, ss_encoder=_encoder(),
+        randomize_zero_init(ss), randomize_zero_init(slat)
+    args = dict(condition=tiny_dino(), ss_flow=ss, ss_decoder=tiny_ss_decoder(), slat_flow=slat, ss_encoder=tiny_ss_encoder(),
                 ss_sampler={"steps": 2}, slat_sampler={"steps": 2})
     args.update(kw)
     return TrellisModule(**args)
@@ -82,39 +61,18 @@ def _trellis(random_flows: bool = False, **kw) -> TrellisModule:
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     """Two synthetic objects (meshes, 2 input views with masks, surface points) at 16 px."""
-    from recon3d.data.datamodule import ReconDataModule
-    from recon3d.data.synthetic import SyntheticDataset
-
-    ds = SyntheticDataset(num_objects=4, views_per_object=4, resolution=16, num_surface_points=256, num_sdf_points=32,
-                          mesh_resolution=24, cache_dir=str(tmp_path_factory.mktemp("trellis_cache")))
-    dm = ReconDataModule(ds, num_val_objects=1, num_test_objects=1, num_input_views=2, num_target_views=1, batch_size=2)
-    dm.prepare_data()
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-def _train(model, batch, steps: int) -> list[float]:
-    opt = model.configure_optimizers()
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model.training_losses(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return synthetic_batch(tmp_path_factory.mktemp("trellis_cache"), resolution=16, num_target_views=1)
 
 
 # ---------------------------------------------------------------------------------- stages
 def test_ss_vae_stage_lowers_dice_on_synthetic_surfaces(batch):
     torch.manual_seed(0)
-    model = TrellisSSVAEModule(_encoder(), _decoder(), resolution=8, lr=1e-2)
+    model = TrellisSSVAEModule(tiny_ss_encoder(), tiny_ss_decoder(), resolution=8, lr=1e-2)
     occ = model.surface_occupancy(batch, 8)
     assert occ.shape == (2, 1, 8, 8, 8) and 0 < float(occ.mean()) < 0.6  # a surface shell, not a solid or nothing
     rec = model.reconstruct(batch)  # (an early-training decode may be empty: checked on the fresh model)
     assert isinstance(rec.representation, SparseVoxels) and rec.representation.resolution == 8
-    losses = _train(model, batch, 8)
+    losses = train_steps(model, batch, 8)
     assert all(math.isfinite(x) for x in losses)
     assert min(losses[-3:]) < 0.8 * losses[0], losses
     terms = model.training_losses(batch)
@@ -125,23 +83,20 @@ def test_ss_vae_stage_lowers_dice_on_synthetic_surfaces(batch):
 
 def test_ss_flow_stage_lowers_the_flow_loss(batch):
     torch.manual_seed(0)
-    model = TrellisSSFlowModule(_ss_flow(), _encoder(), _condition(), p_uncond=0.0, lr=3e-3)
+    model = TrellisSSFlowModule(tiny_ss_flow(), tiny_ss_encoder(), tiny_dino(), p_uncond=0.0, lr=3e-3)
     assert not any(p.requires_grad for p in model.ss_encoder.parameters())
     assert not any(p.requires_grad for p in model.condition.parameters())
     # Average over fixed draws: the objective's t and noise come from per-object generators
     # seeded by the step, so a fixed step (no trainer: 0) gives the same draws each time.
-    losses = _train(model, batch, 10)
+    losses = train_steps(model, batch, 10)
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 
 def test_ss_flow_stage_loads_the_ss_vae_encoder_from_its_checkpoint(batch, tmp_path):
-    from safetensors.torch import save_file
-
-    vae = TrellisSSVAEModule(_encoder(), _decoder(), resolution=8)
-    path = tmp_path / "ss_vae.safetensors"
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
-    flow = TrellisSSFlowModule(_ss_flow(), _encoder(), _condition(), ss_encoder_weights=str(path))
+    vae = TrellisSSVAEModule(tiny_ss_encoder(), tiny_ss_decoder(), resolution=8)
+    path = save_state(vae, tmp_path / "ss_vae.safetensors")
+    flow = TrellisSSFlowModule(tiny_ss_flow(), tiny_ss_encoder(), tiny_dino(), ss_encoder_weights=str(path))
     for k, v in vae.encoder.state_dict().items():
         assert torch.equal(flow.ss_encoder.state_dict()[k], v), k
 
@@ -248,7 +203,7 @@ def test_bad_parts_and_options_are_one_line_errors():
     with pytest.raises(ConfigError, match="slat_std"):
         _trellis(slat_std=[1.0, 1.0, 0.0, 1.0])
     with pytest.raises(ConfigError, match="needs"):
-        TrellisModule(condition=_condition())
+        TrellisModule(condition=tiny_dino())
     with pytest.raises(ConfigError, match="up_axis"):
         _trellis(up_axis="x")
 
@@ -366,19 +321,12 @@ def test_pipeline_json_is_read_and_its_errors_name_file_and_key(tmp_path):
         read_pipeline_json(tmp_path / "nowhere")
 
 
-def nets_gs_rep() -> dict:
-    from recon3d.models.trellis.slat_decoders import GAUSSIAN_REPRESENTATION_DEFAULTS
-
-    return {**GAUSSIAN_REPRESENTATION_DEFAULTS, "num_gaussians": 4}
-
-
 def test_trellis_module_loads_its_networks_from_a_pipeline_folder(tmp_path):
-    from safetensors.torch import save_file
-
     ck = tmp_path / "ckpts"
     ck.mkdir()
     torch.manual_seed(1)
-    nets = {"ss_dec": _decoder(), "ss_flow": _ss_flow(), "slat_flow": _slat_flow(), "gs_dec": _randomize_zero_init(_gs_decoder())}
+    nets = {"ss_dec": tiny_ss_decoder(), "ss_flow": tiny_ss_flow(), "slat_flow": tiny_slat_flow(),
+            "gs_dec": randomize_zero_init(tiny_gs_decoder(4, seed=2))}
     args = {"ss_dec": {"name": "SparseStructureDecoder", "args": {"out_channels": 1, "latent_channels": 4, "num_res_blocks": 1,
                                                                   "channels": [16, 8], "num_res_blocks_middle": 1, "use_fp16": True}},
             "ss_flow": {"name": "SparseStructureFlowModel", "args": {
@@ -390,15 +338,14 @@ def test_trellis_module_loads_its_networks_from_a_pipeline_folder(tmp_path):
                 "qk_rms_norm": True, "use_fp16": True}},
             "gs_dec": {"name": "SLatGaussianDecoder", "args": {
                 "resolution": 8, "model_channels": 32, "latent_channels": 4, "num_blocks": 1, "num_heads": 2, "mlp_ratio": 2,
-                "window_size": 4, "representation_config": nets_gs_rep(), "use_fp16": True}}}
+                "window_size": 4, "representation_config": gs_representation(num_gaussians=4), "use_fp16": True}}}
     for name, net in nets.items():
-        (ck / f"{name}.json").write_text(json.dumps(args[name]))
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(ck / f"{name}.safetensors"))
+        write_model_files(ck, name, net, args[name])
     norm = {"mean": [0.5, -1.0, 0.0, 2.0], "std": [1.0, 2.0, 0.5, 1.5]}
     pipe = _pipeline(slat_normalization=norm)
     pipe["args"]["models"]["slat_decoder_gs"] = "ckpts/gs_dec"
     (tmp_path / "pipeline.json").write_text(json.dumps(pipe))
-    model = TrellisModule(condition=_condition(), pipeline=str(tmp_path))
+    model = TrellisModule(condition=tiny_dino(), pipeline=str(tmp_path))
     for name, part in (("ss_dec", model.ss_decoder), ("ss_flow", model.ss_flow), ("slat_flow", model.slat_flow),
                        ("gs_dec", model.gaussian_decoder)):
         for k, v in nets[name].state_dict().items():
@@ -410,7 +357,7 @@ def test_trellis_module_loads_its_networks_from_a_pipeline_folder(tmp_path):
     # a json naming a class recon3d does not know: one line naming the file
     (ck / "ss_dec.json").write_text(json.dumps({"name": "SparseStructureDecoderV9", "args": {}}))
     with pytest.raises(ConfigError, match=r"ss_dec.json.*unknown TRELLIS model class 'SparseStructureDecoderV9'"):
-        TrellisModule(condition=_condition(), pipeline=str(tmp_path))
+        TrellisModule(condition=tiny_dino(), pipeline=str(tmp_path))
 
 
 def test_paper_config_uses_trellis_image_large_sizes():
@@ -424,17 +371,8 @@ def test_paper_config_uses_trellis_image_large_sizes():
 
 
 # ---------------------------------------------------------------------------------- TRELLIS's decoders
-def _gs_decoder():
-    from recon3d.models.trellis import SLatGaussianDecoder
-    from recon3d.models.trellis.slat_decoders import GAUSSIAN_REPRESENTATION_DEFAULTS
-
-    torch.manual_seed(2)
-    return SLatGaussianDecoder(8, 32, 4, 1, num_heads=2, mlp_ratio=2, window_size=4,
-                               representation_config={**GAUSSIAN_REPRESENTATION_DEFAULTS, "num_gaussians": 4})
-
-
 def test_gaussian_decoder_output_lands_around_its_voxels_in_recon3d_frame(batch):
-    model = _trellis(gaussian_decoder=_randomize_zero_init(_gs_decoder())).eval()
+    model = _trellis(gaussian_decoder=randomize_zero_init(tiny_gs_decoder(4, seed=2))).eval()
     rec = model.reconstruct(batch)
     vox, g = rec.get("voxels"), rec.representation.packed()
     assert g.counts.tolist() == (vox.counts * 4).tolist()
@@ -460,7 +398,7 @@ def test_trellis_with_both_trellis_decoders_exports_ply_and_glb(batch, tmp_path)
 
     torch.manual_seed(4)
     mesh_dec = SLatMeshDecoder(8, 256, 4, 1, num_heads=4, mlp_ratio=1, window_size=4, representation_config={"use_color": True})
-    model = _trellis(gaussian_decoder=_gs_decoder(), mesh_decoder=mesh_dec).eval()
+    model = _trellis(gaussian_decoder=tiny_gs_decoder(4, seed=2), mesh_decoder=mesh_dec).eval()
     with torch.no_grad():  # a small structure (a 3^3 block per object): the mesh decoder subdivides every voxel 64 x
         conv = model.ss_decoder.out_layer[2]
         conv.weight.zero_()
@@ -511,15 +449,12 @@ def test_dinov2_from_a_folder_is_a_frozen_part_left_out_of_checkpoints(tmp_path)
 
 
 def test_part_weights_load_the_stages_checkpoints_into_trellis_module(tmp_path):
-    from safetensors.torch import save_file
-
     torch.manual_seed(5)
-    vae = TrellisSSVAEModule(_encoder(), _decoder(), resolution=8)
-    flow_stage = TrellisSSFlowModule(_randomize_zero_init(_ss_flow()), _encoder(), _condition())
+    vae = TrellisSSVAEModule(tiny_ss_encoder(), tiny_ss_decoder(), resolution=8)
+    flow_stage = TrellisSSFlowModule(randomize_zero_init(tiny_ss_flow()), tiny_ss_encoder(), tiny_dino())
     files = {}
     for name, m in (("vae", vae), ("flow", flow_stage)):
-        files[name] = tmp_path / f"{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(files[name]))
+        files[name] = save_state(m, tmp_path / f"{name}.safetensors")
     model = _trellis(part_weights={"ss_flow": {"path": str(files["flow"]), "prefix": "flow."},
                                    "ss_decoder": {"path": str(files["vae"]), "prefix": "decoder."}})
     for k, v in flow_stage.flow.state_dict().items():

@@ -21,63 +21,23 @@ from recon3d.methods.trellis_slat import (
     voxel_centers,
 )
 from recon3d.models.trellis import SLatFlowModel
-from recon3d.models.trellis.conditioning import TrellisImageCondition
-from recon3d.models.trellis.slat_decoders import SLatGaussianDecoder
 from recon3d.models.trellis.slat_vae import SLatEncoder
 from recon3d.representations import Gaussians
-
-DINO = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=14, image_size=28,
-            num_register_tokens=4)
-R = 8  # voxel grid of the tests (TRELLIS: 64)
-
-
-def _dino() -> TrellisImageCondition:
-    torch.manual_seed(0)
-    return TrellisImageCondition(config=DINO, image_size=28)
-
-
-def _encoder(latent: int = 4) -> SLatEncoder:
-    return SLatEncoder(R, 16, 32, latent, num_blocks=1, num_heads=2, mlp_ratio=2, attn_mode="full")
-
-
-def _decoder(latent: int = 4) -> SLatGaussianDecoder:
-    cfg = {"lr": {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1},
-           "perturb_offset": True, "voxel_size": 1.5, "num_gaussians": 2, "2d_filter_kernel_size": 0.1,
-           "3d_filter_kernel_size": 9e-4, "scaling_bias": 4e-3, "opacity_bias": 0.1, "scaling_activation": "softplus"}
-    return SLatGaussianDecoder(R, 32, latent, num_blocks=1, num_heads=2, mlp_ratio=2, attn_mode="full", representation_config=cfg)
-
-
-def _flow() -> SLatFlowModel:
-    return SLatFlowModel(R, 4, 32, 16, 4, num_blocks=1, num_heads=2, mlp_ratio=2, patch_size=2, num_io_res_blocks=1,
-                         io_block_channels=[16], qk_rms_norm=True)
+from tests.methods._trellis_tiny import (
+    R,
+    synthetic_batch,
+    tiny_dino,
+    tiny_gs_decoder,
+    tiny_slat_encoder,
+    tiny_slat_flow,
+    train_steps,
+)
 
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     """Two synthetic objects (meshes, 2 input + 2 target views with masks and cameras) at 16 px."""
-    from recon3d.data.datamodule import ReconDataModule
-    from recon3d.data.synthetic import SyntheticDataset
-
-    ds = SyntheticDataset(num_objects=4, views_per_object=4, resolution=16, num_surface_points=256, num_sdf_points=32,
-                          mesh_resolution=24, cache_dir=str(tmp_path_factory.mktemp("trellis_slat_cache")))
-    dm = ReconDataModule(ds, num_val_objects=1, num_test_objects=1, num_input_views=2, num_target_views=2, batch_size=2,
-                         with_geometry=True)
-    dm.prepare_data()
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-def _train(model, batch, steps: int) -> list[float]:
-    opt = model.configure_optimizers()
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model.training_losses(batch)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+    return synthetic_batch(tmp_path_factory.mktemp("trellis_slat_cache"), resolution=16, num_target_views=2, with_geometry=True)
 
 
 # ---------------------------------------------------------------------------------- features
@@ -115,7 +75,7 @@ def _hand_bilinear(tokens: torch.Tensor, u: float, v: float, W: int) -> torch.Te
 
 
 def test_features_sample_the_prenorm_patch_token_at_the_projected_voxel_centre():
-    dino = _dino()
+    dino = tiny_dino()
     W = 28  # 2 x 2 patches of 14 px
     coords = torch.tensor([[5, 2, 6], [3, 3, 3]])
     centre = voxel_centers(coords[:1], R)[0]  # TRELLIS frame
@@ -159,7 +119,7 @@ def test_features_sample_the_prenorm_patch_token_at_the_projected_voxel_centre()
 
 
 def test_features_refuse_missing_cameras_and_bad_coords():
-    dino = _dino()
+    dino = tiny_dino()
     images = torch.rand(1, 3, 28, 28)
     with pytest.raises(DataError, match="cameras"):
         slat_voxel_features(dino, images, None, torch.zeros(1, 3, dtype=torch.long), R)
@@ -172,7 +132,7 @@ def test_features_refuse_missing_cameras_and_bad_coords():
 # ---------------------------------------------------------------------------------- SLAT VAE
 def _vae(**kw) -> TrellisSLatVAEModule:
     torch.manual_seed(0)
-    args = dict(features=_dino(), encoder=_encoder(), decoder=_decoder(), lambda_lpips=0.0, lr=1e-2)
+    args = dict(features=tiny_dino(), encoder=tiny_slat_encoder(), decoder=tiny_gs_decoder(2, attn_mode="full"), lambda_lpips=0.0, lr=1e-2)
     args.update(kw)
     return TrellisSLatVAEModule(**args)
 
@@ -181,7 +141,7 @@ def test_slat_vae_stage_lowers_the_render_loss(batch):
     model = _vae()
     x = model.slat_features(batch, model.features, R)
     assert x.num_channels == 16 and all(int(n) > 0 for n in x.counts)
-    losses = _train(model, batch, 5)
+    losses = train_steps(model, batch, 5)
     assert all(math.isfinite(v) for v in losses)
     assert min(losses[-2:]) < 0.8 * losses[0], losses
     terms = model.training_losses(batch)
@@ -237,9 +197,9 @@ def test_slat_vae_bad_input(batch):
     with pytest.raises(DataError, match="inputs.cameras"):
         model.slat_features(replace(batch, inputs=replace(batch.inputs, cameras=None)), model.features, R)
     with pytest.raises(ConfigError, match="in_channels"):
-        TrellisSLatVAEModule(_dino(), SLatEncoder(R, 8, 32, 4, num_blocks=1, num_heads=2, attn_mode="full"), _decoder())
+        TrellisSLatVAEModule(tiny_dino(), SLatEncoder(R, 8, 32, 4, num_blocks=1, num_heads=2, attn_mode="full"), tiny_gs_decoder(2, attn_mode="full"))
     with pytest.raises(ConfigError, match="latent_channels"):
-        TrellisSLatVAEModule(_dino(), _encoder(), _decoder(latent=8))
+        TrellisSLatVAEModule(tiny_dino(), tiny_slat_encoder(), tiny_gs_decoder(2, latent=8, attn_mode="full"))
     with pytest.raises(ConfigError, match="feature_views"):
         _vae(feature_views="some")
 
@@ -247,11 +207,11 @@ def test_slat_vae_bad_input(batch):
 # ---------------------------------------------------------------------------------- SLAT flow
 def test_slat_flow_normalisation_and_stage_lowers_the_flow_loss(batch):
     torch.manual_seed(0)
-    enc = _encoder()
+    enc = tiny_slat_encoder()
     with torch.no_grad():  # a fresh encoder outputs 0: give it weights so the latents vary
         enc.out_layer.weight.normal_(0, 0.5)
         enc.out_layer.bias.normal_(0, 0.5)
-    model = TrellisSLatFlowModule(_flow(), enc, _dino(), p_uncond=0.0, lr=1e-2)
+    model = TrellisSLatFlowModule(tiny_slat_flow(), enc, tiny_dino(), p_uncond=0.0, lr=1e-2)
     assert not bool(model.normalization_ready)
     with pytest.raises(ConfigError, match="normalisation"):
         model.training_losses(batch)
@@ -261,12 +221,12 @@ def test_slat_flow_normalisation_and_stage_lowers_the_flow_loss(batch):
     assert torch.allclose(torch.tensor(std, dtype=torch.float64), z.std(0, unbiased=False), atol=1e-6)
     assert "slat_mean" in model.state_dict() and bool(model.normalization_ready)
     assert not any(p.requires_grad for p in model.slat_encoder.parameters())
-    losses = _train(model, batch, 10)
+    losses = train_steps(model, batch, 10)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
     # an untrained encoder (zero out_layer) gives constant channels: std 1 there, not ~0
-    fresh = TrellisSLatFlowModule(_flow(), _encoder(), _dino())
+    fresh = TrellisSLatFlowModule(tiny_slat_flow(), tiny_slat_encoder(), tiny_dino())
     mean0, std0 = fresh.compute_normalization([batch])
     assert mean0 == [0.0] * 4 and std0 == [1.0] * 4
 
@@ -279,19 +239,19 @@ def test_slat_flow_takes_the_normalisation_from_pipeline_json_or_config(tmp_path
     enc = SLatEncoder(R, 16, 32, 8, num_blocks=1, num_heads=2, attn_mode="full")
     flow = SLatFlowModel(R, 8, 32, 16, 8, num_blocks=1, num_heads=2, mlp_ratio=2, patch_size=2, num_io_res_blocks=1,
                          io_block_channels=[16])
-    m = TrellisSLatFlowModule(flow, enc, _dino(), slat_mean=list(N["mean"]), slat_std=list(N["std"]))
+    m = TrellisSLatFlowModule(flow, enc, tiny_dino(), slat_mean=list(N["mean"]), slat_std=list(N["std"]))
     assert bool(m.normalization_ready) and torch.allclose(m.slat_std, torch.tensor(N["std"]))
     with pytest.raises(ConfigError, match="slat_std"):
-        TrellisSLatFlowModule(flow, enc, _dino(), slat_mean=[0.0] * 8, slat_std=[1.0] * 7)
+        TrellisSLatFlowModule(flow, enc, tiny_dino(), slat_mean=[0.0] * 8, slat_std=[1.0] * 7)
     with pytest.raises(ConfigError, match="give both"):
-        TrellisSLatFlowModule(flow, enc, _dino(), slat_mean=[0.0] * 8)
+        TrellisSLatFlowModule(flow, enc, tiny_dino(), slat_mean=[0.0] * 8)
     with pytest.raises(ConfigError, match="cond_channels"):
         TrellisSLatFlowModule(SLatFlowModel(R, 8, 32, 8, 8, num_blocks=1, num_heads=2, patch_size=2, num_io_res_blocks=1,
-                                            io_block_channels=[16]), enc, _dino())
+                                            io_block_channels=[16]), enc, tiny_dino())
     bad = tmp_path / "pipeline.json"
     bad.write_text(json.dumps({"name": "TrellisImageTo3DPipeline", "args": {}}))
     with pytest.raises(ConfigError, match="pipeline.json"):
-        TrellisSLatFlowModule(flow, enc, _dino(), pipeline=str(bad))
+        TrellisSLatFlowModule(flow, enc, tiny_dino(), pipeline=str(bad))
 
 
 def test_slat_vae_with_lpips_weights_adds_the_term_outside_the_state_dict(batch, tmp_path):

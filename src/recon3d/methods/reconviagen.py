@@ -556,7 +556,8 @@ class ReconViaGenModule(_ReconViaGenBase):
             ``ggc.``; :class:`ReconViaGenSLatFlowModule` ``flow.``, ``pvc.``, ``slat_mean/std``),
             LoRA merged (:func:`load_stage_weights`).
         sampler_preset: ``paper`` / ``official``; ss_sampler, slat_sampler: overrides.
-        slat_mean, slat_std: SLAT normalisation (None: the slat stage's, else 0 / 1).
+        slat_mean, slat_std: SLAT normalisation (None: the slat stage's, else 0 / 1); given values must
+            match the slat stage's (a stage checkpoint without them needs them given).
         rvc: :class:`~recon3d.models.reconviagen.VelocityCompensation` options, None = off.
         rvc_cameras: ``nearest_render`` / ``inputs``; camera_mapping: ``nearest`` / ``align``;
             n_renders: orbit renders (official 20); render_radius, render_fov: their orbit;
@@ -675,12 +676,7 @@ class ReconViaGenModule(_ReconViaGenBase):
             load_stage_weights({"flow.": self.ss_flow, "ggc.": self.ggc}, ss_stage)
         if slat_stage is not None:
             load_stage_weights({"flow.": self.slat_flow, "pvc.": self.pvc}, slat_stage)
-            self._stage_normalization(slat_stage)
-        if slat_mean is not None or slat_std is not None:
-            if slat_mean is None or slat_std is None or len(slat_mean) != C or len(slat_std) != C or any(s <= 0 for s in slat_std):
-                raise ConfigError(f"model.slat_mean / slat_std: expected both, {C} values each, std > 0")
-            self.slat_mean.copy_(torch.tensor([float(x) for x in slat_mean]))
-            self.slat_std.copy_(torch.tensor([float(x) for x in slat_std]))
+        self._stage_normalization(slat_stage, slat_mean, slat_std)
         # Only the SS flow and the GGC train here (module docstring).
         for name in ("slat_flow", "pvc", "ss_decoder", "gaussian_decoder", "mesh_decoder", "ss_encoder"):
             part = getattr(self, name)
@@ -691,13 +687,23 @@ class ReconViaGenModule(_ReconViaGenBase):
         self.objective = _objective(objective, p_uncond, sigma_min)
         self._rasterizer = None
 
-    def _stage_normalization(self, path: str) -> None:
-        from recon3d.utils.checkpoint import load_state_dict_file
+    def _stage_normalization(self, path: str | None, slat_mean, slat_std) -> None:
+        """SLAT normalisation into the buffers: the slat stage checkpoint's (``slat_mean`` / ``slat_std``
+        beside its ``flow.*``), given values checked against it (TrellisModule's rules:
+        :func:`~recon3d.methods.trellis.resolve_slat_normalization`); a stage checkpoint without them
+        and none given is one CheckpointError. No stage and none given: 0 / 1 (an untrained SLAT flow,
+        or a ReconViaGenModule checkpoint loaded later, whose buffers carry them)."""
+        from recon3d.methods.trellis import checkpoint_slat_normalization, resolve_slat_normalization
 
-        sd = load_state_dict_file(path).get("state_dict", {})
-        if "slat_mean" in sd and "slat_std" in sd:
-            self.slat_mean.copy_(sd["slat_mean"].float())
-            self.slat_std.copy_(sd["slat_std"].float())
+        found = checkpoint_slat_normalization(path, "flow.") if path is not None else None
+        if path is not None and found is None and slat_mean is None:
+            raise CheckpointError(f"{path}: no SLAT normalisation for model.slat_stage (keys 'slat_mean' / 'slat_std', which a "
+                                  "ReconViaGenSLatFlowModule checkpoint stores); give model.slat_mean / slat_std (the per-channel "
+                                  "values its SLAT flow was trained with)")
+        out = resolve_slat_normalization(slat_mean, slat_std, found, f"{path} (model.slat_stage)", self.slat_flow.out_channels)
+        if out is not None:
+            self.slat_mean.copy_(torch.tensor(out[0]))
+            self.slat_std.copy_(torch.tensor(out[1]))
 
     # -------------------------------------------------------------- conditions
     def input_views(self, batch: Batch) -> list[int]:

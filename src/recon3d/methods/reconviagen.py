@@ -99,10 +99,9 @@ from recon3d.errors import CheckpointError, ConfigError, DataError, ShapeError
 from recon3d.methods.base import NonFiniteGuard, own_instance
 from recon3d.methods.trellis import (
     TrellisModule,
+    _run_decoder,
     _TrellisBase,
-    gaussians_to_world,
-    meshes_to_world,
-    structure_gaussians,
+    ss_flow_targets,
     trellis_voxels_to_world,
 )
 from recon3d.methods.trellis import _sampler_params as _trellis_sampler_params
@@ -113,9 +112,9 @@ from recon3d.models.trellis.conditioning import TrellisImageCondition
 from recon3d.models.trellis.slat_decoders import SLatGaussianDecoder, SLatMeshDecoder
 from recon3d.models.trellis.slat_flow import SLatFlowModel
 from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
-from recon3d.models.trellis.ss_vae import SparseStructureDecoder, SparseStructureEncoder, occupancy_to_voxels
+from recon3d.models.trellis.ss_vae import SparseStructureDecoder, SparseStructureEncoder
 from recon3d.models.vggt import VGGTNetwork
-from recon3d.representations import Gaussians, Meshes, SparseVoxels
+from recon3d.representations import Gaussians, SparseVoxels
 from recon3d.representations.reconstruction import Reconstruction
 from recon3d.utils.checks import check_option
 
@@ -351,11 +350,7 @@ def ggc_ss_flow_losses(module: _ReconViaGenBase, flow: SparseStructureFlowModel,
     """One batch of the SS-flow stage: ``x0`` = SS-VAE encoder mean of the ground-truth surface
     voxels, condition = GGC over the (chosen) input views' VGGT tokens; the condition net gets
     gradients, VGGT does not."""
-    R = flow.resolution * encoder.downsample_factor
-    occ = module.surface_occupancy(batch, R)
-    with torch.no_grad():
-        x0 = encoder(occ)
-    gens = module.step_generators(batch)
+    x0, gens = ss_flow_targets(module, flow, encoder, batch)
     views = module.train_views(batch, gens)
     masks = module.input_masks(batch)
     cond = module.global_condition(ggc, batch, views, masks)
@@ -519,11 +514,7 @@ class ReconViaGenSLatFlowModule(_slat_stage_base(), _ReconViaGenBase):
         return self
 
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        if not bool(self.normalization_ready):
-            raise ConfigError("ReconViaGenSLatFlowModule: SLAT normalisation not set; give model.slat_mean / slat_std, model.pipeline, "
-                              "or call compute_normalization (done before fitting)")
-        z = self.latents(batch)
-        x0 = z.replace(feats=(z.feats - self.slat_mean.to(z.feats)) / self.slat_std.to(z.feats))
+        x0 = self.normalized_latents(batch)
         gens = self.step_generators(batch)
         views = self.train_views(batch, gens)
         cond = self.view_condition(self.pvc, batch, views, self.input_masks(batch))
@@ -737,19 +728,14 @@ class ReconViaGenModule(_ReconViaGenBase):
     @torch.no_grad()
     def sample_structure(self, cond, generators: list[torch.Generator], names: list[str]) -> tuple[SparseVoxels, torch.Tensor]:
         """SS flow from per-object noise -> decoder logits ``(B, 1, R, R, R)`` -> occupied voxels (TRELLIS's grid)."""
-        f = self.ss_flow
         sampler, c = self._sampler(self.ss_sampler_params, cond)
-        B = len(names)
-        template = torch.zeros(B, f.in_channels, f.resolution, f.resolution, f.resolution, device=self.device)
-        z = sampler.sample(f, sampler.noise_like(template, generators), c).samples
-        logits = self.ss_decoder(z)
-        return occupancy_to_voxels(logits, names), logits
+        return self.structure_from_noise(sampler, c, generators, names, len(names))
 
-    def slat_noise(self, structure: SparseVoxels, generators: list[torch.Generator]) -> SparseVoxels:
-        f = self.slat_flow
-        template = SparseVoxels(structure.coords, torch.zeros(structure.num_voxels, f.in_channels, device=self.device),
-                                structure.resolution, structure.batch_size)
-        return FlowEulerSampler().noise_like(template, generators)
+    # TrellisModule's: the SS flow + decode from noise, the SLAT noise, the SLAT (de)normalisation.
+    structure_from_noise = TrellisModule.structure_from_noise
+    slat_noise = TrellisModule.slat_noise
+    denormalize = TrellisModule.denormalize
+    normalize = TrellisModule.normalize
 
     def sample_slat(self, cond, noise: SparseVoxels, hook=None) -> SparseVoxels:
         """SLAT flow from ``noise`` (optionally with a per-step hook) -> de-normalised latents."""
@@ -757,32 +743,16 @@ class ReconViaGenModule(_ReconViaGenBase):
         x = sampler.sample(self.slat_flow, noise, c, hook=hook).samples
         return self.denormalize(x)
 
-    def denormalize(self, x: SparseVoxels) -> SparseVoxels:
-        return x.replace(feats=x.feats * self.slat_std.to(x.feats) + self.slat_mean.to(x.feats))
+    def _slat_decoder_output(self, decoder: nn.Module, slat: SparseVoxels, kind: type, what: str):
+        """As TrellisModule's, but only recon3d's own SLAT decoder classes are run through
+        ``decode(slat, scale=1)``; any other part is called."""
+        native = SLatGaussianDecoder if kind is Gaussians else SLatMeshDecoder
+        return _run_decoder(decoder, slat, kind, what, native=native, note="")
 
-    def decode_gaussians(self, slat: SparseVoxels) -> Gaussians:
-        """Differentiable: SLAT (de-normalised, TRELLIS's grid) -> Gaussians in recon3d's world."""
-        dec = self.gaussian_decoder
-        g = dec.decode(slat, scale=1.0) if isinstance(dec, SLatGaussianDecoder) else dec(slat)
-        if not isinstance(g, Gaussians):
-            raise ShapeError(f"model.gaussian_decoder: expected it to return Gaussians, got {type(g).__name__}")
-        return gaussians_to_world(g, self.up_axis)
-
-    @torch.no_grad()
-    def decode(self, slat: SparseVoxels, structure: SparseVoxels, logits: torch.Tensor) -> tuple[Gaussians, Meshes]:
-        if self.gaussian_decoder is not None:
-            gaussians = self.decode_gaussians(slat)
-        else:
-            gaussians = structure_gaussians(trellis_voxels_to_world(structure, self.up_axis))
-        if self.mesh_decoder is not None:
-            dec = self.mesh_decoder
-            m = dec.decode(slat, scale=1.0) if isinstance(dec, SLatMeshDecoder) else dec(slat)
-            if not isinstance(m, Meshes):
-                raise ShapeError(f"model.mesh_decoder: expected it to return Meshes, got {type(m).__name__}")
-            meshes = meshes_to_world(m, self.up_axis)
-        else:
-            meshes = TrellisModule.logits_meshes(self, logits)
-        return gaussians, meshes
+    # TrellisModule's decoding: Gaussians (differentiable, for RVC) and meshes in recon3d's world, or the fallbacks.
+    decode_gaussians = TrellisModule.decode_gaussians
+    decode = TrellisModule.decode
+    logits_meshes = TrellisModule.logits_meshes
 
     # -------------------------------------------------------------- cameras
     def vggt_cameras(self, images: torch.Tensor) -> Cameras:
@@ -876,9 +846,6 @@ class ReconViaGenModule(_ReconViaGenBase):
         extras.update({"mesh": meshes, "voxels": voxels, "slat": slat, "views_used": c["views"]})
         return Reconstruction(ids, gaussians, extras, cameras=pred_cams, seeds=seeds)
 
-    def normalize(self, x: SparseVoxels) -> SparseVoxels:
-        return x.replace(feats=(x.feats - self.slat_mean.to(x.feats)) / self.slat_std.to(x.feats))
-
     # -------------------------------------------------------------- training (SS flow + GGC)
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.ss_encoder is None:
@@ -888,14 +855,6 @@ class ReconViaGenModule(_ReconViaGenBase):
             raise ConfigError("model.ggc: without a GGC there is nothing of ReconViaGen to train here; use TrellisModule")
         return ggc_ss_flow_losses(self, self.ss_flow, self.ss_encoder, self.ggc, self.objective, batch)
 
-    # -------------------------------------------------------------- render / export
-    def rasterizer(self, device: torch.device | None = None):
-        kind = torch.device(device or self.device).type
-        if self._rasterizer is None or self._rasterizer[0] != kind:
-            from recon3d.render.gaussians import GaussianRasterizer
-
-            self._rasterizer = (kind, GaussianRasterizer(self.render_backend, device=kind, background="white"))
-        return self._rasterizer[1]
-
+    # -------------------------------------------------------------- render / export (rasterizer: _TrellisBase's)
     render_reconstruction = TrellisModule.render_reconstruction
     export_reconstruction = TrellisModule.export_reconstruction

@@ -76,7 +76,8 @@ from recon3d.utils.checks import check_option
 
 __all__ = ["TrellisSSVAEModule", "TrellisSSFlowModule", "TrellisModule", "TRELLIS_SCALE", "trellis_axes",
            "trellis_to_world_points", "world_to_trellis_points", "trellis_voxels_to_world", "structure_gaussians",
-           "DEFAULT_SS_SAMPLER", "DEFAULT_SLAT_SAMPLER", "checkpoint_slat_normalization", "resolve_slat_normalization"]
+           "DEFAULT_SS_SAMPLER", "DEFAULT_SLAT_SAMPLER", "checkpoint_slat_normalization", "resolve_slat_normalization",
+           "normalize_slat", "denormalize_slat", "ss_flow_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,17 @@ class _TrellisBase(ReconModule):
     def _train_params(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def rasterizer(self, device: torch.device | str | None = None):
+        """The Gaussian rasteriser of ``self.render_backend`` on white for ``device``'s kind (None:
+        the module's), built once per kind (modules that render set ``render_backend`` and
+        ``_rasterizer = None``)."""
+        kind = torch.device(device or self.device).type
+        if self._rasterizer is None or self._rasterizer[0] != kind:
+            from recon3d.render.gaussians import GaussianRasterizer
+
+            self._rasterizer = (kind, GaussianRasterizer(self.render_backend, device=kind, background="white"))
+        return self._rasterizer[1]
+
     def configure_optimizers(self):
         params = self._train_params()
         if not params:
@@ -388,15 +400,23 @@ def _check_flow_parts(flow: SparseStructureFlowModel, encoder: SparseStructureEn
         raise ConfigError(f"model.condition: DINOv2 width {condition.out_dim} differs from the flow's cond_channels {flow.cond_channels}")
 
 
-def ss_flow_losses(module: _TrellisBase, flow: SparseStructureFlowModel, encoder: SparseStructureEncoder,
-                   condition: TrellisImageCondition, objective: RectifiedFlowObjective, batch: Batch) -> dict[str, torch.Tensor]:
-    """The SS-flow training terms of one batch: ``x0`` = encoder mean of the ground-truth surface
-    voxels, condition = tokens of one input view per object."""
+def ss_flow_targets(module: _TrellisBase, flow: SparseStructureFlowModel, encoder: SparseStructureEncoder,
+                    batch: Batch) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """What an SS-flow training step starts from: ``x0 (B, C, r, r, r)``, the (frozen) encoder's
+    latents of the ground-truth surface voxels at ``flow.resolution x encoder.downsample_factor``,
+    and the step's per-object generators (:meth:`_TrellisBase.step_generators`)."""
     R = flow.resolution * encoder.downsample_factor
     occ = module.surface_occupancy(batch, R)
     with torch.no_grad():
         x0 = encoder(occ)
-    gens = module.step_generators(batch)
+    return x0, module.step_generators(batch)
+
+
+def ss_flow_losses(module: _TrellisBase, flow: SparseStructureFlowModel, encoder: SparseStructureEncoder,
+                   condition: TrellisImageCondition, objective: RectifiedFlowObjective, batch: Batch) -> dict[str, torch.Tensor]:
+    """The SS-flow training terms of one batch: ``x0`` = encoder mean of the ground-truth surface
+    voxels, condition = tokens of one input view per object."""
+    x0, gens = ss_flow_targets(module, flow, encoder, batch)
     V = batch.inputs.images.shape[1]
     picks = [int(torch.randint(V, (1,), generator=g)) for g in gens]
     images = batch.inputs.images[torch.arange(len(picks)), picks]
@@ -635,12 +655,18 @@ class TrellisModule(_TrellisBase):
                          mode: str | None = None) -> tuple[SparseVoxels, torch.Tensor]:
         """SS flow from noise (object ``b``'s from ``generators[b]``) -> decoder logits ``(B, 1, R, R, R)``
         -> occupied voxels on TRELLIS's grid (``feats``: the logits). Empty -> DataError naming the object."""
-        f = self.ss_flow
-        B = conds[0].shape[0]
         sampler = self._sampler(self.ss_sampler_params, len(conds), mode)
-        template = torch.zeros(B, f.in_channels, f.resolution, f.resolution, f.resolution, device=self.device)
-        noise = sampler.noise_like(template, generators)
-        z = sampler.sample(f, noise, conds if len(conds) > 1 else conds[0]).samples
+        return self.structure_from_noise(sampler, conds if len(conds) > 1 else conds[0], generators, names, conds[0].shape[0])
+
+    def structure_from_noise(self, sampler: FlowEulerSampler, cond, generators: list[torch.Generator], names: list[str],
+                             batch_size: int) -> tuple[SparseVoxels, torch.Tensor]:
+        """``sampler`` runs the SS flow on ``cond`` from per-object noise ``(B, C, r, r, r)`` (object
+        ``b``'s from ``generators[b]``), the SS decoder gives logits ``(B, 1, R, R, R)``, their
+        occupied voxels (TRELLIS's grid, ``feats``: the logits) come back with them. Empty -> one
+        DataError naming the object."""
+        f = self.ss_flow
+        template = torch.zeros(batch_size, f.in_channels, f.resolution, f.resolution, f.resolution, device=self.device)
+        z = sampler.sample(f, sampler.noise_like(template, generators), cond).samples
         logits = self.ss_decoder(z)
         return occupancy_to_voxels(logits, names), logits
 
@@ -648,23 +674,45 @@ class TrellisModule(_TrellisBase):
     def sample_slat(self, conds: list[torch.Tensor], coords: SparseVoxels, generators: list[torch.Generator],
                     mode: str | None = None) -> SparseVoxels:
         """SLAT flow on the structure's voxels -> de-normalised latents (TRELLIS's grid)."""
-        f = self.slat_flow
         sampler = self._sampler(self.slat_sampler_params, len(conds), mode)
+        noise = self.slat_noise(coords, generators)
+        x = sampler.sample(self.slat_flow, noise, conds if len(conds) > 1 else conds[0]).samples
+        return self.denormalize(x)
+
+    def slat_noise(self, coords: SparseVoxels, generators: list[torch.Generator]) -> SparseVoxels:
+        """Standard normal SLAT-flow input ``(N, C_in)`` on the voxels of ``coords`` (object ``b``'s
+        rows from ``generators[b]``)."""
+        f = self.slat_flow
         template = SparseVoxels(coords.coords, torch.zeros(coords.num_voxels, f.in_channels, device=self.device),
                                 coords.resolution, coords.batch_size)
-        noise = sampler.noise_like(template, generators)
-        x = sampler.sample(f, noise, conds if len(conds) > 1 else conds[0]).samples
-        return x.replace(feats=x.feats * self.slat_std.to(x.feats) + self.slat_mean.to(x.feats))
+        return FlowEulerSampler().noise_like(template, generators)  # the noise does not depend on the sampler's params
+
+    def denormalize(self, x: SparseVoxels) -> SparseVoxels:
+        """Flow samples -> SLAT: ``feats * slat_std + slat_mean`` (:func:`denormalize_slat`)."""
+        return denormalize_slat(x, self.slat_mean, self.slat_std)
+
+    def normalize(self, x: SparseVoxels) -> SparseVoxels:
+        """SLAT -> the flow's space: ``(feats - slat_mean) / slat_std`` (:func:`normalize_slat`)."""
+        return normalize_slat(x, self.slat_mean, self.slat_std)
+
+    def _slat_decoder_output(self, decoder: nn.Module, slat: SparseVoxels, kind: type, what: str):
+        """A SLAT decoder's ``kind`` output for ``slat`` in TRELLIS's frame (:func:`_run_decoder`)."""
+        return _run_decoder(decoder, slat, kind, what)
+
+    def decode_gaussians(self, slat: SparseVoxels) -> Gaussians:
+        """Differentiable: SLAT (de-normalised, TRELLIS's grid) -> the Gaussian decoder's
+        :class:`Gaussians` in recon3d's world."""
+        return gaussians_to_world(self._slat_decoder_output(self.gaussian_decoder, slat, Gaussians, "model.gaussian_decoder"), self.up_axis)
 
     @torch.no_grad()
     def decode(self, slat: SparseVoxels, structure: SparseVoxels, logits: torch.Tensor) -> tuple[Gaussians, Meshes]:
         """Gaussians and meshes in recon3d's frame (decoders, or the fallbacks of the module docstring)."""
         if self.gaussian_decoder is not None:
-            gaussians = gaussians_to_world(_run_decoder(self.gaussian_decoder, slat, Gaussians, "model.gaussian_decoder"), self.up_axis)
+            gaussians = self.decode_gaussians(slat)
         else:
             gaussians = structure_gaussians(trellis_voxels_to_world(structure, self.up_axis))
         if self.mesh_decoder is not None:
-            meshes = meshes_to_world(_run_decoder(self.mesh_decoder, slat, Meshes, "model.mesh_decoder"), self.up_axis)
+            meshes = meshes_to_world(self._slat_decoder_output(self.mesh_decoder, slat, Meshes, "model.mesh_decoder"), self.up_axis)
         else:
             meshes = self.logits_meshes(logits)
         return gaussians, meshes
@@ -714,12 +762,9 @@ class TrellisModule(_TrellisBase):
     # -------------------------------------------------------------- render / export
     def render_reconstruction(self, rec: Reconstruction, cameras):
         from recon3d.render import render
-        from recon3d.render.gaussians import GaussianRasterizer
 
-        kind = cameras.c2w.device.type
-        if self._rasterizer is None or self._rasterizer[0] != kind:
-            self._rasterizer = (kind, GaussianRasterizer(self.render_backend, device=kind, background="white"))
-        return render(rec.representation.to(torch.float32), cameras.to(torch.float32), "white", renderer=self._rasterizer[1])
+        renderer = self.rasterizer(cameras.c2w.device)
+        return render(rec.representation.to(torch.float32), cameras.to(torch.float32), "white", renderer=renderer)
 
     def export_reconstruction(self, rec: Reconstruction, out_dir: Path, suffix: str = "", views: Views | None = None) -> dict[str, str]:
         """``gaussians<suffix>.ply`` (3DGS layout) and ``mesh<suffix>.glb`` of the one object of ``rec``
@@ -741,14 +786,28 @@ class TrellisModule(_TrellisBase):
         return files
 
 
-def _run_decoder(decoder: nn.Module, slat: SparseVoxels, kind: type, what: str):
+def denormalize_slat(x: SparseVoxels, mean: torch.Tensor, std: torch.Tensor) -> SparseVoxels:
+    """``x`` with ``feats (N, C) * std + mean`` (``(C,)`` each): the SLAT flow's samples -> SLAT."""
+    return x.replace(feats=x.feats * std.to(x.feats) + mean.to(x.feats))
+
+
+def normalize_slat(x: SparseVoxels, mean: torch.Tensor, std: torch.Tensor) -> SparseVoxels:
+    """``x`` with ``(feats (N, C) - mean) / std``: SLAT -> the SLAT flow's space (inverse of :func:`denormalize_slat`)."""
+    return x.replace(feats=(x.feats - mean.to(x.feats)) / std.to(x.feats))
+
+
+def _run_decoder(decoder: nn.Module, slat: SparseVoxels, kind: type, what: str, native: type | None = None,
+                 note: str = " (TRELLIS's frame)"):
     """``decoder``'s output for ``slat`` in TRELLIS's frame: recon3d's SLAT decoders
     (:class:`~recon3d.models.trellis.SLatGaussianDecoder`, :class:`~recon3d.models.trellis.SLatMeshDecoder`)
     through ``decode(slat, scale=1)`` (scale 1: their ``[-0.5, 0.5]^3``, before this module's
-    frame map); any other part is called and must return ``kind``."""
-    out = decoder.decode(slat, scale=1.0) if hasattr(decoder, "decode") else decoder(slat)
+    frame map); any other part is called and must return ``kind``. ``native``: the class whose
+    ``decode`` is used (None: any part with a ``decode`` method); ``note`` ends the error's
+    "expected" clause."""
+    uses_decode = hasattr(decoder, "decode") if native is None else isinstance(decoder, native)
+    out = decoder.decode(slat, scale=1.0) if uses_decode else decoder(slat)
     if not isinstance(out, kind):
-        raise ShapeError(f"{what}: expected it to return {kind.__name__} (TRELLIS's frame), got {type(out).__name__}")
+        raise ShapeError(f"{what}: expected it to return {kind.__name__}{note}, got {type(out).__name__}")
     return out
 
 

@@ -59,7 +59,14 @@ from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
 from recon3d.errors import ConfigError, DataError, ShapeError
 from recon3d.methods.base import NonFiniteGuard, own_instance
-from recon3d.methods.trellis import _background, _load_frozen_encoder, _TrellisBase, gaussians_to_world, trellis_to_world_points
+from recon3d.methods.trellis import (
+    _background,
+    _load_frozen_encoder,
+    _TrellisBase,
+    gaussians_to_world,
+    normalize_slat,
+    trellis_to_world_points,
+)
 from recon3d.models.flow import RectifiedFlowObjective
 from recon3d.models.trellis.conditioning import TrellisImageCondition
 from recon3d.models.trellis.slat_decoders import SLatGaussianDecoder
@@ -306,13 +313,10 @@ class TrellisSLatVAEModule(_SLatBase):
 
     def _rasterize(self, g: Gaussians, cameras: Cameras):
         from recon3d.render import render
-        from recon3d.render.gaussians import GaussianRasterizer
 
-        kind = cameras.c2w.device.type
-        if self._rasterizer is None or self._rasterizer[0] != kind:
-            self._rasterizer = (kind, GaussianRasterizer(self.render_backend, device=kind, background="white"))
-        with torch.autocast(device_type=kind, enabled=False):
-            return render(g.to(torch.float32), cameras.to(torch.float32), "white", renderer=self._rasterizer[1])
+        renderer = self.rasterizer(cameras.c2w.device)
+        with torch.autocast(device_type=cameras.c2w.device.type, enabled=False):
+            return render(g.to(torch.float32), cameras.to(torch.float32), "white", renderer=renderer)
 
     def decode_gaussians(self, z: SparseVoxels) -> tuple[Gaussians, dict[str, torch.Tensor]]:
         """Latent voxels -> recon3d :class:`Gaussians` in the world (packed, ``G`` per voxel) and
@@ -508,12 +512,16 @@ class TrellisSLatFlowModule(_SLatBase):
         self.compute_normalization(dm.train_dataloader())
 
     # -------------------------------------------------------------- training
-    def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def normalized_latents(self, batch: Batch) -> SparseVoxels:
+        """The flow's ``x0``: :meth:`latents` normalised by the fixed ``slat_mean`` / ``slat_std``
+        (:func:`~recon3d.methods.trellis.normalize_slat`); refused until the normalisation is set."""
         if not bool(self.normalization_ready):
-            raise ConfigError("TrellisSLatFlowModule: SLAT normalisation not set; give model.slat_mean / slat_std, model.pipeline, "
+            raise ConfigError(f"{type(self).__name__}: SLAT normalisation not set; give model.slat_mean / slat_std, model.pipeline, "
                               "or call compute_normalization (done before fitting)")
-        z = self.latents(batch)
-        x0 = z.replace(feats=(z.feats - self.slat_mean.to(z.feats)) / self.slat_std.to(z.feats))
+        return normalize_slat(self.latents(batch), self.slat_mean, self.slat_std)
+
+    def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        x0 = self.normalized_latents(batch)
         gens = self.step_generators(batch)
         V = batch.inputs.images.shape[1]
         picks = [int(torch.randint(V, (1,), generator=g)) for g in gens]

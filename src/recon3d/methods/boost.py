@@ -79,24 +79,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from recon3d.adapters import (
-    LoRAConfig,
-    add_lora,
-    load_lora,
-    lora_layers,
-    lora_state_dict,
-    mark_only_lora_as_trainable,
-    merge_lora,
-    save_lora,
-)
+from recon3d.adapters import LoRAConfig
 from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
 from recon3d.errors import CheckpointError, ConfigError
-from recon3d.methods.base import NonFiniteGuard, ReconModule, warmup_cosine_factor
+from recon3d.methods._lora_stage import LoRAStageMixin, check_adapter_file
+from recon3d.methods.base import NonFiniteGuard, ReconModule
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.representations import Meshes, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
-from recon3d.utils.checks import check_option
+from recon3d.utils.checks import check_adamw_options, check_option
 
 __all__ = ["BoostModule", "DEFAULT_TARGETS", "OFFICIAL_IMPORTERS"]
 
@@ -134,8 +126,13 @@ OFFICIAL_IMPORTERS = {
 }
 
 
-class BoostModule(ReconModule):
+class BoostModule(LoRAStageMixin, ReconModule):
     """LoRA boosting of a base reconstruction method (module docstring).
+
+    The adapters' life cycle and file formats are :class:`~recon3d.methods._lora_stage.LoRAStageMixin`'s
+    (owner: the base; adapters on ``base.<submodule>``); here: the base as a part, its weights,
+    the default targets, the refusal of targets in frozen pretrained parts, the two objectives,
+    the BatchNorm statistics kept frozen, and the base's reconstruction path.
 
     Args:
         base: the method to boost (any :class:`ReconModule`; ``class_path`` + ``init_args`` in
@@ -217,17 +214,10 @@ class BoostModule(ReconModule):
                          init_weights_ignore=init_weights_ignore, validation_mode=validation_mode, eval_seed=eval_seed)
         if objective not in ("base", "render"):
             raise ConfigError(f"model.objective: expected 'base' or 'render', got {objective!r}")
-        check_option("model.lr", lr, 0.0, strict=True)
-        check_option("model.weight_decay", weight_decay, 0.0)
-        for i, b in enumerate(betas):
-            check_option(f"model.betas[{i}]", b, 0.0)
-            if b >= 1:
-                raise ConfigError(f"model.betas[{i}]: expected a number in [0, 1), got {b!r}")
-        check_option("model.warmup_steps", warmup_steps, 0, integer=True)
+        check_adamw_options(lr, weight_decay, betas, warmup_steps)
         check_option("model.lambda_lpips", lambda_lpips, 0.0)
         check_option("model.lpips_resolution", lpips_resolution, 1, integer=True)
-        if adapter_file is not None and (not adapter_file.endswith(".safetensors") or Path(adapter_file).name != adapter_file):
-            raise ConfigError(f"model.adapter_file: expected a file name ending in .safetensors (written into the run folder), got {adapter_file!r}")
+        check_adapter_file(adapter_file)
         self.save_hyperparameters()  # base: its config (recon3d fit) or left out, never pickled (ReconModule)
 
         if base_checkpoint is not None and official_weights is not None:
@@ -239,20 +229,9 @@ class BoostModule(ReconModule):
             _load_official(base, official_weights)
         self.base = base
         self.submodule, pattern = _resolve_targets(base, pattern, submodule)
-        self.lora_config = _lora_config(pattern, rank, alpha, dropout, exclude)
-        target = self.adapted
-        try:
-            add_lora(target, self.lora_config)
-        except ConfigError as e:  # name the option and the part the names are relative to
-            where = f"{type(base).__name__}.{self.submodule}" if self.submodule else type(base).__name__
-            raise ConfigError(str(e).replace("target_modules:", f"model.pattern (module names in {where}):", 1)) from None
-        _refuse_frozen_targets(base, self.submodule, lora_layers(target))
-        for p in base.parameters():
-            p.requires_grad_(False)
-        mark_only_lora_as_trainable(target)
-        if adapters is not None:
-            load_lora(target, adapters)
-        self.merged = False
+        where = f"{type(base).__name__}.{self.submodule}" if self.submodule else type(base).__name__
+        self._install_lora(_lora_config(pattern, rank, alpha, dropout, exclude), where, adapters,
+                           check=lambda layers: _refuse_frozen_targets(base, self.submodule, layers))
 
         self.objective = objective
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
@@ -268,46 +247,16 @@ class BoostModule(ReconModule):
         self.refiners = base.refiners
         self.EXPORT_REPRESENTATION = type(base).EXPORT_REPRESENTATION
 
-    # ------------------------------------------------------------------ adapters
+    # ------------------------------------------------------------------ adapters (LoRAStageMixin)
+    @property
+    def lora_owner(self) -> ReconModule:
+        """The base method: every one of its weights is frozen; :meth:`merge_adapters` returns it."""
+        return self.base
+
     @property
     def adapted(self) -> torch.nn.Module:
         """The part of the base that holds the adapters (``base.<submodule>``)."""
         return self.base.get_submodule(self.submodule) if self.submodule else self.base
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors (``<layer>.lora_A.weight (r, in)``, ``<layer>.lora_B.weight (out, r)``),
-        names relative to :attr:`adapted` -- the adapter file's keys."""
-        self._check_not_merged("adapter_state_dict")
-        return lora_state_dict(self.adapted)
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the base except the adapters (peft's ``base_layer`` keys as they are):
-        what boosting must leave bit-identical."""
-        return {k: v for k, v in self.base.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
-
-    def save_adapters(self, path: str | Path) -> Path:
-        """Write the adapters alone to ``path`` (``.safetensors``, atomic, with the LoRA header)."""
-        self._check_not_merged("save_adapters")
-        return save_lora(self.adapted, path)
-
-    def load_adapters(self, path: str | Path) -> None:
-        """Load an adapter file (strict: rank, alpha, targets and keys must match)."""
-        self._check_not_merged("load_adapters")
-        load_lora(self.adapted, path)
-
-    def merge_adapters(self) -> ReconModule:
-        """Fold the adapters into the base weights (``W <- W + alpha/r · B A``) and remove them:
-        the base is a plain network of its own class again, computing the boosted outputs (up to
-        float rounding). Irreversible for this module (save the adapters first); returns the base."""
-        if not self.merged:
-            merge_lora(self.adapted, unload=True)
-            self.merged = True
-            log.info("merged the LoRA adapters into %s's weights", type(self.base).__name__)
-        return self.base
-
-    def _check_not_merged(self, what: str) -> None:
-        if self.merged:
-            raise ConfigError(f"{what}: the adapters were merged into the base weights (merge_adapters); there are none left")
 
     # ------------------------------------------------------------------ the base's reconstruction
     def reconstruct(self, batch: Batch) -> Reconstruction:
@@ -343,8 +292,7 @@ class BoostModule(ReconModule):
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Eq. 6 on ``(C^π = batch.inputs, C↑^π = batch.targets)``; ``objective`` says where it is
         computed (module docstring). Returns named scalars with the total under ``"loss"``."""
-        if self.merged:
-            raise ConfigError("training: the adapters were merged into the base weights; nothing is left to train")
+        self._check_trainable()
         if self.objective == "base":
             return self.base.training_losses(batch)
         return self._render_losses(batch)
@@ -374,30 +322,7 @@ class BoostModule(ReconModule):
                 m.eval()
         return self
 
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("BoostModule: no trainable adapter weights (were the adapters merged?)")
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
-
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up for ``warmup_steps``, then cosine decay to 0 at the last step."""
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        return warmup_cosine_factor(step, total, self.warmup_steps)
-
-    def on_train_end(self) -> None:
-        """Write the adapter-only file into the run folder (rank 0; atomic)."""
-        if self.adapter_file is None or self.merged or not self.trainer.is_global_zero:
-            return
-        path = self.save_adapters(self._out_dir() / self.adapter_file)
-        log.info("wrote the LoRA adapters (%d layers, r=%d) to %s", len(lora_layers(self.adapted)), self.lora_config.r, path)
-
-    # ------------------------------------------------------------------ inference
-    def on_test_start(self) -> None:
-        if self.merge_at_inference:
-            self.merge_adapters()
-
-    on_predict_start = on_test_start
+    # configure_optimizers, lr_factor, on_train_end, on_test_start / on_predict_start: LoRAStageMixin's
 
 
 # ---------------------------------------------------------------------- helpers

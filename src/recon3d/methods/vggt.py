@@ -34,7 +34,8 @@ Weights: ``official_weights`` loads the released ``model.pt`` / ``model.safetens
 adapters are added. The Lightning checkpoint holds everything (``--ckpt_path`` resume, test,
 predict, export); at the end of ``fit`` the adapters alone are written to ``<run
 folder>/<adapter_file>`` (:func:`~recon3d.adapters.save_lora`), and ``adapters: PATH`` loads such
-a file into a network built from ``official_weights`` — as :class:`~recon3d.methods.boost.BoostModule`.
+a file into a network built from ``official_weights`` — the LoRA-stage life cycle shared with
+:class:`~recon3d.methods.boost.BoostModule` (:mod:`recon3d.methods._lora_stage`, which also gives both file formats).
 ``merge_at_inference`` folds them into the weights for test / predict.
 
 **Reconstruction** (:meth:`VGGTModule.reconstruct`, once per batch). From the input views only
@@ -67,27 +68,18 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Literal
 
 import torch
 from jsonargparse import lazy_instance
 
-from recon3d.adapters import (
-    LoRAConfig,
-    add_lora,
-    load_lora,
-    lora_layers,
-    lora_state_dict,
-    mark_only_lora_as_trainable,
-    merge_lora,
-    save_lora,
-)
+from recon3d.adapters import LoRAConfig
 from recon3d.data.batch import Batch
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import pixel_grid
 from recon3d.errors import ConfigError, ShapeError
-from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance, warmup_cosine_factor
+from recon3d.methods._lora_stage import LoRAStageMixin, check_adapter_file
+from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.vggt import VGGTNetwork
 from recon3d.models.vggt.aggregator import resize_to_patch_multiple
@@ -95,7 +87,7 @@ from recon3d.models.vggt.cameras import pose_encoding_to_cameras
 from recon3d.models.vggt.loss import camera_loss, regression_loss, vggt_targets
 from recon3d.representations import Gaussians, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
-from recon3d.utils.checks import check_option
+from recon3d.utils.checks import check_adamw_options, check_option
 
 __all__ = ["VGGTModule", "LORA_TARGETS", "LORA_TARGETS_WITH_DINO", "similarity_to_world"]
 
@@ -105,6 +97,9 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = r"aggregator\.(frame|global)_blocks\.\d+\.attn\.(qkv|proj)"
 #: The same plus the DINOv2 patch-embedding blocks' qkv and proj (``lora_dino: true``).
 LORA_TARGETS_WITH_DINO = r"aggregator\.((frame|global)_blocks|patch_embed\.blocks)\.\d+\.attn\.(qkv|proj)"
+#: Pose metrics of a camera head with no pretrained weights are flagged (not a measurement of VGGT)
+#: until the module has trained this many steps (a convention: CPU-size runs of minutes are flagged).
+MIN_POSE_TRAIN_STEPS = 10_000
 
 
 def similarity_to_world(pred: Cameras, true: Cameras, pred_depth: torch.Tensor | None = None,
@@ -138,11 +133,10 @@ def _check(a: dict) -> None:
     if a["dropout"] >= 1:
         raise ConfigError(f"model.dropout: expected a number in [0, 1), got {a['dropout']!r}")
     for k in ("camera_weight", "depth_weight", "point_weight", "weight_trans", "weight_rot", "weight_fov", "conf_alpha",
-              "point_scale", "weight_decay"):
+              "point_scale"):
         check_option(f"model.{k}", a[k], 0.0)
     check_option("model.gamma", a["gamma"], 0.0, strict=True)
-    check_option("model.lr", a["lr"], 0.0, strict=True)
-    check_option("model.warmup_steps", a["warmup_steps"], 0, integer=True)
+    check_adamw_options(a["lr"], a["weight_decay"], a["betas"], a["warmup_steps"])
     check_option("model.min_valid_points", a["min_valid_points"], 0, integer=True)
     check_option("model.conf_quantile", a["conf_quantile"], 0.0)
     if a["conf_quantile"] >= 1:
@@ -151,17 +145,15 @@ def _check(a: dict) -> None:
         raise ConfigError(f"model.valid_range: expected a quantile in (0, 1] or null, got {a['valid_range']!r}")
     if a["points_from"] not in ("depth", "point_map"):
         raise ConfigError(f"model.points_from: expected 'depth' or 'point_map', got {a['points_from']!r}")
-    for i, b in enumerate(a["betas"]):
-        check_option(f"model.betas[{i}]", b, 0.0)
-        if b >= 1:
-            raise ConfigError(f"model.betas[{i}]: expected a number in [0, 1), got {b!r}")
-    f = a["adapter_file"]
-    if f is not None and (not f.endswith(".safetensors") or Path(f).name != f):
-        raise ConfigError(f"model.adapter_file: expected a file name ending in .safetensors (written into the run folder), got {f!r}")
+    check_adapter_file(a["adapter_file"])
 
 
-class VGGTModule(ReconModule):
+class VGGTModule(LoRAStageMixin, ReconModule):
     """VGGT with ReconViaGen's LoRA fine-tuning stage (module docstring).
+
+    The adapters' life cycle and file formats are :class:`~recon3d.methods._lora_stage.LoRAStageMixin`'s
+    (owner and adapted part: the network ``net``); here: the targets, VGGT's loss and the
+    point-cloud reconstruction.
 
     Args:
         network: the VGGT network (``config: paper`` = VGGT-1B, ``tiny`` for CPU tests); its
@@ -193,6 +185,8 @@ class VGGTModule(ReconModule):
     RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {"official_weights", "adapters", "merge_at_inference", "points_from",
                                                      "conf_quantile", "point_scale", "render_backend"}
     EXPORT_REPRESENTATION = Gaussians
+    LORA_WEIGHTS = "VGGT"  # "the adapters were merged into the VGGT weights"
+    LORA_LOG_NAME = "VGGT LoRA"
 
     def __init__(
         self,
@@ -250,18 +244,8 @@ class VGGTModule(ReconModule):
             load_official_vggt(official_weights, net)
             log.info("loaded the released VGGT weights from %s", official_weights)
         self.net = net
-        self.lora_config = LoRAConfig(target_modules=pattern or (LORA_TARGETS_WITH_DINO if lora_dino else LORA_TARGETS),
-                                      r=rank, alpha=alpha, dropout=dropout)
-        try:
-            add_lora(self.net, self.lora_config)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("target_modules:", "model.pattern (module names in VGGTNetwork):", 1)) from None
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-        mark_only_lora_as_trainable(self.net)
-        if adapters is not None:
-            load_lora(self.net, adapters)
-        self.merged = False
+        self._install_lora(LoRAConfig(target_modules=pattern or (LORA_TARGETS_WITH_DINO if lora_dino else LORA_TARGETS),
+                                      r=rank, alpha=alpha, dropout=dropout), "VGGTNetwork", adapters)
         self.camera_weight, self.depth_weight, self.point_weight = camera_weight, depth_weight, point_weight
         self.gamma, self.weight_trans, self.weight_rot, self.weight_fov = gamma, weight_trans, weight_rot, weight_fov
         self.conf_alpha, self.valid_range, self.min_valid_points = conf_alpha, valid_range, min_valid_points
@@ -271,35 +255,11 @@ class VGGTModule(ReconModule):
         self.render_backend = render_backend
         self._rasterizer = None
 
-    # ------------------------------------------------------------------ adapters
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors (names inside the network): the adapter file's keys."""
-        self._check_not_merged("adapter_state_dict")
-        return lora_state_dict(self.net)
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every network tensor except the adapters: what fine-tuning leaves bit-identical."""
-        return {k: v for k, v in self.net.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
-
-    def save_adapters(self, path: str | Path) -> Path:
-        """Write the adapters alone to ``path`` (``.safetensors``, atomic, with the LoRA header)."""
-        self._check_not_merged("save_adapters")
-        return save_lora(self.net, path)
-
-    def load_adapters(self, path: str | Path) -> None:
-        self._check_not_merged("load_adapters")
-        load_lora(self.net, path)
-
-    def merge_adapters(self) -> VGGTNetwork:
-        """Fold the adapters into the weights (irreversible here; save them first)."""
-        if not self.merged:
-            merge_lora(self.net, unload=True)
-            self.merged = True
+    # ------------------------------------------------------------------ adapters (LoRAStageMixin)
+    @property
+    def lora_owner(self) -> VGGTNetwork:
+        """The VGGT network: frozen, holds the adapters; :meth:`merge_adapters` returns it."""
         return self.net
-
-    def _check_not_merged(self, what: str) -> None:
-        if self.merged:
-            raise ConfigError(f"{what}: the adapters were merged into the VGGT weights (merge_adapters); there are none left")
 
     # ------------------------------------------------------------------ training
     def _valid(self, batch: Batch) -> torch.Tensor:
@@ -312,8 +272,7 @@ class VGGTModule(ReconModule):
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """VGGT's multi-task loss on the input views (module docstring). Returns named scalars
         with the total under ``"loss"``: ``camera, T, R, FoV`` and ``{depth,point}_{conf,reg,grad}``."""
-        if self.merged:
-            raise ConfigError("training: the adapters were merged into the VGGT weights; nothing is left to train")
+        self._check_trainable()
         batch.require("inputs.cameras", "inputs.depths", who="VGGTModule (training)")
         images = batch.inputs.images
         p = self.net.cfg.patch_size
@@ -346,29 +305,7 @@ class VGGTModule(ReconModule):
         terms["loss"] = loss
         return terms
 
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params:
-            raise ConfigError("VGGTModule: no trainable adapter weights (were the adapters merged?)")
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
-
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up for ``warmup_steps``, then cosine decay to 0 at the last step."""
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        return warmup_cosine_factor(step, total, self.warmup_steps)
-
-    def on_train_end(self) -> None:
-        """Write the adapter-only file into the run folder (rank 0; atomic)."""
-        if self.adapter_file is None or self.merged or not self.trainer.is_global_zero:
-            return
-        path = self.save_adapters(self._out_dir() / self.adapter_file)
-        log.info("wrote the VGGT LoRA adapters (%d layers, r=%d) to %s", len(lora_layers(self.net)), self.lora_config.r, path)
-
-    def on_test_start(self) -> None:
-        if self.merge_at_inference:
-            self.merge_adapters()
-
-    on_predict_start = on_test_start
+    # configure_optimizers, lr_factor, on_train_end, on_test_start / on_predict_start: LoRAStageMixin's
 
     # ------------------------------------------------------------------ reconstruction
     def predict_views(self, images: torch.Tensor) -> dict:
@@ -449,7 +386,8 @@ class VGGTModule(ReconModule):
         gaussians = Gaussians(means, torch.tensor([1.0, 0.0, 0.0, 0.0], device=means.device).expand(n, 4).contiguous(),
                               sigma[:, None].expand(n, 3).contiguous(), torch.ones(n, device=means.device),
                               colors.reshape(-1, 3)[sel], counts=counts)
-        extras = {"frame": frame, "vggt_to_world": to_world, "depth": depth_out, "depth_conf": conf.reshape(B, S, H, W)}
+        extras = {"frame": frame, "vggt_to_world": to_world, "depth": depth_out, "depth_conf": conf.reshape(B, S, H, W),
+                  **self.camera_head_status()}
         return Reconstruction(list(batch.object_ids), gaussians, extras=extras, cameras=pred_cams)
 
     def rasterizer(self, device: torch.device | None = None):
@@ -488,3 +426,66 @@ class VGGTModule(ReconModule):
             valid.append(True)
         return {"points": torch.stack(pts), "valid": torch.tensor(valid),
                 "invalid_reason": "no point passed the mask / confidence filter"}
+
+    # ------------------------------------------------------------------ where the cameras come from
+    def camera_head_status(self) -> dict:
+        """What the predicted cameras rest on, for the pose metrics: ``pretrained_camera_head``
+        (the camera head's weights were loaded from a file: ``official_weights``, or the
+        ``init_weights`` / checkpoint that carried them), ``camera_weights`` (that file or None),
+        ``camera_train_steps`` (optimizer steps this module has trained, checkpoints included) and
+        ``pose_caveat``: None, or why RRE / TE / Acc are not a measurement of VGGT -- no pretrained
+        weights and fewer than :data:`MIN_POSE_TRAIN_STEPS` steps (the protocol flags them then)."""
+        src = getattr(self, "_camera_weights", None) or self.hparams.get("official_weights")
+        steps = max(getattr(self, "_camera_steps_loaded", 0), getattr(self, "_camera_init_steps", 0) + int(self.global_step))
+        caveat = None
+        if src is None and steps < MIN_POSE_TRAIN_STEPS:
+            caveat = (f"camera head without pretrained weights (no model.official_weights), {steps} training steps "
+                      f"(< {MIN_POSE_TRAIN_STEPS}): not a measurement of VGGT's poses")
+        return {"pretrained_camera_head": src is not None, "camera_weights": None if src is None else str(src),
+                "camera_train_steps": steps, "pose_caveat": caveat}
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if getattr(self, "_init_weights_loaded", False) and not getattr(self, "_camera_init_read", False):
+            self._camera_weights, self._camera_init_steps = _camera_record(self.init_weights)
+            self._camera_init_read = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        st = self.camera_head_status()
+        checkpoint["recon3d_camera_head"] = {"weights": st["camera_weights"], "train_steps": st["camera_train_steps"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        rec = checkpoint.get("recon3d_camera_head")
+        if isinstance(rec, dict):
+            if rec.get("weights"):
+                self._camera_weights = rec["weights"]
+            steps = int(rec.get("train_steps") or 0)
+        else:  # a checkpoint from before the record: its steps, its config's official_weights (the hparams)
+            steps = int(checkpoint.get("global_step") or 0)
+        self._camera_steps_loaded = max(getattr(self, "_camera_steps_loaded", 0), steps)
+
+
+def _camera_record(path: str) -> tuple[str | None, int]:
+    """``(weights file, steps)`` that a weights-only initialisation from ``path`` gives the camera
+    head: a VGGTModule checkpoint's ``recon3d_camera_head`` record; an older Lightning checkpoint's
+    ``official_weights`` hyper-parameter and ``global_step``; any other file (a bare state dict,
+    ``.safetensors``): the file itself, 0 steps."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return str(p), 0
+    try:  # mmap: the tensors are not read
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip archive: the full load (it already succeeded once)
+        from recon3d.utils.checkpoint import load_state_dict_file
+
+        obj = load_state_dict_file(p)
+    if isinstance(obj, dict) and isinstance(obj.get("recon3d_camera_head"), dict):
+        rec = obj["recon3d_camera_head"]
+        return rec.get("weights"), int(rec.get("train_steps") or 0)
+    if isinstance(obj, dict) and isinstance(obj.get("hyper_parameters"), dict):
+        return obj["hyper_parameters"].get("official_weights"), int(obj.get("global_step") or 0)
+    return str(p), 0

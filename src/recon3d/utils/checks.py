@@ -14,7 +14,7 @@ Example::
     check_shape(c2w, "*B 4 4", "c2w", dims)
     check_shape(K, "*B 3 3", "intrinsics", dims)
 
-Configuration values are checked where a class is configured (:func:`check_option`,
+Configuration values are checked where a class is configured (:func:`check_option`, :func:`check_adamw_options`,
 :func:`check_weights`), so a NaN loss weight or a negative learning rate stops the run with one
 :class:`~recon3d.errors.ConfigError` line naming the key, instead of silently dropping a loss term.
 """
@@ -28,7 +28,7 @@ import torch
 
 from recon3d.errors import ConfigError, ShapeError
 
-__all__ = ["check_shape", "check_finite", "check_range", "check_option", "check_weights", "merge_weights"]
+__all__ = ["check_shape", "check_finite", "check_range", "check_option", "check_adamw_options", "check_weights", "merge_weights"]
 
 
 def check_shape(
@@ -101,6 +101,21 @@ def check_option(name: str, value: object, low: float | None = None, *, strict: 
         raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     if low is not None and (value <= low if strict else value < low):
         raise ConfigError(f"{name}: expected {kind} {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def check_adamw_options(lr: object, weight_decay: object, betas: object, warmup_steps: object = None) -> None:
+    """The AdamW options every method takes (``model.lr``, ``model.weight_decay``, ``model.betas``
+    and, where the method has a warm-up, ``model.warmup_steps``): one :class:`ConfigError` naming
+    the first bad one, checked in that order. ``lr > 0``; ``weight_decay >= 0``; each beta in
+    ``[0, 1)``; ``warmup_steps`` an integer ``>= 0`` (None: the method has none)."""
+    check_option("model.lr", lr, 0.0, strict=True)
+    check_option("model.weight_decay", weight_decay, 0.0)
+    for i, b in enumerate(betas):
+        check_option(f"model.betas[{i}]", b, 0.0)
+        if b >= 1:
+            raise ConfigError(f"model.betas[{i}]: expected a number in [0, 1), got {b!r}")
+    if warmup_steps is not None:
+        check_option("model.warmup_steps", warmup_steps, 0, integer=True)
 
 
 def check_weights(name: str, weights: Mapping[str, object]) -> None:

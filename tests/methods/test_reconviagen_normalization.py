@@ -1,5 +1,6 @@
 """ReconViaGenModule's SLAT normalisation: read from the SLAT stage checkpoint, given values checked
-against it, a stage checkpoint without it refused (one line naming the file and the keys)."""
+against it, a stage checkpoint without it refused (one line naming the file and the keys); its
+predicted cameras flagged for the pose metrics when VGGT has no pretrained weights."""
 
 from __future__ import annotations
 
@@ -85,3 +86,20 @@ def test_slat_stage_without_normalisation_is_refused(stage):
         _module(slat_stage=str(d / "without.ckpt"))
     rvg = _module(slat_stage=str(d / "without.ckpt"), slat_mean=MEAN, slat_std=STD)
     assert rvg.slat_mean.tolist() == MEAN
+
+
+def test_cameras_of_a_vggt_without_pretrained_weights_are_flagged(tmp_path):
+    from recon3d.data.datamodule import ReconDataModule
+    from recon3d.data.synthetic import SyntheticDataset
+
+    ds = SyntheticDataset(num_objects=1, views_per_object=3, resolution=28, num_surface_points=64, num_sdf_points=64,
+                          mesh_resolution=0, cache_dir=str(tmp_path / "data"))
+    batch = next(iter(ReconDataModule(ds, num_val_objects=0, num_test_objects=0, num_input_views=2, num_target_views=1,
+                                      batch_size=1, with_geometry=False).train_dataloader()))
+    rvg = _module(ss_sampler={"steps": 1}, slat_sampler={"steps": 1}).eval()
+    rec = rvg.reconstruct(batch)
+    assert rec.cameras is not None and rec.extras["pretrained_camera_head"] is False
+    assert "without pretrained weights (no model.vggt_weights)" in rec.extras["pose_caveat"]
+    torch.save(_vggt().state_dict(), tmp_path / "model.pt")  # stands in for the released file (upstream's layout)
+    st = _module(vggt_weights=str(tmp_path / "model.pt")).camera_head_status()
+    assert st["pretrained_camera_head"] is True and st["pose_caveat"] is None

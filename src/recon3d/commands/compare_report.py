@@ -9,6 +9,9 @@ of its entries):
   "data_flags", "error"}}}``
 - ``results.md``: one table (a row per entry, a column per metric with ↑/↓, the best value of each
   column in bold), then the protocol and its conventions (:func:`recon3d.metrics.protocol.describe_protocol`).
+  A value the run's ``metrics.json`` flags (``flagged_metrics``: computed, but not a measurement of
+  the method, e.g. the pose errors of an untrained camera head) is shown with ‡, its reason in the
+  notes, and is not a candidate for bold (``best``).
 - ``plots/metrics_vs_step.png``: each validation metric against the training step, a line per entry
   (from the run's ``metrics.csv``); ``plots/per_object.png``: per metric, each entry's per-object
   values (box + points) on the held-out objects.
@@ -106,13 +109,15 @@ def collect(out: Path, suite, flags: dict[str, dict[str, tuple]]) -> dict:
             row["metrics"] = {k: v for k, v in test.get("metrics", {}).items() if isinstance(v, (int, float))}
             row["per_object"] = test.get("per_object", [])
             row["missing_metrics"] = test.get("missing_metrics", {})
+            row["flagged_metrics"] = test.get("flagged_metrics", {})
             protocol_doc = protocol_doc or test
         entries[e.name] = row
     reported = {m for r in entries.values() for m in r.get("metrics", {})}
     metrics = list(suite.metrics) if suite.metrics else [m for m in METRIC_NAMES if m in reported]
     best = {}
     for m in metrics:
-        vals = {n: r["metrics"][m] for n, r in entries.items() if m in r.get("metrics", {}) and math.isfinite(r["metrics"][m])}
+        vals = {n: r["metrics"][m] for n, r in entries.items()
+                if m in r.get("metrics", {}) and math.isfinite(r["metrics"][m]) and m not in (r.get("flagged_metrics") or {})}
         if vals:
             target = max(vals.values()) if HIGHER_IS_BETTER[m] else min(vals.values())
             best[m] = sorted(n for n, v in vals.items() if v == target)
@@ -169,6 +174,7 @@ def results_markdown(doc: dict) -> str:
         lines += [doc["description"].strip(), ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     notes = []
+    any_flagged = False
     for name, e in doc["entries"].items():
         label = name + (" †" if e.get("data_flags") else "")
         if e["status"] != "done":
@@ -177,16 +183,25 @@ def results_markdown(doc: dict) -> str:
             notes.append(f"- {name}: {e['status']}: {why}")
             continue
         cells = []
+        flagged = e.get("flagged_metrics") or {}
         for m in metrics:
             v = e.get("metrics", {}).get(m)
             text = _fmt(v)
             if v is not None and name in doc["best"].get(m, []):
                 text = f"**{text}**"
+            if v is not None and m in flagged:
+                text, any_flagged = f"{text} ‡", True
             cells.append(text)
         lines.append("| " + " | ".join([label, _fmt(e.get("steps")), _fmt(e.get("fit_seconds")), *cells]) + " |")
         for m, why in sorted((e.get("missing_metrics") or {}).items()):
             if m in metrics:
                 notes.append(f"- {name}: `{m}` not measured: {why}")
+        by_reason: dict[str, list[str]] = {}
+        for m in metrics:
+            if m in flagged and m in e.get("metrics", {}):
+                by_reason.setdefault(flagged[m], []).append(f"`{m}`")
+        for why, ms in by_reason.items():
+            notes.append(f"- {name} ‡: {', '.join(ms)} reported but not a measurement of the method: {why}")
         if e.get("data_flags"):
             diffs = ", ".join(f"data.{k} = {v[0]!r} (others {v[1]!r})" for k, v in e["data_flags"].items())
             notes.append(f"- {name} †: scored on different data: {diffs}")
@@ -196,7 +211,11 @@ def results_markdown(doc: dict) -> str:
             notes.append(f"- {name}: evaluated from the given checkpoint {e['ckpt']} (not trained here)")
         if e.get("resumed_from_step"):
             notes.append(f"- {name}: resumed from its checkpoint at step {e['resumed_from_step']}")
-    lines += ["", "Bold: the best value of each column (↑ higher is better, ↓ lower is better); – no value.", ""]
+    lines += ["", "Bold: the best value of each column (↑ higher is better, ↓ lower is better); – no value."]
+    if any_flagged:
+        lines.append("‡: computed as every other value but flagged by the run (not a measurement of the method, e.g. the "
+                     "poses of an untrained camera head; reason in the notes); never bold.")
+    lines.append("")
     b = doc.get("budget") or {}
     budget = ", ".join(f"{k} {v}" for k, v in b.items()) or "each config's own trainer settings"
     h = doc.get("held_out") or {}

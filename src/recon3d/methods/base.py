@@ -504,11 +504,19 @@ class ReconModule(L.LightningModule):
     GEOMETRY_METRICS = GEOMETRY_METRICS
 
     def _eval_poses(self, rec: Reconstruction, batch: Batch) -> None:
-        """Predicted input cameras vs the true ones (``rre``, ``te``, ``acc@k``), when both exist."""
+        """Predicted input cameras vs the true ones (``rre``, ``te``, ``acc@k``), when both exist.
+        A reconstruction whose ``extras["pose_caveat"]`` says why its cameras are not a measurement
+        of the method (e.g. an untrained camera head) gets those metrics flagged
+        (:meth:`~recon3d.metrics.protocol.EvaluationProtocol.flag`), values kept."""
         true = batch.inputs.cameras
         if rec.cameras is None or true is None or true.batch_shape[1] < 2:
             return
         self.evaluation.update_poses(batch.object_ids, rec.cameras.c2w, true.c2w)
+        caveat = (rec.extras or {}).get("pose_caveat")
+        if caveat:
+            from recon3d.metrics.protocol import POSE_METRICS
+
+            self.evaluation.flag(batch.object_ids, POSE_METRICS, str(caveat))
 
     def _eval_occupancy(self, rec: Reconstruction, batch: Batch) -> None:
         """Occupancy IoU of the reconstruction's sparse voxels at the ground-truth SDF samples."""

@@ -843,8 +843,18 @@ class ReconViaGenModule(_ReconViaGenBase):
                              "view_loss": after.detach().cpu(), "view_loss_without_rvc": None if plain is None else plain.detach().cpu()}
         gaussians, meshes = self.decode(slat, structure, logits)
         voxels = trellis_voxels_to_world(structure, self.up_axis)
-        extras.update({"mesh": meshes, "voxels": voxels, "slat": slat, "views_used": c["views"]})
+        extras.update({"mesh": meshes, "voxels": voxels, "slat": slat, "views_used": c["views"], **self.camera_head_status()})
         return Reconstruction(ids, gaussians, extras, cameras=pred_cams, seeds=seeds)
+
+    def camera_head_status(self) -> dict:
+        """What the predicted cameras rest on (:meth:`VGGTModule.camera_head_status`'s keys): VGGT is
+        frozen here, so its camera head holds released weights only with ``model.vggt_weights``;
+        without them it is its random initialisation (a VGGT-stage adapter file does not change the
+        head) and the pose metrics get ``pose_caveat`` (flagged by the protocol)."""
+        src = self.hparams.get("vggt_weights")
+        caveat = None if src else ("VGGT camera head without pretrained weights (no model.vggt_weights): a random "
+                                   "initialisation, not a measurement of ReconViaGen's poses")
+        return {"pretrained_camera_head": bool(src), "camera_weights": src, "pose_caveat": caveat}
 
     # -------------------------------------------------------------- training (SS flow + GGC)
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -30,6 +30,12 @@ with no surface yet) is recorded with :meth:`EvaluationProtocol.note`; ``metrics
 each reason with its object count (``notes``) and, for every metric with no value at all, why
 (``missing_metrics``), so an absent ``cd`` is never a silent gap.
 
+**Flagged values.** A metric that was computed but does not measure the method (e.g. the pose
+errors of a camera head that holds its random initialisation) is recorded with
+:meth:`EvaluationProtocol.flag`: its values stay in the means and the per-object rows, and
+``metrics.json`` names it in ``flagged_metrics`` (metric -> reason and object count) and lists
+each reason in ``flags`` -- never hidden, never passed off as a measurement.
+
 **Aggregation.** Each object's value is the mean over its views (images), view pairs (poses) or its
 one surface (geometry). The reported number is the mean over *distinct object ids* — an object fed
 twice (e.g. a ``DistributedSampler`` padding the last batch) is merged, not counted twice.
@@ -82,7 +88,7 @@ from recon3d.metrics.pose import relative_rotation_errors, translation_errors
 from recon3d.utils.checks import check_shape
 from recon3d.utils.io import atomic_path
 
-__all__ = ["EvaluationProtocol", "PerObjectTable", "METRIC_NAMES", "HIGHER_IS_BETTER", "describe_protocol"]
+__all__ = ["EvaluationProtocol", "PerObjectTable", "METRIC_NAMES", "HIGHER_IS_BETTER", "POSE_METRICS", "describe_protocol"]
 
 #: Every name the protocol can report, in column order.
 METRIC_NAMES: tuple[str, ...] = (
@@ -91,6 +97,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "rre", "te", "acc@15", "acc@30",
 )  # fmt: skip
 _INDEX = {n: i for i, n in enumerate(METRIC_NAMES)}
+#: The pose metrics (:meth:`EvaluationProtocol.update_poses`).
+POSE_METRICS: tuple[str, ...] = ("rre", "te", "acc@15", "acc@30")
 #: The image metrics a protocol can be asked for.
 IMAGE_METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "mask_iou")
 _ID_BYTES = 128
@@ -260,6 +268,7 @@ class EvaluationProtocol(nn.Module):
         self.lpips_chunk = int(lpips_chunk)
         self.table = PerObjectTable()
         self.notes = NoteTable()
+        self.flags = NoteTable()  # same rows: (object, metric, reason), for values that are reported but flagged
         self.lpips: LPIPSNet | None = None
         self.lpips_status = "not requested"
         metrics = list(image_metrics)
@@ -445,6 +454,38 @@ class EvaluationProtocol(nn.Module):
             raise ValueError(f"metrics: unknown {unknown}; expected names from {METRIC_NAMES}")
         self.notes.update([str(i) for i in object_ids], list(metrics), reason)
 
+    def flag(self, object_ids: Sequence[str], metrics: Sequence[str], reason: str) -> None:
+        """Mark the values of ``metrics`` for ``object_ids`` as reported but not a measurement of the
+        method, because of ``reason`` (e.g. ``flag(ids, POSE_METRICS, "camera head not pretrained")``);
+        :meth:`write` names them in ``metrics.json`` (module docstring, "Flagged values")."""
+        unknown = [m for m in metrics if m not in _INDEX]
+        if unknown:
+            raise ValueError(f"metrics: unknown {unknown}; expected names from {METRIC_NAMES}")
+        self.flags.update([str(i) for i in object_ids], list(metrics), reason)
+
+    def flags_summary(self, metrics: dict[str, float] | None = None) -> tuple[list[dict], dict[str, str]]:
+        """``(flags, flagged_metrics)`` for ``metrics.json``: one entry per reason (as
+        :meth:`notes_summary`'s), and for every flagged metric that has a value in ``metrics``
+        (default: :meth:`compute`) its reasons with object counts. Collective under DDP."""
+        metrics = self.compute() if metrics is None else metrics
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            rows = self.flags.compute()
+        by_reason: dict[str, dict] = {}
+        for (m, reason), ids in sorted(rows.items()):
+            e = by_reason.setdefault(reason, {"metrics": [], "ids": set()})
+            e["metrics"].append(m)
+            e["ids"].update(ids)
+        flags = [{"reason": r, "metrics": [m for m in METRIC_NAMES if m in e["metrics"]], "num_objects": len(e["ids"]),
+                  "objects": sorted(e["ids"])[:5]} for r, e in by_reason.items()]
+        flagged: dict[str, str] = {}
+        for f in flags:
+            for m in f["metrics"]:
+                if m in metrics:
+                    text = f"{f['reason']} ({f['num_objects']} object{'s' if f['num_objects'] != 1 else ''})"
+                    flagged[m] = f"{flagged[m]}; {text}" if m in flagged else text
+        return flags, flagged
+
     def notes_summary(self, metrics: dict[str, float] | None = None) -> tuple[list[dict], dict[str, str]]:
         """``(notes, missing_metrics)`` for ``metrics.json``: one entry per reason
         (``{"reason", "metrics", "num_objects", "objects"}``, first 5 ids), and for every noted metric
@@ -490,6 +531,9 @@ class EvaluationProtocol(nn.Module):
         Collective under DDP: every rank must call it."""
         rows = self.per_object()
         self._note_rows()  # every rank syncs the notes here, so that write() on rank 0 alone has them
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            self.flags.compute()  # the flags likewise
         out = {}
         for m in METRIC_NAMES:
             vals = [r[m] for r in rows if m in r and math.isfinite(r[m])]
@@ -501,6 +545,7 @@ class EvaluationProtocol(nn.Module):
         """Forget everything fed so far."""
         self.table.reset()
         self.notes.reset()
+        self.flags.reset()
 
     def write(self, out_dir: str | os.PathLike) -> Path | None:
         """Write ``metrics.csv`` (one row), ``per_object.csv`` and ``metrics.json`` (with
@@ -518,10 +563,13 @@ class EvaluationProtocol(nn.Module):
         obj_cols = ["object_id"] + [m for m in METRIC_NAMES if any(m in r for r in rows)]
         self._write_csv(out / "per_object.csv", obj_cols, rows)
         notes, missing = self.notes_summary(metrics)
+        flags, flagged = self.flags_summary(metrics)
         doc = {
             "metrics": metrics,
             "missing_metrics": missing,
             "notes": notes,
+            "flagged_metrics": flagged,
+            "flags": flags,
             "num_objects": len(rows),
             "geometry_protocol": {**self.geometry.__dict__, "num_points": self.num_points},
             "image_metrics": list(self.image_metrics),
@@ -605,4 +653,7 @@ def describe_protocol(doc: dict, with_missing: bool = True) -> list[str]:
     missing = (doc.get("missing_metrics") or {}) if with_missing else {}
     for name, why in sorted(missing.items()):
         lines.append(f"- `{name}` not measured: {why}")
+    flagged = (doc.get("flagged_metrics") or {}) if with_missing else {}
+    for name, why in sorted(flagged.items()):
+        lines.append(f"- `{name}` reported but flagged (not a measurement of the method): {why}")
     return lines

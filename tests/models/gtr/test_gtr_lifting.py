@@ -128,3 +128,29 @@ def test_lifting_errors_name_the_argument():
         ProjectedFeatureLifting(3, 4, resolution=0)
     with pytest.raises(ShapeError, match="^cameras"):
         sample_views(torch.zeros(1, 1, 2, 8, 8), _camera_on_minus_z(4, 4), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (5, 7)])
+def test_matrix_sampling_equals_grid_sample_forward_and_gradient(size, monkeypatch):
+    """Small maps go through the interpolation-matrix path; grid_sample (the large-map path)
+    is the reference, values and the gradient with respect to the maps, border cells included."""
+    from recon3d.models.gtr import lifting
+
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    cams = orbit_cameras(torch.tensor([0.0, 100.0, 230.0]), torch.tensor([0.0, 20.0, -10.0]), 2.5, 50.0, w, h)
+    cams = Cameras(cams.c2w[None], cams.K[None], w, h)
+    maps = torch.randn(1, 3, 5, h, w, generator=g, dtype=torch.float64)
+    points = torch.rand(400, 3, generator=g, dtype=torch.float64) * 2.4 - 1.2  # some project off the image
+    weights = torch.randn(1, 3, 5, 400, generator=g, dtype=torch.float64)
+    outs = {}
+    for name, limit in (("matrix", 10_000), ("grid_sample", 0)):
+        monkeypatch.setattr(lifting, "MATRIX_SAMPLING_MAX_CELLS", limit)
+        m = maps.clone().requires_grad_(True)
+        feats, valid = lifting._sample_channels_first(m, cams.to(torch.float64), points)
+        (feats * weights).sum().backward()
+        outs[name] = (feats.detach(), m.grad, valid)
+    assert 0 < int(outs["matrix"][2].sum()) < outs["matrix"][2].numel()  # both valid and invalid points
+    torch.testing.assert_close(outs["matrix"][0], outs["grid_sample"][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(outs["matrix"][1], outs["grid_sample"][1], rtol=0, atol=1e-12)
+    assert torch.equal(outs["matrix"][2], outs["grid_sample"][2])

@@ -9,7 +9,7 @@ import torch
 from recon3d.data.batch import Views
 from recon3d.data.datamodule import ReconDataModule
 from recon3d.data.synthetic import SyntheticDataset
-from recon3d.errors import DataError
+from recon3d.errors import ConfigError, DataError
 from recon3d.methods.gtr import GTRModule
 from recon3d.models.encoders import ConvPatchEncoder
 from recon3d.models.gtr import TriplaneField, TriplaneGenerator
@@ -84,6 +84,33 @@ def test_nerf_patches_match_crops(batch):
     uv_full, _ = full.project(pts[..., None, :])
     uv_patch, _ = cams.project(pts[..., None, :])
     assert torch.allclose(uv_full[..., 0, :] - off, uv_patch[..., 0, :], atol=1e-4)
+
+
+def test_object_centred_patches_cover_the_mask(batch):
+    """object_patch_fraction=1: every crop holds object pixels and is exactly the image under the
+    patch camera's window; 0 draws the same crops as the paper's uniform rule."""
+    model = _module("nerf", patch_size=8, object_patch_fraction=1.0)
+    t = batch.targets
+    masks = torch.zeros_like(t.masks)
+    masks[..., 18:21, 1:3] = 1.0  # a small object near the left edge (the crop is clamped inside)
+    views = type(t)(t.images, t.cameras, masks, t.depths, t.normals)
+    torch.manual_seed(3)
+    cams, img, m = model._random_patches(views)
+    assert bool((m.flatten(2).amax(-1) > 0.5).all())  # every crop (B, V) covers the object
+    left = (t.cameras.K[..., 0, 2] - cams.K[..., 0, 2]).round().long()
+    top = (t.cameras.K[..., 1, 2] - cams.K[..., 1, 2]).round().long()
+    for b in range(img.shape[0]):
+        for v in range(img.shape[1]):
+            y, x = int(top[b, v]), int(left[b, v])
+            torch.testing.assert_close(img[b, v], t.images[b, v, :, y:y + 8, x:x + 8], rtol=0, atol=0)
+    # fraction 0 takes the uniform crops and no extra random draws
+    torch.manual_seed(3)
+    ref, _, _ = _module("nerf", patch_size=8)._random_patches(views)
+    torch.manual_seed(3)
+    again, _, _ = _module("nerf", patch_size=8, object_patch_fraction=0.0)._random_patches(views)
+    assert torch.equal(ref.K, again.K)
+    with pytest.raises(ConfigError, match="object_patch_fraction"):
+        _module("nerf", object_patch_fraction=1.5)
 
 
 def test_mesh_stage_gradients_move_the_surface(batch):

@@ -116,3 +116,50 @@ def test_families_and_containment():
         sample_object(0, families=("teapot",))
     with pytest.raises(ConfigError, match="radius_range"):
         SyntheticDataset(radius_range=(0.5, 1.0))
+
+
+def _legacy_texture_draws(seed_state: torch.Generator):
+    """The texture draws as the sampler made them before the texture options (a reference
+    written out here): kind, colour a, b ~ 1 - a, axis, frequency in [2, 6], salt."""
+    from recon3d.data.synthetic.textures import TEXTURE_KINDS
+
+    g = seed_state
+    kind = TEXTURE_KINDS[int(torch.randint(4, (), generator=g))]
+    a = torch.rand(3, generator=g) * 0.6 + 0.2
+    b = (1.0 - a + (torch.rand(3, generator=g) - 0.5) * 0.3).clamp(0.05, 0.95)
+    axis = torch.nn.functional.normalize(torch.randn(3, generator=g), dim=0)
+    freq = 2.0 + 4.0 * float(torch.rand((), generator=g))
+    return kind, a, b, axis, freq
+
+
+def test_texture_options_change_texture_not_shape():
+    for seed in range(6):
+        ref = _legacy_texture_draws(torch.Generator().manual_seed(seed))
+        t = sample_texture(torch.Generator().manual_seed(seed))
+        assert (t.kind, t.freq) == (ref[0], ref[4])
+        assert torch.equal(t.color_a, ref[1]) and torch.equal(t.color_b, ref[2]) and torch.equal(t.axis, ref[3])
+    pts = torch.rand(500, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    style = {"kinds": ("gradient", "stripes"), "palette": "independent", "frequency": (1.0, 1.5)}
+    seen = set()
+    for seed in range(12):
+        base, other = sample_object(seed), sample_object(seed, texture=style)
+        assert torch.equal(base.sdf(pts), other.sdf(pts))  # same shape, same pose
+        tex = other.texture
+        seen.add(tex.kind)
+        assert tex.kind in style["kinds"] and 1.0 <= tex.freq <= 1.5
+        assert bool(((tex.color_b >= 0.2) & (tex.color_b <= 0.8)).all())
+    # independent colours are not near-complements: over 12 objects b deviates from 1 - a
+    diffs = [float((sample_object(s, texture=style).texture.color_b - (1 - sample_object(s, texture=style).texture.color_a)).abs().max())
+             for s in range(12)]
+    assert max(diffs) > 0.3 and seen == {"gradient", "stripes"}
+
+
+def test_texture_options_enter_the_cache_key_and_are_checked(tmp_path):
+    a = SyntheticDataset(num_objects=1, views_per_object=1, resolution=8, cache_dir=str(tmp_path))
+    b = SyntheticDataset(num_objects=1, views_per_object=1, resolution=8, cache_dir=str(tmp_path), texture_palette="independent")
+    c = SyntheticDataset(num_objects=1, views_per_object=1, resolution=8, cache_dir=str(tmp_path), texture_kinds=["stripes", "checker", "gradient", "noise"])
+    assert a.cache_dir != b.cache_dir and a.cache_dir == c.cache_dir  # the default spelled out is the default
+    for kw, key in (({"texture_palette": "pastel"}, "texture_palette"), ({"texture_kinds": ["marble"]}, "texture_kinds"),
+                    ({"texture_frequency": (3.0, 1.0)}, "texture_frequency")):
+        with pytest.raises(ConfigError, match=key):
+            SyntheticDataset(num_objects=1, views_per_object=1, resolution=8, cache_dir=str(tmp_path), **kw)

@@ -16,6 +16,7 @@ from recon3d.data.batch import Geometry
 from recon3d.data.cameras import Cameras, orbit_cameras
 from recon3d.data.synthetic.raycast import render_sdf_views
 from recon3d.data.synthetic.shapes import FAMILIES, SyntheticObject, sample_object
+from recon3d.data.synthetic.textures import TEXTURE_KINDS, TEXTURE_PALETTES
 from recon3d.errors import ConfigError, DataError
 from recon3d.geometry import grid_points, marching_cubes_fast
 from recon3d.utils.io import atomic_path
@@ -28,6 +29,9 @@ _FORMAT_VERSION = 1
 def default_cache_dir() -> Path:
     """``$RECON3D_CACHE`` or ``~/.cache/recon3d``, plus ``/synthetic``."""
     return Path(os.environ.get("RECON3D_CACHE", Path.home() / ".cache" / "recon3d")) / "synthetic"
+
+
+_DEFAULT_TEXTURE = {"kinds": TEXTURE_KINDS, "palette": "complementary", "frequency": (2.0, 6.0)}
 
 
 class SyntheticDataset(ObjectDataset):
@@ -61,6 +65,12 @@ class SyntheticDataset(ObjectDataset):
             same poses for every object, as when the inputs come from a multi-view generator with
             fixed output poses (Zero123++, Era3D: GTR's text/image-to-3D use); the objects keep
             their random orientation, so nothing about the shapes is made easier.
+        texture_kinds: the solid-texture patterns to draw from (subset of ``stripes checker
+            gradient noise``).
+        texture_palette: ``"complementary"`` (default: the second colour near ``1 - a``, maximal
+            contrast, mean colour near grey) or ``"independent"`` (both colours drawn alike).
+        texture_frequency: range of the pattern frequency (default ``[2, 6]``; stripes have period
+            ``2 / f`` world units). The texture options never change an object's shape.
         cache_dir: where generated objects are cached (default ``$RECON3D_CACHE`` or
             ``~/.cache/recon3d/synthetic``); a sub-folder per argument set.
         memory_cache_objects: keep up to this many decoded objects in memory (least recently used
@@ -87,6 +97,9 @@ class SyntheticDataset(ObjectDataset):
         num_sdf_points: int = 4096,
         mesh_resolution: int = 64,
         camera_layout: str = "random",
+        texture_kinds: tuple[str, ...] = TEXTURE_KINDS,
+        texture_palette: str = "complementary",
+        texture_frequency: tuple[float, float] = (2.0, 6.0),
         cache_dir: str | None = None,
         memory_cache_objects: int = 256,
     ):
@@ -117,11 +130,22 @@ class SyntheticDataset(ObjectDataset):
         self.num_surface_points = int(num_surface_points)
         self.num_sdf_points = int(num_sdf_points)
         self.mesh_resolution = int(mesh_resolution)
+        bad = [k for k in texture_kinds if k not in TEXTURE_KINDS]
+        if bad or not texture_kinds:
+            raise ConfigError(f"texture_kinds: expected a non-empty subset of {list(TEXTURE_KINDS)}, got {list(texture_kinds)}")
+        if texture_palette not in TEXTURE_PALETTES:
+            raise ConfigError(f"texture_palette: expected one of {list(TEXTURE_PALETTES)}, got {texture_palette!r}")
+        if not (0 < float(texture_frequency[0]) <= float(texture_frequency[1])):
+            raise ConfigError(f"texture_frequency: expected 0 < lo <= hi, got {tuple(texture_frequency)}")
+        self.texture = {"kinds": tuple(texture_kinds), "palette": texture_palette,
+                        "frequency": (float(texture_frequency[0]), float(texture_frequency[1]))}
         sample_object(0, self.families, self.max_parts)  # validates families early
         key = json.dumps(
             [_FORMAT_VERSION, self.views_per_object, self.resolution, self.seed, self.fov_deg, self.radius_range,
              self.elevation_range, self.families, self.max_parts, self.up_axis, self.num_surface_points,
-             self.num_sdf_points, self.mesh_resolution] + ([self.camera_layout] if self.camera_layout != "random" else []),
+             self.num_sdf_points, self.mesh_resolution] + ([self.camera_layout] if self.camera_layout != "random" else [])
+            # only a non-default texture setting enters the key (caches made before the option stay valid)
+            + ([[list(self.texture["kinds"]), texture_palette, list(self.texture["frequency"])]] if self.texture != _DEFAULT_TEXTURE else []),
         )
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
         self.cache_dir = self.cache_root / hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -164,7 +188,7 @@ class SyntheticDataset(ObjectDataset):
     # ------------------------------------------------------------------ generation and cache
     def object(self, index: int) -> SyntheticObject:
         """The analytic object ``index`` (exact SDF and texture)."""
-        return sample_object(self._object_seed(index), self.families, self.max_parts, self.object_ids()[index])
+        return sample_object(self._object_seed(index), self.families, self.max_parts, self.object_ids()[index], texture=self.texture)
 
     def cameras(self, index: int) -> Cameras:
         """The ``views_per_object`` orbit cameras of object ``index``."""

@@ -150,8 +150,12 @@ def _sample_primitive(kind: str, g: torch.Generator, scale: float) -> torch.Tens
     return torch.tensor([u(0.25, 0.5) * scale, u(0.25, 0.55) * scale])
 
 
-def sample_object(seed: int, families: tuple[str, ...] = FAMILIES, max_parts: int = 3, name: str | None = None) -> SyntheticObject:
+def sample_object(seed: int, families: tuple[str, ...] = FAMILIES, max_parts: int = 3, name: str | None = None,
+                  texture: dict | None = None) -> SyntheticObject:
     """Draw one object deterministically from ``seed``.
+
+    ``texture``: keyword arguments of :func:`~recon3d.data.synthetic.textures.sample_texture`
+    (kinds, palette, frequency); they change the texture only, never the shape.
 
     The object is a base primitive plus up to ``max_parts - 1`` posed parts joined by union
     (70 %) or subtracted (30 %), randomly rotated, then re-scaled so that its bounding sphere
@@ -172,7 +176,7 @@ def sample_object(seed: int, families: tuple[str, ...] = FAMILIES, max_parts: in
         op = "difference" if float(torch.rand((), generator=g)) < 0.3 else "union"
         t = (torch.rand(3, generator=g) * 2 - 1) * 0.45
         prims.append(Primitive(kind, _sample_primitive(kind, g, 0.7), random_rotation(g), t, op))
-    obj = SyntheticObject(prims, sample_texture(g), name or f"obj_{seed}", [p.kind for p in prims])
+    obj = SyntheticObject(prims, sample_texture(g, **(texture or {})), name or f"obj_{seed}", [p.kind for p in prims])
     r = obj.bounding_radius()
     s = 0.95 / max(r, 0.95) * (0.8 + 0.2 * float(torch.rand((), generator=g)))
     for prim in obj.primitives:

@@ -10,9 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Texture", "sample_texture", "TEXTURE_KINDS"]
+__all__ = ["Texture", "sample_texture", "TEXTURE_KINDS", "TEXTURE_PALETTES"]
 
 TEXTURE_KINDS = ("stripes", "checker", "gradient", "noise")
+#: how the second colour is drawn: ``complementary`` (``b ~ 1 - a``: maximal contrast, and an
+#: object's mean colour is near grey) or ``independent`` (``b`` drawn like ``a``: the mean colour
+#: keeps a hue, so a blurred reconstruction is still recognisably coloured).
+TEXTURE_PALETTES = ("complementary", "independent")
 
 
 def _hash3(ijk: torch.Tensor, salt: int) -> torch.Tensor:
@@ -67,12 +71,32 @@ class Texture:
         return self.color_a.to(p) * (1 - t) + self.color_b.to(p) * t
 
 
-def sample_texture(g: torch.Generator) -> Texture:
-    """Draw a texture (kind, two contrasting colours, orientation, frequency) from ``g``."""
-    kind = TEXTURE_KINDS[int(torch.randint(len(TEXTURE_KINDS), (), generator=g))]
+def sample_texture(
+    g: torch.Generator,
+    kinds: tuple[str, ...] = TEXTURE_KINDS,
+    palette: str = "complementary",
+    frequency: tuple[float, float] = (2.0, 6.0),
+) -> Texture:
+    """Draw a texture (kind, two colours, orientation, frequency) from ``g``.
+
+    ``kinds`` restricts the pattern kinds, ``palette`` is one of :data:`TEXTURE_PALETTES`,
+    ``frequency`` the range of the pattern frequency (stripes: period ``2 / f`` world units).
+    The number of random draws does not depend on these options, so the objects' shapes (drawn
+    from the same generator) are the same under every texture setting.
+    """
+    kind = kinds[int(torch.randint(len(kinds), (), generator=g))]
     a = torch.rand(3, generator=g) * 0.6 + 0.2
-    b = (1.0 - a + (torch.rand(3, generator=g) - 0.5) * 0.3).clamp(0.05, 0.95)
+    jitter = torch.rand(3, generator=g)
+    if palette == "complementary":
+        b = (1.0 - a + (jitter - 0.5) * 0.3).clamp(0.05, 0.95)
+    elif palette == "independent":
+        b = jitter * 0.6 + 0.2
+    else:
+        from recon3d.errors import ConfigError
+
+        raise ConfigError(f"texture palette: expected one of {list(TEXTURE_PALETTES)}, got {palette!r}")
     axis = torch.nn.functional.normalize(torch.randn(3, generator=g), dim=0)
-    freq = 2.0 + 4.0 * float(torch.rand((), generator=g))
+    lo, hi = float(frequency[0]), float(frequency[1])
+    freq = lo + (hi - lo) * float(torch.rand((), generator=g))
     salt = int(torch.randint(1 << 20, (), generator=g))
     return Texture(kind, a, b, axis, freq, salt)

@@ -51,7 +51,8 @@ def resolve_revision(git_dir: Path, rev: str, needs: str, tree: str | None = Non
                      recursive: bool = False) -> tuple[str, list[str]]:
     """The commit ``rev`` names in ``git_dir`` and, with ``tree``, the names ``git ls-tree
     [-r] --name-only <commit> <tree>`` lists (full paths). A failure of either is one line
-    (SystemExit): ``src`` is neither a checkout with ``needs`` nor a git dir with ``rev``."""
+    (SystemExit): ``git_dir`` is neither a checkout with ``needs`` (what the script looks for, e.g.
+    ``trellis/``) nor a git dir with ``rev``."""
     try:
         commit = git(git_dir, "rev-parse", rev).strip()
         names = []

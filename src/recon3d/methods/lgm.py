@@ -71,7 +71,7 @@ from recon3d.models.lgm.augment import augment_input_views
 from recon3d.models.refiners import Refiner
 from recon3d.representations import Gaussians, RenderOutput
 from recon3d.representations.reconstruction import Reconstruction
-from recon3d.utils.checks import check_option
+from recon3d.utils.checks import check_adamw_options, check_option
 
 __all__ = ["LGMModule", "one_cycle_lr_factor"]
 
@@ -106,13 +106,7 @@ def one_cycle_lr_factor(step: int, total_steps: int, warmup_steps: int, div_fact
 
 
 def _check_options(a: dict) -> None:
-    check_option("model.lr", a["lr"], 0.0, strict=True)
-    check_option("model.weight_decay", a["weight_decay"], 0.0)
-    for i, b in enumerate(a["betas"]):
-        check_option(f"model.betas[{i}]", b, 0.0)
-        if b >= 1:
-            raise ConfigError(f"model.betas[{i}]: expected a number in [0, 1), got {b!r}")
-    check_option("model.warmup_steps", a["warmup_steps"], 0, integer=True)
+    check_adamw_options(a["lr"], a["weight_decay"], a["betas"], a["warmup_steps"])
     check_option("model.lambda_mask", a["lambda_mask"], 0.0)
     check_option("model.lambda_lpips", a["lambda_lpips"], 0.0)
     check_option("model.lpips_resolution", a["lpips_resolution"], 32, integer=True)

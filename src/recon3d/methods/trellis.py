@@ -72,7 +72,7 @@ from recon3d.models.trellis.ss_flow import SparseStructureFlowModel
 from recon3d.models.trellis.ss_vae import SparseStructureDecoder, SparseStructureEncoder, occupancy_to_voxels, ss_vae_loss
 from recon3d.representations import Gaussians, Meshes, SparseVoxels
 from recon3d.representations.reconstruction import Reconstruction, object_seed
-from recon3d.utils.checks import check_option
+from recon3d.utils.checks import check_adamw_options, check_option
 
 __all__ = ["TrellisSSVAEModule", "TrellisSSFlowModule", "TrellisModule", "TRELLIS_SCALE", "trellis_axes",
            "trellis_to_world_points", "world_to_trellis_points", "trellis_voxels_to_world", "structure_gaussians",
@@ -175,22 +175,13 @@ def structure_gaussians(voxels: SparseVoxels, color: float = 0.5, opacity: float
 
 
 # ---------------------------------------------------------------------------------- shared
-def _check_train_options(lr, weight_decay, betas) -> None:
-    check_option("model.lr", lr, 0.0, strict=True)
-    check_option("model.weight_decay", weight_decay, 0.0)
-    for i, b in enumerate(betas):
-        check_option(f"model.betas[{i}]", b, 0.0)
-        if b >= 1:
-            raise ConfigError(f"model.betas[{i}]: expected a number in [0, 1), got {b!r}")
-
-
 class _TrellisBase(ReconModule):
     """What the TRELLIS modules share: ground-truth surface voxels in TRELLIS's frame, image
     conditions of the input views, per-object generators, AdamW over the trained part."""
 
     def _init_common(self, up_axis: str, lr: float, weight_decay: float, betas, voxel_spacing: float) -> None:
         trellis_axes(up_axis)
-        _check_train_options(lr, weight_decay, betas)
+        check_adamw_options(lr, weight_decay, betas)
         check_option("model.voxel_spacing", voxel_spacing, 0.0, strict=True)
         self.up_axis, self.lr, self.weight_decay, self.betas = up_axis, float(lr), float(weight_decay), tuple(betas)
         self.voxel_spacing = float(voxel_spacing)

@@ -1,7 +1,9 @@
 """Shared helpers of the reliability tests: run the real ``recon3d`` CLI, read checkpoints.
 
-Every training run goes through the console script (``recon3d fit -c ...``) in a subprocess, as
-users run it. :data:`CONFIGS` lists the method configs the distributed, resume and conformance tests are
+Every training run goes through the console script (``recon3d fit -c ...``) in a process of its
+own, as users run it: forked from a server that has the heavy imports done
+(:mod:`tests.reliability.forkserver`, ~9 s saved per run), or a plain subprocess with
+``RECON3D_TEST_NO_FORKSERVER=1`` (or where the server does not apply). :data:`CONFIGS` lists the method configs the distributed, resume and conformance tests are
 parametrized over, found by :func:`discover_configs` (nothing to register).
 """
 
@@ -12,10 +14,13 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from tests.reliability import forkserver
 
 REPO = Path(__file__).resolve().parents[2]
 RECON3D = Path(sys.executable).parent / "recon3d"
@@ -133,13 +138,34 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``recon3d <args>`` in ``cwd``; returns the completed process (stdout+stderr captured)."""
-    return subprocess.run([str(RECON3D), *args], cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+def run(args: list[str], cwd: Path, timeout: float = 240, env: dict | None = None, lane: str = "") -> subprocess.CompletedProcess:
+    """``recon3d <args>`` in ``cwd``; returns the completed process (stdout+stderr captured).
+
+    ``lane="reference"`` for a run that others are compared with bit for bit
+    (:func:`tests.reliability.forkserver.server_for`).
+    """
+    env = env or clean_env()
+    server = forkserver.server_for(args, env, str(RECON3D), lane)
+    if server is not None:
+        try:
+            return server.run([str(RECON3D), *args], cwd, env, timeout)
+        except (OSError, RuntimeError) as e:  # the server broke: the same run as a subprocess
+            warnings.warn(f"recon3d test fork server failed ({e}); using subprocesses", stacklevel=2)
+            forkserver.drop(server)
+    return subprocess.run([str(RECON3D), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def popen(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([str(RECON3D), *args], cwd=cwd, env=env or clean_env(), stdout=subprocess.PIPE,
+def popen(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen | forkserver.ForkedProcess:
+    """``recon3d <args>`` started in ``cwd``, stderr merged into stdout; read it with ``communicate``."""
+    env = env or clean_env()
+    server = forkserver.server_for(args, env, str(RECON3D))
+    if server is not None:
+        try:
+            return server.spawn([str(RECON3D), *args], cwd, env, merge_stderr=True)
+        except (OSError, RuntimeError) as e:
+            warnings.warn(f"recon3d test fork server failed ({e}); using subprocesses", stacklevel=2)
+            forkserver.drop(server)
+    return subprocess.Popen([str(RECON3D), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

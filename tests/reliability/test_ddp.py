@@ -49,7 +49,7 @@ def single(request, tmp_path_factory, synthetic_cache):
     d = tmp_path_factory.mktemp(f"single_{case.name}")
     t = time.perf_counter()
     p = run(cli_args(case, d, synthetic_cache, *case.single_args, "--trainer.callbacks+=recon3d.methods.toy.DumpWeights",
-                     f"--trainer.callbacks.dirpath={d}"), cwd=d)
+                     f"--trainer.callbacks.dirpath={d}"), cwd=d, lane="reference")
     WALL[f"{case.name}: 1 process, batch 2"] = time.perf_counter() - t
     assert p.returncode == 0, tail(p)
     return case, d

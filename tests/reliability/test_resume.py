@@ -95,7 +95,8 @@ def reference(request, tmp_path_factory, synthetic_cache):
     if case.name in FULL_MATRIX_ONLY and not full_matrix():
         pytest.skip(f"{case.name}: kill/resume with {FULL_MATRIX_ENV}=1 (make test-ddp); its base machinery resumes in the default suite")
     d = tmp_path_factory.mktemp(f"ref_{case.name}")
-    p = run(cli_args(case, d, synthetic_cache), cwd=d)
+    # Its own lane: not a sibling fork of the killed and resumed runs (the same hash seed and layout).
+    p = run(cli_args(case, d, synthetic_cache), cwd=d, lane="reference")
     assert p.returncode == 0, tail(p)
     ref = load_ckpt(ckpt_dir(d) / "last.ckpt")
     assert ref["global_step"] == case.steps_per_epoch * case.max_epochs

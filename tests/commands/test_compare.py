@@ -250,3 +250,39 @@ def test_budget_arguments():
     assert "--trainer.max_steps" not in timed and timed[timed.index("--trainer.max_time") + 1] == "00:00:02:00"
     assert timed[timed.index("--trainer.max_epochs") + 1] == "-1"
     assert cmp.budget_args({}) == []
+
+
+@pytest.mark.slow
+def test_sigkill_mid_entry_then_rerun(tmp_path):
+    """A real kill: ``recon3d compare`` in its own process group gets SIGKILL while the second
+    entry trains (its first checkpoint is on disk); the re-run leaves the finished entry's files
+    untouched and resumes the killed one from its checkpoint."""
+    import signal
+    import time
+
+    doc = yaml.safe_load(_suite(tmp_path / "suite.yaml").read_text())
+    doc["budget"] = {"max_steps": 40, "val_every": 20, "checkpoint_every": 2}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "recon3d.cli", "compare", str(tmp_path / "suite.yaml"), "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    ckpt = out / "runs" / "fast_lr" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 540
+    while time.time() < deadline and p.poll() is None and not ckpt.is_file():
+        time.sleep(0.2)
+    assert p.poll() is None, "compare ended before the kill: " + p.stderr.read().decode()[-2000:]
+    assert ckpt.is_file() and (out / "runs" / "slow_lr" / "done.json").is_file()
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    before = _mtimes(out / "runs" / "slow_lr")
+    killed_step = torch.load(ckpt, weights_only=True)["global_step"]
+    assert killed_step < 40
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "slow_lr: finished earlier" in r.stderr
+    assert _mtimes(out / "runs" / "slow_lr") == before
+    done = json.loads((out / "runs" / "fast_lr" / "done.json").read_text())
+    assert done["steps"] == 40 and 1 <= done["resumed_from_step"] <= 40
+    assert json.loads((out / "results.json").read_text())["entries"]["fast_lr"]["status"] == "done"

@@ -154,3 +154,20 @@ def test_matrix_sampling_equals_grid_sample_forward_and_gradient(size, monkeypat
     torch.testing.assert_close(outs["matrix"][0], outs["grid_sample"][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(outs["matrix"][1], outs["grid_sample"][1], rtol=0, atol=1e-12)
     assert torch.equal(outs["matrix"][2], outs["grid_sample"][2])
+
+
+def test_matrix_sampling_is_bounded_by_the_weight_matrix_size(monkeypatch):
+    """Few cells but many points: past MATRIX_SAMPLING_MAX_ELEMENTS the dense weights are not built."""
+    from recon3d.models.gtr import lifting
+
+    cams = orbit_cameras(torch.tensor([0.0]), torch.tensor([0.0]), 2.5, 50.0, 4, 4)
+    cams = Cameras(cams.c2w[None], cams.K[None], 4, 4)
+    calls = []
+    real = lifting._bilinear_by_matrix
+    monkeypatch.setattr(lifting, "_bilinear_by_matrix", lambda *a: calls.append(1) or real(*a))
+    pts = torch.zeros(100, 3)
+    lifting._sample_channels_first(torch.ones(1, 1, 2, 4, 4), cams, pts)
+    assert calls == [1]  # 1 * 100 * 16 weights: within the bound
+    monkeypatch.setattr(lifting, "MATRIX_SAMPLING_MAX_ELEMENTS", 100 * 16 - 1)
+    feats, _ = lifting._sample_channels_first(torch.ones(1, 1, 2, 4, 4), cams, pts)
+    assert calls == [1] and torch.allclose(feats, torch.ones_like(feats))  # grid_sample took it

@@ -94,6 +94,9 @@ def _project(cameras: Cameras, points: torch.Tensor) -> tuple[torch.Tensor, torc
 #: respect to the maps is one batched GEMM, where CPU ``grid_sample``'s backward scatters point by
 #: point (the patch-grid token maps of the GTR demo are 8 x 8: ~4x faster forward + backward).
 MATRIX_SAMPLING_MAX_CELLS = 256
+#: ... and only while the dense ``(B V, N, h w)`` weight matrix stays this small (2^25 floats,
+#: 128 MB in float32): small images lifted onto a large output triplane go through grid_sample.
+MATRIX_SAMPLING_MAX_ELEMENTS = 1 << 25
 
 
 def _bilinear_by_matrix(maps: torch.Tensor, u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -136,7 +139,7 @@ def _sample_channels_first(feature_maps: torch.Tensor, cameras: Cameras, points:
         check_shape(points, "N 3", "points")
     u, v, z = _project(cameras, points)
     valid = (z > 1e-6) & (u >= 0) & (u <= w) & (v >= 0) & (v <= h)
-    if h * w <= MATRIX_SAMPLING_MAX_CELLS:
+    if h * w <= MATRIX_SAMPLING_MAX_CELLS and B * V * u.shape[-1] * h * w <= MATRIX_SAMPLING_MAX_ELEMENTS:
         feats = _bilinear_by_matrix(feature_maps.reshape(B * V, C, h * w), u.reshape(B * V, -1), v.reshape(B * V, -1),
                                     valid.reshape(B * V, -1), h, w)
         return feats.reshape(B, V, C, -1), valid

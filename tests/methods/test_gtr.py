@@ -12,7 +12,7 @@ from recon3d.data.synthetic import SyntheticDataset
 from recon3d.errors import ConfigError, DataError
 from recon3d.methods.gtr import GTRModule
 from recon3d.models.encoders import ConvPatchEncoder
-from recon3d.models.gtr import TriplaneField, TriplaneGenerator
+from recon3d.models.gtr import PixelAlignedTriplaneField, TriplaneField, TriplaneGenerator
 from recon3d.models.gtr.mesh import density_grid
 from recon3d.models.refiners import TextureRefiner
 from recon3d.render.isosurface import EmptySurfaceError
@@ -59,8 +59,10 @@ def _train(model: GTRModule, batch, steps: int) -> list[float]:
 
 def _with_surface(model: GTRModule, batch) -> GTRModule:
     """Put the mesh level at the median density of the untrained field so a surface exists."""
+    views = model.field_views(batch.inputs)
     with torch.no_grad():
-        grid = density_grid(model.field, model.triplanes(batch.inputs)[:1], model.mesh_resolution)
+        grid = density_grid(model.field, model.triplanes(batch.inputs)[:1], model.mesh_resolution,
+                            views=None if views is None else views.select(0))
     model.mesh_density_level = float(grid.median())
     return model
 
@@ -74,7 +76,8 @@ def test_nerf_stage_loss_falls(batch):
 
 def test_nerf_patches_match_crops(batch):
     model = _module("nerf", patch_size=8)
-    cams, img, _ = model._random_patches(batch.targets)
+    patch = model._random_patches(batch.targets)
+    cams, img = patch.cameras, patch.images
     assert img.shape[-2:] == (8, 8) and cams.width == 8
     # A patch camera sees exactly its crop: projecting the world point of crop pixel (0, 0) of
     # the full camera through the patch camera lands on that pixel.
@@ -95,7 +98,8 @@ def test_object_centred_patches_cover_the_mask(batch):
     masks[..., 18:21, 1:3] = 1.0  # a small object near the left edge (the crop is clamped inside)
     views = type(t)(t.images, t.cameras, masks, t.depths, t.normals)
     torch.manual_seed(3)
-    cams, img, m = model._random_patches(views)
+    patch = model._random_patches(views)
+    cams, img, m = patch.cameras, patch.images, patch.masks
     assert bool((m.flatten(2).amax(-1) > 0.5).all())  # every crop (B, V) covers the object
     left = (t.cameras.K[..., 0, 2] - cams.K[..., 0, 2]).round().long()
     top = (t.cameras.K[..., 1, 2] - cams.K[..., 1, 2]).round().long()
@@ -105,9 +109,9 @@ def test_object_centred_patches_cover_the_mask(batch):
             torch.testing.assert_close(img[b, v], t.images[b, v, :, y:y + 8, x:x + 8], rtol=0, atol=0)
     # fraction 0 takes the uniform crops and no extra random draws
     torch.manual_seed(3)
-    ref, _, _ = _module("nerf", patch_size=8)._random_patches(views)
+    ref = _module("nerf", patch_size=8)._random_patches(views).cameras
     torch.manual_seed(3)
-    again, _, _ = _module("nerf", patch_size=8, object_patch_fraction=0.0)._random_patches(views)
+    again = _module("nerf", patch_size=8, object_patch_fraction=0.0)._random_patches(views).cameras
     assert torch.equal(ref.K, again.K)
     with pytest.raises(ConfigError, match="object_patch_fraction"):
         _module("nerf", object_patch_fraction=1.5)
@@ -175,4 +179,95 @@ def test_predict_exports(batch, tmp_path):
 
     mesh = trimesh.load(tmp_path / "obj" / "mesh.glb", force="mesh")
     assert len(mesh.faces) > 0 and mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
+    assert "->" in files["refine_psnr"]
+
+
+# ---------------------------------------------------------------------- NeRF-stage depth term
+def test_nerf_depth_term_is_the_masked_depth_mse(batch):
+    """Targets at the render's own depth give 0; shifted by 0.1 they give 0.01 on the pixels that
+    are object in the target and opaque in the render (closed form)."""
+    model = _module("nerf", lambda_depth=0.5, stratified_jitter=False)
+    model.eval()
+    with torch.no_grad():
+        out = model.render_volume(model.triplanes(batch.inputs), batch.targets.cameras)
+    t = batch.targets
+    both = (t.masks > 0.5) & (out["alpha"] > 0.5)
+    assert both[..., 3:, :].sum() > 0
+    for shift, expected in ((0.0, 0.0), (0.1, 0.01)):
+        depths = out["depth"] + shift
+        # object pixels without a target depth (an antialiased mask edge beside a nearest-picked
+        # depth of 0) are left out, not counted as a surface at the camera
+        depths[..., :3, :] = 0.0
+        views = Views(t.images, t.cameras, t.masks, depths)
+        b = type(batch)(batch.object_ids, batch.inputs, views, batch.geometry, batch.background)
+        with torch.no_grad():
+            terms = model.training_losses(b)
+        torch.testing.assert_close(terms["depth"], torch.tensor(expected), atol=1e-6, rtol=1e-5)
+    bad = type(batch)(batch.object_ids, batch.inputs, Views(t.images, t.cameras, t.masks), batch.geometry, batch.background)
+    with pytest.raises(DataError, match="lambda_depth"):
+        model.training_losses(bad)
+    with pytest.raises(ConfigError, match="model.lambda_depth"):
+        _module("nerf", lambda_depth=-1.0)
+
+
+def test_depth_mse_skips_pixels_without_a_target_depth():
+    from recon3d.methods.gtr import _depth_mse
+
+    pred = torch.tensor([2.0, 2.5, 3.0, 1.0])
+    target = torch.tensor([2.5, 2.5, 0.0, 2.0])  # the third pixel has no surface
+    where = torch.tensor([True, True, True, False])
+    torch.testing.assert_close(_depth_mse(pred, target, where), torch.tensor(0.125))  # (0.25 + 0) / 2
+
+
+def test_nerf_free_space_term_is_the_mesh_stage_term(batch):
+    """lambda_opacity adds the mesh stage's free-space term, on the same random rays, and is
+    refused without target depths."""
+    model = _module("nerf", lambda_opacity=0.5, stratified_jitter=False)  # whole views, no jitter: the rays' draws only
+    torch.manual_seed(5)
+    terms = model.training_losses(batch)
+    torch.manual_seed(5)
+    ref = model._free_space_opacity(model.triplanes(batch.inputs), batch.targets)
+    torch.testing.assert_close(terms["opacity"], ref)
+    assert terms["opacity"] > 0
+    torch.testing.assert_close(terms["loss"], terms["rgb"] + 0.5 * terms["opacity"])
+    t = batch.targets
+    bad = type(batch)(batch.object_ids, batch.inputs, Views(t.images, t.cameras, t.masks), batch.geometry, batch.background)
+    with pytest.raises(DataError, match="lambda_opacity"):
+        model.training_losses(bad)
+
+
+# ---------------------------------------------------------------------- pixel-aligned field
+def _pixel_module(stage="nerf", **kw) -> GTRModule:
+    return _module(stage, field=PixelAlignedTriplaneField(plane_channels=8, hidden_dim=32), **kw)
+
+
+def test_pixel_aligned_field_trains_in_both_stages(batch):
+    assert {"rgb", "mask", "depth", "loss"} <= set(_pixel_module("nerf", lambda_mask=0.5, lambda_depth=0.5).training_losses(batch))
+    nerf = _pixel_module("nerf", lambda_mask=0.5)
+    losses = _train(nerf, batch, 25)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    mesh = _with_surface(_pixel_module("mesh", lr=1e-3, mesh_resolution=16), batch)
+    losses = _train(mesh, batch, 6)
+    assert losses[-1] < losses[0], losses
+
+
+def test_pixel_aligned_reconstruction_is_per_object(batch, tmp_path):
+    """The input views travel with the triplanes: one object's render and mesh equal its row of
+    the batched ones, and predict exports (refined too)."""
+    model = _with_surface(_pixel_module("nerf", stratified_jitter=False, refine=TextureRefiner(iterations=3)), batch)
+    model.eval()
+    with torch.no_grad():
+        rec = model.reconstruct(batch)
+        assert rec.representation.views is not None
+        cams = batch.targets.cameras
+        whole = model.render_reconstruction(rec, cams)
+        one = model.render_reconstruction(rec.select(1), cams[1:2])
+        torch.testing.assert_close(one["rgb"], whole["rgb"][1:2], atol=1e-5, rtol=1e-5)
+        meshes = model.reconstruction_meshes(rec)
+        v, f = model.mesh(rec.representation.planes[1:2], "x", differentiable=False, views=model.field_views(batch.inputs).select(1))
+    assert torch.equal(meshes.verts[1], v) and torch.equal(meshes.faces[1], f)
+    with torch.inference_mode():
+        files = model.export_object(batch, 0, tmp_path / "obj")
+    for name in ("mesh.glb", "mesh_refined.glb", "turntable.gif"):
+        assert (tmp_path / "obj" / name).stat().st_size > 0, name
     assert "->" in files["refine_psnr"]

@@ -1,7 +1,9 @@
 """``recon3d demo``: the main job on the embedded synthetic data, end to end, on a CPU.
 
 Trains GTR's NeRF stage (``configs/gtr_demo.yaml``: the CPU-size GTR of ``configs/gtr_cpu.yaml``
-with projected feature lifting on and a shorter schedule) on procedurally generated objects, evaluates
+with options that are not in the paper, each commented there: projected feature lifting, a
+pixel-aligned field, the mesh stage's depth and free-space terms, and a shorter schedule) on
+procedurally generated objects, evaluates
 the held-out objects under the shared protocol (``test/metrics.csv``, per-object CSV), and
 exports one held-out object as a mesh (``.glb`` + ``.obj`` with vertex colours, a turntable GIF,
 and the texture-refined variant). Every output lands under ``--out``; a summary is printed and

@@ -118,9 +118,23 @@ class Views:
 
     def select(self, index: int) -> Views:
         """Object ``index`` of a batched set, keeping the batch dimension (``(1, V, ...)``)."""
-        sl = slice(index, index + 1)
+        return self.slice(slice(index, index + 1))
+
+    def slice(self, sl: slice) -> Views:
+        """Objects ``sl`` of a batched set (every field sliced alike)."""
         pick = lambda x: None if x is None else x[sl]  # noqa: E731
         return Views(self.images[sl], pick(self.cameras), pick(self.masks), pick(self.depths), pick(self.normals))
+
+    @staticmethod
+    def cat(items: list[Views]) -> Views:
+        """Batched sets concatenated along the batch; a field is kept only if every item has it."""
+        def join(name: str):
+            parts = [getattr(v, name) for v in items]
+            if any(p is None for p in parts):
+                return None
+            return Cameras.cat(parts) if name == "cameras" else torch.cat(parts)
+
+        return Views(join("images"), join("cameras"), join("masks"), join("depths"), join("normals"))
 
     def to(self, *args, **kwargs) -> Views:
         return Views(

@@ -80,6 +80,8 @@ def _check_options(a: dict) -> None:
     check_option("model.min_near", a["min_near"], 0.0)
     check_option("model.lambda_lpips", a["lambda_lpips"], 0.0)
     check_option("model.lambda_mask", a["lambda_mask"], 0.0)
+    check_option("model.lambda_depth", a["lambda_depth"], 0.0)
+    check_option("model.lambda_opacity", a["lambda_opacity"], 0.0)
     check_option("model.mesh_resolution", a["mesh_resolution"], 2, integer=True)
     check_option("model.mesh_density_level", a["mesh_density_level"])
     check_option("model.mesh_soft_sigma", a["mesh_soft_sigma"], 0.0)
@@ -117,6 +119,14 @@ class GTRModule(ReconModule):
         lambda_lpips: λ_p (paper: 0.5). Needs the LPIPS weights (``lpips_weights_dir``); set 0
             where they are not available.
         lambda_mask: optional NeRF-stage opacity-vs-mask MSE (not in the paper: 0).
+        lambda_depth: optional NeRF-stage depth MSE (not in the paper's NeRF stage: 0; its mesh
+            stage has the term, eq. 3): the volume render's expected z-depth against the target
+            depth on pixels that are object in the target mask, have a target depth (> 0) and
+            opacity > 0.5 in the render. Needs target masks and depths.
+        lambda_opacity: optional NeRF-stage free-space term (not in the paper's NeRF stage: 0; its
+            mesh stage has it, λ_r): the density at random points between the ray's entry and the
+            true surface (target depth; the box's far side on background pixels) is penalised by
+            ``1 - exp(-σ · |t_far - t|)``. Needs target depths.
         lpips_weights_dir: folder with the LPIPS VGG backbone and heads (see recon3d.metrics.lpips).
         mesh_resolution: marching-cubes grid (paper: 256).
         mesh_density_level: ``s`` in ``sdf = -(density - s)`` (paper/official: 10).
@@ -161,6 +171,8 @@ class GTRModule(ReconModule):
         last_delta: Literal["bin", "inf"] = "bin",
         lambda_lpips: float = 0.5,
         lambda_mask: float = 0.0,
+        lambda_depth: float = 0.0,
+        lambda_opacity: float = 0.0,
         lpips_weights_dir: str | None = None,
         mesh_resolution: int = 256,
         mesh_density_level: float = 10.0,
@@ -190,7 +202,8 @@ class GTRModule(ReconModule):
         self.stage = stage
         self.lr, self.weight_decay, self.betas, self.warmup_steps = lr, weight_decay, tuple(betas), warmup_steps
         self.patch_size, self.object_patch_fraction = patch_size, float(object_patch_fraction)
-        self.lambda_lpips, self.lambda_mask = lambda_lpips, lambda_mask
+        self.lambda_lpips, self.lambda_mask, self.lambda_depth = lambda_lpips, lambda_mask, lambda_depth
+        self.lambda_opacity = lambda_opacity
         self.volume = VolumeRenderer(aabb=field.aabb, n_samples=n_samples, background="white", chunk=eval_chunk,
                                      perturb=None if stratified_jitter else False, min_near=min_near, last_delta=last_delta)
         self.mesh_resolution, self.mesh_density_level = mesh_resolution, mesh_density_level
@@ -218,8 +231,15 @@ class GTRModule(ReconModule):
         """``(B, 3, C, R, R)`` from the input views."""
         return self.net.triplanes(views.images, views.masks, views.cameras)
 
-    def _field_fn(self, planes: torch.Tensor):
-        return lambda pts: self.field(planes, pts)
+    def field_views(self, views: Views) -> Views | None:
+        """The input views the field reads besides the triplane (images, masks, cameras), or None
+        for a field of the triplane alone (``field.needs_views``)."""
+        if not self.field.needs_views:
+            return None
+        return Views(views.images, views.cameras, views.masks)
+
+    def _field_fn(self, planes: torch.Tensor, views: Views | None = None):
+        return lambda pts: self.field(planes, pts, views)
 
     def rasterizer(self) -> MeshRasterizer:
         if self._rasterizer is None:
@@ -235,30 +255,35 @@ class GTRModule(ReconModule):
             self._iso = IsoSurfaceExtractor(self._backend("diso"), device=self.device)
         return self._iso
 
-    def mesh(self, planes: torch.Tensor, object_id: str = "object", differentiable: bool = True, resolution: int | None = None):
-        """The mesh of one object's triplane ``(1, 3, C, R, R)``: ``verts (V, 3)``, ``faces (F, 3)``."""
+    def mesh(self, planes: torch.Tensor, object_id: str = "object", differentiable: bool = True, resolution: int | None = None,
+             views: Views | None = None):
+        """The mesh of one object's triplane ``(1, 3, C, R, R)`` (``views``: its input views, for a
+        field that reads them): ``verts (V, 3)``, ``faces (F, 3)``."""
         return extract_mesh(
             self.field, planes, resolution or self.mesh_resolution, self.mesh_density_level, self.field.aabb,
             differentiable=differentiable, object_id=object_id, extractor=self._extractor() if differentiable else None,
+            views=views,
         )
 
     # ------------------------------------------------------------------ rendering
-    def render_volume(self, planes: torch.Tensor, cameras: Cameras) -> RenderOutput:
-        return self.volume(self._field_fn(planes), cameras)
+    def render_volume(self, planes: torch.Tensor, cameras: Cameras, views: Views | None = None) -> RenderOutput:
+        return self.volume(self._field_fn(planes, views), cameras)
 
     def render_mesh(self, planes: torch.Tensor, cameras: Cameras, object_ids: list[str], differentiable: bool,
-                    decoder: TriplaneField | None = None) -> RenderOutput:
+                    decoder: TriplaneField | None = None, views: Views | None = None) -> RenderOutput:
         """Mesh-render each object's extracted mesh: ``rgb``, ``alpha`` (the soft silhouette if
-        available), ``depth`` and the extra ``hard_mask``; colour from ``decoder`` (default the field)."""
+        available), ``depth`` and the extra ``hard_mask``; colour from ``decoder`` (default the field).
+        ``views``: the input views of batch ``(B, V)``, for a field that reads them."""
         decoder = self.field if decoder is None else decoder
         outs = []
         for b in range(planes.shape[0]):
             p = planes[b : b + 1]
-            verts, faces = self.mesh(p, object_ids[b], differentiable)
+            vb = None if views is None else views.select(b)
+            verts, faces = self.mesh(p, object_ids[b], differentiable, views=vb)
             frags = self.rasterizer()(verts[None], faces, cameras[b : b + 1])
             pts = frags.interpolate(verts[None])  # 1, V, 3, H, W
             V, H, W = pts.shape[1], pts.shape[3], pts.shape[4]
-            col = decoder.color(p, pts.permute(0, 1, 3, 4, 2).reshape(1, -1, 3)).reshape(1, V, H, W, 3).permute(0, 1, 4, 2, 3)
+            col = decoder.color(p, pts.permute(0, 1, 3, 4, 2).reshape(1, -1, 3), vb).reshape(1, V, H, W, 3).permute(0, 1, 4, 2, 3)
             hard = frags.mask
             mask = frags.soft_mask if frags.soft_mask is not None else hard
             rgb = col * hard + (1 - hard) * 1.0
@@ -269,10 +294,12 @@ class GTRModule(ReconModule):
 
     # ------------------------------------------------------------------ reconstruct once
     def reconstruct(self, batch: Batch) -> Reconstruction:
-        """The triplanes of every object: ``Triplanes(planes (B, 3, C, R, R), decoder=field)``.
-        Meshes are extracted on demand (:meth:`reconstruction_meshes`) and cached in ``extras``."""
+        """The triplanes of every object: ``Triplanes(planes (B, 3, C, R, R), decoder=field)`` (with
+        the input views when the field reads them). Meshes are extracted on demand
+        (:meth:`reconstruction_meshes`) and cached in ``extras``."""
         batch.require("inputs.cameras", who="GTR")  # the encoder's Plücker ray channels
-        return Reconstruction(list(batch.object_ids), Triplanes(self.triplanes(batch.inputs), self.field, self.field.aabb))
+        tri = Triplanes(self.triplanes(batch.inputs), self.field, self.field.aabb, self.field_views(batch.inputs))
+        return Reconstruction(list(batch.object_ids), tri)
 
     def render_reconstruction(self, rec: Reconstruction, cameras: Cameras) -> RenderOutput:
         """Evaluation renders: the volume render (nerf stage) or the mesh render (mesh stage) of
@@ -285,18 +312,21 @@ class GTRModule(ReconModule):
             n = tri.batch_size
             cams = cameras[b : b + n]
             if self.stage == "nerf":
-                outs.append(self.volume(lambda pts, t=tri: t.decoder(t.planes, pts), cams))
+                outs.append(self.volume(tri, cams))
             else:
-                outs.append(self.render_mesh(tri.planes, cams, rec.object_ids[b : b + n], differentiable=False, decoder=tri.decoder))
+                outs.append(self.render_mesh(tri.planes, cams, rec.object_ids[b : b + n], differentiable=False, decoder=tri.decoder,
+                                             views=tri.views))
             b += n
         return outs[0] if len(outs) == 1 else RenderOutput.cat(outs)
 
     # ------------------------------------------------------------------ losses
-    def _random_patches(self, targets: Views) -> tuple[Cameras, torch.Tensor, torch.Tensor | None]:
+    def _random_patches(self, targets: Views) -> Views:
+        """The supervision views cut to random ``patch_size^2`` crops (images, masks, depths) with
+        the crop cameras (the whole views when there is no patch size or it is not smaller)."""
         cams = targets.cameras
         P = self.patch_size
         if P is None or P >= min(cams.width, cams.height):
-            return cams, targets.images, targets.masks
+            return Views(targets.images, cams, targets.masks, targets.depths)
         B, V = cams.batch_shape
         top = torch.randint(0, cams.height - P + 1, (B, V))
         left = torch.randint(0, cams.width - P + 1, (B, V))
@@ -316,7 +346,7 @@ class GTRModule(ReconModule):
             idx_c = cols[:, :, None, None, :].expand(B, V, x.shape[2], P, P).to(x.device)
             return torch.gather(x, 4, idx_c)
 
-        return Cameras(cams.c2w, K, P, P), crop(targets.images), crop(targets.masks)
+        return Views(crop(targets.images), Cameras(cams.c2w, K, P, P), crop(targets.masks), crop(targets.depths))
 
     def _object_centred(self, masks: torch.Tensor, top: torch.Tensor, left: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace a random ``object_patch_fraction`` of the crop corners ``(B, V)`` by crops
@@ -339,14 +369,20 @@ class GTRModule(ReconModule):
 
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         batch.require("inputs.cameras", "targets.cameras", who="GTR")  # Plücker ray inputs, rendered targets
+        if self.stage == "nerf" and self.lambda_depth > 0:
+            batch.require("targets.masks", "targets.depths", who="GTR's NeRF-stage depth term (model.lambda_depth > 0)")
+        if self.stage == "nerf" and self.lambda_opacity > 0:
+            batch.require("targets.depths", who="GTR's NeRF-stage free-space term (model.lambda_opacity > 0)")
         planes = self.triplanes(batch.inputs)
+        views = self.field_views(batch.inputs)
         if self.stage == "nerf":
-            return self._nerf_losses(planes, batch)
-        return self._mesh_losses(planes, batch)
+            return self._nerf_losses(planes, batch, views)
+        return self._mesh_losses(planes, batch, views)
 
-    def _nerf_losses(self, planes: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        cams, target, mask = self._random_patches(batch.targets)
-        out = self.render_volume(planes, cams)
+    def _nerf_losses(self, planes: torch.Tensor, batch: Batch, views: Views | None = None) -> dict[str, torch.Tensor]:
+        patch = self._random_patches(batch.targets)
+        target, mask = patch.images, patch.masks
+        out = self.render_volume(planes, patch.cameras, views)
         terms = {"rgb": F.mse_loss(out["rgb"], target)}
         loss = terms["rgb"]
         if self.lpips is not None and self.lambda_lpips > 0:
@@ -355,19 +391,27 @@ class GTRModule(ReconModule):
         if self.lambda_mask > 0 and mask is not None:
             terms["mask"] = F.mse_loss(out["alpha"], mask)
             loss = loss + self.lambda_mask * terms["mask"]
+        if self.lambda_depth > 0:
+            # the mesh stage's depth term (eq. 3) on the volume render's expected z-depth, over
+            # pixels that are object in the target and opaque enough in the render to have a depth
+            terms["depth"] = _depth_mse(out["depth"], patch.depths, (mask > 0.5) & (out["alpha"].detach() > 0.5))
+            loss = loss + self.lambda_depth * terms["depth"]
+        if self.lambda_opacity > 0:
+            # the mesh stage's free-space term (official ray_opacity) on the whole supervision views
+            terms["opacity"] = self._free_space_opacity(planes, batch.targets, views=views)
+            loss = loss + self.lambda_opacity * terms["opacity"]
         terms["psnr"] = -10 * torch.log10(terms["rgb"].detach().clamp_min(1e-10))
         terms["loss"] = loss
         return terms
 
-    def _mesh_losses(self, planes: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    def _mesh_losses(self, planes: torch.Tensor, batch: Batch, views: Views | None = None) -> dict[str, torch.Tensor]:
         batch.require("targets.masks", "targets.depths", who="GTR's mesh stage")
         tg = batch.targets
-        out = self.render_mesh(planes, tg.cameras, batch.object_ids, differentiable=True)
+        out = self.render_mesh(planes, tg.cameras, batch.object_ids, differentiable=True, views=views)
         w = self.mesh_loss_weights
         terms = {"rgb": F.mse_loss(out["rgb"], tg.images), "mask": F.mse_loss(out["alpha"], tg.masks)}
-        both = (out["hard_mask"] > 0.5) & (tg.masks > 0.5)
-        terms["depth"] = ((out["depth"] - tg.depths).square() * both).sum() / both.sum().clamp_min(1)
-        terms["opacity"] = self._free_space_opacity(planes, tg)
+        terms["depth"] = _depth_mse(out["depth"], tg.depths, (out["hard_mask"] > 0.5) & (tg.masks > 0.5))
+        terms["opacity"] = self._free_space_opacity(planes, tg, views=views)
         if self.lpips is not None and w["lpips"] > 0:
             terms["lpips"] = self._lpips(out["rgb"], tg.images)
         loss = sum(w[k] * v for k, v in terms.items() if k in w)
@@ -375,7 +419,7 @@ class GTRModule(ReconModule):
         terms["loss"] = loss
         return terms
 
-    def _free_space_opacity(self, planes: torch.Tensor, targets: Views, n_rays: int = 1024) -> torch.Tensor:
+    def _free_space_opacity(self, planes: torch.Tensor, targets: Views, n_rays: int = 1024, views: Views | None = None) -> torch.Tensor:
         """Official ``ray_opacity``: free-space points before the true surface should be empty."""
         cams = targets.cameras
         B, V = cams.batch_shape
@@ -391,7 +435,7 @@ class GTRModule(ReconModule):
         t_far = torch.where(t_surface > 0, torch.minimum(t_surface - 0.02, far), far)
         valid = hit & (t_far > near)
         t = near + torch.rand_like(near) * (t_far - near).clamp_min(0)
-        sigma = self.field.density(planes, o + t[..., None] * d)
+        sigma = self.field.density(planes, o + t[..., None] * d, views)
         pen = 1 - torch.exp(-sigma * (t_far - t).clamp_min(0))
         return (pen * valid).sum() / valid.sum().clamp_min(1)
 
@@ -426,9 +470,10 @@ class GTRModule(ReconModule):
         b = 0
         for tri in _triplanes_of(rec):
             for j in range(tri.batch_size):
-                p = tri.planes[j : j + 1]
+                one = tri[j]
+                p = one.planes
                 try:
-                    v, f = self.mesh(p, rec.object_ids[b], differentiable=False, resolution=res)
+                    v, f = self.mesh(p, rec.object_ids[b], differentiable=False, resolution=res, views=one.views)
                 except EmptySurfaceError:
                     v, f = p.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=p.device)
                 verts.append(v)
@@ -448,9 +493,9 @@ class GTRModule(ReconModule):
         mesh = self.reconstruction_meshes(rec)
         if mesh.num_faces[0] == 0:
             raise EmptySurfaceError(f"object {rec.object_ids[0]}: {self.empty_surface_reason}")
-        tri = _triplanes_of(rec)[0]
+        tri = _triplanes_of(rec)[0][0]
         with torch.no_grad():
-            colors = tri.decoder.color(tri.planes[:1], mesh.verts[0][None].to(tri.planes))[0].clamp(0, 1)
+            colors = tri.decoder.color(tri.planes, mesh.verts[0][None].to(tri.planes), tri.views)[0].clamp(0, 1)
         cams = self._turntable_cameras(views)
         formats = self.export_formats or (("glb", "obj", "gif") if cams is not None else ("glb", "obj"))
         return export_representation(Meshes(mesh.verts, mesh.faces, [colors]), Path(out_dir), formats, suffix=suffix,
@@ -464,6 +509,18 @@ class GTRModule(ReconModule):
             return None
         return turntable_cameras(self.turntable_frames, radius=float(views.cameras.centers[0].norm(dim=-1).mean()),
                                  fov_y_deg=float(torch.rad2deg(views.cameras.fov_y[0].mean())), size=128)
+
+
+def _depth_mse(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Mean squared depth error over the pixels ``where`` that also have a target depth (> 0).
+
+    A mask and a depth map of one view need not agree at the silhouette: resized views have
+    antialiased masks (bilinear) but depths picked from one pixel (nearest), so an edge pixel can
+    be object in the mask with depth 0 ("no surface"). Its error, the whole camera distance
+    squared, would outweigh every true pixel (2 % of the object's pixels held ~90 % of the loss
+    in the demo's data) and pull the surface towards the camera."""
+    valid = where & (target > 0)
+    return ((pred - target).square() * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _triplanes_of(rec: Reconstruction) -> list[Triplanes]:

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from recon3d.errors import ShapeError
 from recon3d.utils.checks import check_shape
+
+if TYPE_CHECKING:
+    from recon3d.data.batch import Views
 
 __all__ = ["NeuralField", "Triplanes", "as_box"]
 
@@ -72,19 +76,27 @@ class Triplanes:
             GTR's :class:`~recon3d.models.gtr.field.TriplaneField`.
         aabb: the cube ``(lo, hi)`` (or ``(2, 3)`` box) the planes span; defaults to
             ``decoder.aabb`` when the decoder has one, else ``(-1, 1)``.
+        views: the input views a pixel-aligned decoder reads besides the planes
+            (:class:`~recon3d.models.gtr.pixel_field.PixelAlignedTriplaneField`): a
+            :class:`~recon3d.data.batch.Views` of batch ``(B, V)``, passed as
+            ``decoder(planes, points, views=views)`` and sliced with the planes; None for a
+            decoder of the planes alone.
     """
 
     planes: torch.Tensor
     decoder: nn.Module | Callable
     aabb: torch.Tensor | tuple[float, float] | None = None
+    views: Views | None = None
 
     def __post_init__(self) -> None:
-        check_shape(self.planes, "B 3 C H W", "planes")
+        dims = check_shape(self.planes, "B 3 C H W", "planes")
         if not callable(self.decoder):
             raise ShapeError(f"decoder: expected a module decoder(planes, points) -> dict, got {type(self.decoder).__name__}")
         if self.aabb is None:
             self.aabb = getattr(self.decoder, "aabb", (-1.0, 1.0))
         self.aabb = as_box(self.aabb)
+        if self.views is not None:
+            check_shape(self.views.images, f"{dims['B']} V 3 H W", "views.images")
 
     @property
     def batch_size(self) -> int:
@@ -96,15 +108,18 @@ class Triplanes:
 
     def __call__(self, points: torch.Tensor) -> dict[str, torch.Tensor]:
         """The field at world ``points (B, N, 3)``."""
-        return self.decoder(self.planes, points)
+        if self.views is None:
+            return self.decoder(self.planes, points)
+        return self.decoder(self.planes, points, views=self.views)
 
     def __getitem__(self, idx: int | slice) -> Triplanes:
-        """Objects ``idx`` (an int keeps the batch dimension)."""
+        """Objects ``idx`` (an int keeps the batch dimension); the views follow the planes."""
         if isinstance(idx, int):
             if not -self.batch_size <= idx < self.batch_size:
                 raise IndexError(f"Triplanes index {idx}: the batch has {self.batch_size} objects")
             idx = slice(idx % self.batch_size, idx % self.batch_size + 1)
-        return Triplanes(self.planes[idx], self.decoder, self.aabb)
+        views = None if self.views is None else self.views.slice(idx)
+        return Triplanes(self.planes[idx], self.decoder, self.aabb, views)
 
     def split(self) -> list[Triplanes]:
         return [self[i] for i in range(self.batch_size)]
@@ -117,11 +132,19 @@ class Triplanes:
         for i, t in enumerate(items[1:], 1):
             if t.decoder is not items[0].decoder or not torch.equal(t.aabb, items[0].aabb):
                 raise ShapeError(f"items[{i}]: expected the decoder and aabb of items[0] (one field, several objects)")
-        return cls(torch.cat([t.planes for t in items]), items[0].decoder, items[0].aabb)
+            if (t.views is None) != (items[0].views is None):
+                raise ShapeError(f"items[{i}]: expected views like items[0] (all or none)")
+        views = None
+        if items[0].views is not None:
+            from recon3d.data.batch import Views
+
+            views = Views.cat([t.views for t in items])
+        return cls(torch.cat([t.planes for t in items]), items[0].decoder, items[0].aabb, views)
 
     def to(self, *args, **kwargs) -> Triplanes:
-        """Move/cast the planes (the decoder is the method's module and is not moved)."""
-        return Triplanes(self.planes.to(*args, **kwargs), self.decoder, self.aabb)
+        """Move/cast the planes and views (the decoder is the method's module and is not moved)."""
+        views = None if self.views is None else self.views.to(*args, **kwargs)
+        return Triplanes(self.planes.to(*args, **kwargs), self.decoder, self.aabb, views)
 
     def detach(self) -> Triplanes:
-        return Triplanes(self.planes.detach(), self.decoder, self.aabb)
+        return Triplanes(self.planes.detach(), self.decoder, self.aabb, self.views)

@@ -59,6 +59,10 @@ class TriplaneField(nn.Module):
     Separate MLPs let one stage train colour with density frozen (texture refinement) or the
     reverse (:meth:`set_trainable`).
 
+    Every method takes an optional ``views`` argument, the input views a pixel-aligned subclass
+    reads (:class:`~recon3d.models.gtr.pixel_field.PixelAlignedTriplaneField`); this field
+    depends on the triplane only and ignores it (:attr:`needs_views` is False).
+
     Paper vs official code: the paper (§4.1) uses 3- and 4-layer MLPs of hidden size **512**
     (the default here); the released checkpoint uses hidden size **32**
     (``config_texrefine.yaml``: ``layer_width: 32``; use ``hidden_dim=32`` to load it). Both use
@@ -75,6 +79,9 @@ class TriplaneField(nn.Module):
         layout: ``"interleaved"`` (GTR) or ``"plane_major"`` channel order.
         padding_mode: ``grid_sample`` padding outside the box (GTR: ``"border"``).
     """
+
+    #: whether the field reads the input views besides the triplane (pixel-aligned fields)
+    needs_views: bool = False
 
     def __init__(
         self,
@@ -97,8 +104,9 @@ class TriplaneField(nn.Module):
         self.density_mlp = FieldMLP(in_dim, hidden_dim, 1, density_layers, activation)
         self.color_mlp = FieldMLP(in_dim, hidden_dim, 3, color_layers, activation)
 
-    def features(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """Triplane features ``(B, N, 3C)`` at ``points (B, N, 3)`` from ``planes (B, 3, C, R, R)``."""
+    def features(self, planes: torch.Tensor, points: torch.Tensor, views=None) -> torch.Tensor:
+        """Triplane features ``(B, N, 3C)`` at ``points (B, N, 3)`` from ``planes (B, 3, C, R, R)``
+        (``views`` is not read: class docstring)."""
         dims = check_shape(planes, f"B 3 {self.plane_channels} R R", "planes")
         check_shape(points, "B N 3", "points", {"B": dims["B"]})
         return sample_triplane(planes, points, aabb=self.aabb, layout=self.layout, padding_mode=self.padding_mode)
@@ -107,22 +115,23 @@ class TriplaneField(nn.Module):
         """``(..., 3C) -> (...)`` non-negative density."""
         return nn.functional.softplus(self.density_mlp(feats)[..., 0])
 
-    def color_from_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """``(..., 3C) -> (..., 3)`` colour in ``[-e, 1 + e]``."""
+    def color_from_features(self, feats: torch.Tensor, color_mlp: nn.Module | None = None) -> torch.Tensor:
+        """``(..., 3C) -> (..., 3)`` colour in ``[-e, 1 + e]``; ``color_mlp`` replaces
+        :attr:`color_mlp` (texture refinement optimises a copy of it)."""
         e = self.color_saturation
-        return torch.sigmoid(self.color_mlp(feats)) * (1 + 2 * e) - e
+        return torch.sigmoid((self.color_mlp if color_mlp is None else color_mlp)(feats)) * (1 + 2 * e) - e
 
-    def density(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    def density(self, planes: torch.Tensor, points: torch.Tensor, views=None) -> torch.Tensor:
         """Density ``(B, N)`` only (mesh extraction, free-space losses)."""
-        return self.density_from_features(self.features(planes, points))
+        return self.density_from_features(self.features(planes, points, views))
 
-    def color(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    def color(self, planes: torch.Tensor, points: torch.Tensor, views=None) -> torch.Tensor:
         """Colour ``(B, N, 3)`` only (mesh surface shading, texture refinement)."""
-        return self.color_from_features(self.features(planes, points))
+        return self.color_from_features(self.features(planes, points, views))
 
-    def forward(self, planes: torch.Tensor, points: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, planes: torch.Tensor, points: torch.Tensor, views=None) -> dict[str, torch.Tensor]:
         """``planes (B, 3, C, R, R)``, ``points (B, N, 3)`` -> ``{"density": (B, N), "rgb": (B, N, 3)}``."""
-        feats = self.features(planes, points)
+        feats = self.features(planes, points, views)
         return {"density": self.density_from_features(feats), "rgb": self.color_from_features(feats)}
 
     def set_trainable(self, density: bool | None = None, color: bool | None = None) -> None:

@@ -18,6 +18,8 @@ the height, cell centres at ``lo + (k + 0.5) (hi - lo) / R``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,19 +52,23 @@ def plane_line_points(resolution: int, depth_samples: int, aabb: tuple[float, fl
     return out
 
 
-def sample_views(feature_maps: torch.Tensor, cameras: Cameras, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_views(feature_maps: torch.Tensor, cameras: Cameras, points: torch.Tensor,
+                 padding: Literal["zeros", "border"] = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear samples of each view's feature map under the projection of world points.
 
     Args:
         feature_maps: ``(B, V, C, h, w)``.
         cameras: batch ``(B, V)``, size ``w x h`` (pixel ``(u, v)`` covers ``[u, u+1) x [v, v+1)``).
         points: ``(N, 3)`` world points shared by all objects, or ``(B, N, 3)``.
+        padding: what the bilinear weights read beyond the border pixels' centres (a valid point
+            within half a pixel of the edge): ``"zeros"`` (``grid_sample``'s default, a fade to 0)
+            or ``"border"`` (the border pixel: colours keep their value up to the edge).
 
     Returns:
         ``feats (B, V, N, C)`` (zero where invalid) and ``valid (B, V, N)``: the point is in front
         of the camera and projects inside the image.
     """
-    feats, valid = _sample_channels_first(feature_maps, cameras, points)
+    feats, valid = _sample_channels_first(feature_maps, cameras, points, padding)
     return feats.transpose(2, 3), valid
 
 
@@ -99,8 +105,9 @@ MATRIX_SAMPLING_MAX_CELLS = 256
 MATRIX_SAMPLING_MAX_ELEMENTS = 1 << 25
 
 
-def _bilinear_by_matrix(maps: torch.Tensor, u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``grid_sample(..., bilinear, zeros, align_corners=False)`` as a matrix product.
+def _bilinear_by_matrix(maps: torch.Tensor, u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, h: int, w: int,
+                        padding: str = "zeros") -> torch.Tensor:
+    """``grid_sample(..., bilinear, zeros | border, align_corners=False)`` as a matrix product.
 
     Args:
         maps: ``(M, C, h*w)`` flattened feature maps.
@@ -108,7 +115,8 @@ def _bilinear_by_matrix(maps: torch.Tensor, u: torch.Tensor, v: torch.Tensor, va
         valid: ``(M, N)``; invalid points sample 0.
 
     Returns ``(M, C, N)``. The ``(M, N, h*w)`` matrix holds each point's four bilinear weights;
-    corners outside the map get weight 0 (zeros padding), as in ``grid_sample``.
+    corners outside the map get weight 0 (zeros padding) or go to the nearest border cell
+    (border padding), as in ``grid_sample``.
     """
     x, y = u - 0.5, v - 0.5  # continuous coordinates of the cell centres
     x0, y0 = torch.floor(x), torch.floor(y)
@@ -118,14 +126,17 @@ def _bilinear_by_matrix(maps: torch.Tensor, u: torch.Tensor, v: torch.Tensor, va
     weights = maps.new_zeros(M, N, h * w)
     for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
         xi, yi = x0 + dx, y0 + dy
-        inside = valid & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        inside = valid if padding == "border" else valid & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
         idx = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1))[..., None]
         weights.scatter_add_(2, idx, torch.where(inside, wt, 0.0)[..., None])
     return maps @ weights.transpose(1, 2)
 
 
-def _sample_channels_first(feature_maps: torch.Tensor, cameras: Cameras, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_channels_first(feature_maps: torch.Tensor, cameras: Cameras, points: torch.Tensor,
+                           padding: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sample_views` with features ``(B, V, C, N)`` (grid_sample's own layout)."""
+    if padding not in ("zeros", "border"):
+        raise ConfigError(f"padding: expected 'zeros' or 'border', got {padding!r}")
     dims = check_shape(feature_maps, "B V C h w", "feature_maps")
     B, V, C, h, w = (dims[k] for k in ("B", "V", "C", "h", "w"))
     if tuple(cameras.batch_shape) != (B, V) or (cameras.width, cameras.height) != (w, h):
@@ -141,16 +152,17 @@ def _sample_channels_first(feature_maps: torch.Tensor, cameras: Cameras, points:
     valid = (z > 1e-6) & (u >= 0) & (u <= w) & (v >= 0) & (v <= h)
     if h * w <= MATRIX_SAMPLING_MAX_CELLS and B * V * u.shape[-1] * h * w <= MATRIX_SAMPLING_MAX_ELEMENTS:
         feats = _bilinear_by_matrix(feature_maps.reshape(B * V, C, h * w), u.reshape(B * V, -1), v.reshape(B * V, -1),
-                                    valid.reshape(B * V, -1), h, w)
+                                    valid.reshape(B * V, -1), h, w, padding)
         return feats.reshape(B, V, C, -1), valid
     # grid_sample(align_corners=False): -1 and +1 are the outer edges of the border pixels;
     # an invalid point is sent off the image, where zeros padding gives 0.
     gx = torch.where(valid, u * (2.0 / w) - 1, 2.0)
     gy = torch.where(valid, v * (2.0 / h) - 1, 2.0)
     grid = torch.stack([gx, gy], -1).reshape(B * V, 1, -1, 2).to(feature_maps.dtype)
-    feats = F.grid_sample(feature_maps.reshape(B * V, C, h, w), grid, mode="bilinear", padding_mode="zeros",
+    feats = F.grid_sample(feature_maps.reshape(B * V, C, h, w), grid, mode="bilinear", padding_mode=padding,
                           align_corners=False)  # B*V, C, 1, N
-    return feats.reshape(B, V, C, -1), valid
+    feats = feats.reshape(B, V, C, -1)
+    return (feats * valid[:, :, None].to(feats.dtype) if padding == "border" else feats), valid
 
 
 class ProjectedFeatureLifting(nn.Module):

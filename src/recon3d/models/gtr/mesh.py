@@ -10,13 +10,15 @@ from recon3d.render.isosurface import EmptySurfaceError, grid_points, marching_c
 __all__ = ["density_grid", "extract_mesh"]
 
 
-def density_grid(field: TriplaneField, planes: torch.Tensor, resolution: int, aabb=(-1.0, 1.0), chunk: int = 1 << 18) -> torch.Tensor:
+def density_grid(field: TriplaneField, planes: torch.Tensor, resolution: int, aabb=(-1.0, 1.0), chunk: int = 1 << 18,
+                 views=None) -> torch.Tensor:
     """Density on a ``resolution^3`` grid spanning ``aabb``: ``planes (1, 3, C, R, R)`` → ``(N, N, N)``.
 
-    Evaluated in chunks of ``chunk`` points; differentiable when grad is enabled.
+    Evaluated in chunks of ``chunk`` points; differentiable when grad is enabled. ``views``: the
+    object's input views, for a field that reads them (``field.needs_views``).
     """
     pts = grid_points(resolution, aabb, device=planes.device).reshape(1, -1, 3).to(planes.dtype)
-    out = [field.density(planes, pts[:, i : i + chunk]) for i in range(0, pts.shape[1], chunk)]
+    out = [field.density(planes, pts[:, i : i + chunk], views) for i in range(0, pts.shape[1], chunk)]
     return torch.cat(out, 1).reshape(resolution, resolution, resolution)
 
 
@@ -29,6 +31,7 @@ def extract_mesh(
     differentiable: bool = True,
     object_id: str = "object",
     extractor=None,
+    views=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mesh of the ``density = density_level`` surface of one object's triplane.
 
@@ -40,6 +43,7 @@ def extract_mesh(
             or the fast non-differentiable path (export).
         extractor: optional :class:`~recon3d.render.isosurface.IsoSurfaceExtractor` (e.g. the
             ``diso`` backend on CUDA) used when ``differentiable``.
+        views: the object's input views (batch ``(1, V)``) for a field that reads them.
 
     Returns:
         ``verts (V, 3)`` world coordinates, ``faces (F, 3)``.
@@ -47,7 +51,7 @@ def extract_mesh(
     Raises:
         EmptySurfaceError: naming ``object_id`` when the density never crosses the level.
     """
-    sdf = -(density_grid(field, planes, resolution, aabb) - density_level)
+    sdf = -(density_grid(field, planes, resolution, aabb, views=views) - density_level)
     try:
         if differentiable:
             return (extractor or marching_cubes)(sdf, aabb, 0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from recon3d.data.batch import Views
 from recon3d.data.cameras import Cameras
 from recon3d.errors import ConfigError
 from recon3d.models.encoders import ConvPatchEncoder, ImageEncoder
@@ -70,7 +71,11 @@ class GTRNetwork(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Triplanes, then the field at ``points (B, N, 3)``: ``{"planes", "density" (B, N), "rgb" (B, N, 3)}``."""
         planes = self.triplanes(images, masks, cameras)
-        return {"planes": planes, **self.field(planes, points)}
+        views = None
+        if self.field.needs_views:  # a pixel-aligned field reads the input views too
+            alpha = images[:, :, 3:4] if images.shape[2] == 4 else None
+            views = Views(images[:, :, :3], cameras, masks if masks is not None else alpha)
+        return {"planes": planes, **self.field(planes, points, views)}
 
 
 def gtr_official(gradient_checkpointing: bool = False) -> GTRNetwork:

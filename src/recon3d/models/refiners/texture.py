@@ -95,12 +95,12 @@ class TextureRefiner(Refiner):
         decoder = tri.decoder
         refined, histories = [], []
         for b in range(B):
-            one = views.select(b)
-            res = self.refine_triplane(tri.planes[b : b + 1], _color_fn(decoder), decoder.color_mlp, mesh.verts[b], mesh.faces[b], one)
+            one, own = views.select(b), tri[b]
+            res = self.refine_triplane(own.planes, _color_fn(decoder, own.views), decoder.color_mlp, mesh.verts[b], mesh.faces[b], one)
             dec = copy.copy(decoder)  # shallow: shares the density MLP and buffers, owns the refined colour MLP
             dec._modules = dict(decoder._modules)
             dec._modules["color_mlp"] = res.color_net.requires_grad_(False)
-            refined.append(Triplanes(res.planes, dec, tri.aabb))
+            refined.append(Triplanes(res.planes, dec, tri.aabb, own.views))
             histories.append(res.psnr_history)
         rep = refined[0] if B == 1 else refined
         return reconstruction.replace(representation=rep, extras={**reconstruction.extras, "refine_psnr": histories})
@@ -174,14 +174,16 @@ class TextureRefiner(Refiner):
         return RefinementResult(params.detach(), net, history)
 
 
-def _color_fn(decoder) -> Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]:
-    """``(planes, points, color_net) -> rgb``: the decoder's colour path with another colour MLP."""
-    for attr in ("features", "color_mlp"):
+def _color_fn(decoder, views=None) -> Callable[[torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]:
+    """``(planes, points, color_net) -> rgb``: the decoder's colour path with another colour MLP
+    (``views``: the object's input views, for a decoder that reads them)."""
+    for attr in ("features", "color_mlp", "color_from_features"):
         if not hasattr(decoder, attr):
-            raise ConfigError(f"TextureRefiner: the triplane decoder {type(decoder).__name__} has no {attr!r} (needs features + color_mlp)")
-    e = float(getattr(decoder, "color_saturation", 0.0))
+            raise ConfigError(f"TextureRefiner: the triplane decoder {type(decoder).__name__} has no {attr!r} "
+                              "(needs features + color_mlp + color_from_features)")
 
     def color(planes: torch.Tensor, points: torch.Tensor, color_net: nn.Module) -> torch.Tensor:
-        return torch.sigmoid(color_net(decoder.features(planes, points))) * (1 + 2 * e) - e
+        feats = decoder.features(planes, points) if views is None else decoder.features(planes, points, views)
+        return decoder.color_from_features(feats, color_net)
 
     return color

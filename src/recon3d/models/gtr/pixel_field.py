@@ -15,7 +15,8 @@ view sees the point and how to correct it:
   MLP); ``w = softmax_v(q . k_v)`` over the views that see the point, and the blended colour
   ``sum_v w_v rgb_v`` is one of the field's features. The score is linear in the key, so it can
   express "the view facing the surface" (``q`` along the normal) or "the view of this colour"
-  without a per-view hidden layer (which cost ~30 % of a demo step); a part common to every view
+  without a per-view hidden layer (a GELU over every point and view, the first prototype's
+  costliest addition); a part common to every view
   (e.g. ``rgb_v - mean`` instead of ``rgb_v``) would change nothing, softmax being blind to it;
 - **view statistics**: the mean and variance of ``rgb_v`` over the views, the smallest mask value
   over the views (the visual hull: 0 once any view sees background there) and the mean mask;

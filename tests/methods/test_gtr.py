@@ -211,7 +211,7 @@ def test_nerf_depth_term_is_the_masked_depth_mse(batch):
 
 
 def test_depth_mse_skips_pixels_without_a_target_depth():
-    from recon3d.methods.gtr import _depth_mse
+    from recon3d.methods.base import depth_mse as _depth_mse
 
     pred = torch.tensor([2.0, 2.5, 3.0, 1.0])
     target = torch.tensor([2.5, 2.5, 0.0, 2.0])  # the third pixel has no surface

@@ -44,7 +44,7 @@ from recon3d.data.batch import Batch, Views
 from recon3d.data.cameras import Cameras
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError
-from recon3d.methods.base import NonFiniteGuard, ReconModule, own_instance, warmup_cosine_factor
+from recon3d.methods.base import NonFiniteGuard, ReconModule, depth_mse, own_instance, warmup_cosine_factor
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.encoders import ConvPatchEncoder, ImageEncoder
 from recon3d.models.gtr.field import TriplaneField
@@ -394,7 +394,7 @@ class GTRModule(ReconModule):
         if self.lambda_depth > 0:
             # the mesh stage's depth term (eq. 3) on the volume render's expected z-depth, over
             # pixels that are object in the target and opaque enough in the render to have a depth
-            terms["depth"] = _depth_mse(out["depth"], patch.depths, (mask > 0.5) & (out["alpha"].detach() > 0.5))
+            terms["depth"] = depth_mse(out["depth"], patch.depths, (mask > 0.5) & (out["alpha"].detach() > 0.5))
             loss = loss + self.lambda_depth * terms["depth"]
         if self.lambda_opacity > 0:
             # the mesh stage's free-space term (official ray_opacity) on the whole supervision views
@@ -410,7 +410,7 @@ class GTRModule(ReconModule):
         out = self.render_mesh(planes, tg.cameras, batch.object_ids, differentiable=True, views=views)
         w = self.mesh_loss_weights
         terms = {"rgb": F.mse_loss(out["rgb"], tg.images), "mask": F.mse_loss(out["alpha"], tg.masks)}
-        terms["depth"] = _depth_mse(out["depth"], tg.depths, (out["hard_mask"] > 0.5) & (tg.masks > 0.5))
+        terms["depth"] = depth_mse(out["depth"], tg.depths, (out["hard_mask"] > 0.5) & (tg.masks > 0.5))
         terms["opacity"] = self._free_space_opacity(planes, tg, views=views)
         if self.lpips is not None and w["lpips"] > 0:
             terms["lpips"] = self._lpips(out["rgb"], tg.images)
@@ -509,18 +509,6 @@ class GTRModule(ReconModule):
             return None
         return turntable_cameras(self.turntable_frames, radius=float(views.cameras.centers[0].norm(dim=-1).mean()),
                                  fov_y_deg=float(torch.rad2deg(views.cameras.fov_y[0].mean())), size=128)
-
-
-def _depth_mse(pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Mean squared depth error over the pixels ``where`` that also have a target depth (> 0).
-
-    A mask and a depth map of one view need not agree at the silhouette: resized views have
-    antialiased masks (bilinear) but depths picked from one pixel (nearest), so an edge pixel can
-    be object in the mask with depth 0 ("no surface"). Its error, the whole camera distance
-    squared, would outweigh every true pixel (2 % of the object's pixels held ~90 % of the loss
-    in the demo's data) and pull the surface towards the camera."""
-    valid = where & (target > 0)
-    return ((pred - target).square() * valid).sum() / valid.sum().clamp_min(1)
 
 
 def _triplanes_of(rec: Reconstruction) -> list[Triplanes]:

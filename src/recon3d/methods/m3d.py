@@ -96,7 +96,7 @@ from recon3d.data.depth_cache import DEPTH_CACHE_COMMAND
 from recon3d.data.formats.front3d import FRONT3D_CLASSES
 from recon3d.data.rays import camera_rays
 from recon3d.errors import ConfigError, DataError
-from recon3d.methods.base import NonFiniteGuard, ReconModule, geometry_metric_names, own_instance
+from recon3d.methods.base import NonFiniteGuard, ReconModule, depth_mse, geometry_metric_names, own_instance
 from recon3d.metrics.protocol import EvaluationProtocol
 from recon3d.models.m3d import DepthEncoder, M3DNetwork, ResNetShallowEncoder, SelectiveAttentionDeepEncoder
 from recon3d.render.sdf_density import LaplaceDensity
@@ -546,8 +546,7 @@ class M3DModule(ReconModule):
             terms["rgb"] = (out["rgb"] - rays["rgb"]).abs().mean()
             fg = rays["mask"][..., 0] > 0.5 if rays["mask"] is not None else torch.ones_like(out["depth"], dtype=torch.bool)
             if rays["depth"] is not None:
-                valid = fg & (rays["depth"][..., 0] > 0)
-                terms["depth"] = ((out["depth"] - rays["depth"][..., 0]).square() * valid).sum() / valid.sum().clamp_min(1)
+                terms["depth"] = depth_mse(out["depth"], rays["depth"][..., 0], fg)
             else:
                 self._warn_once("no_depth", "M3D stage 2: the targets have no depth; Ld (eq. 11) is off")
             if rays["normal"] is not None:

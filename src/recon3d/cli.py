@@ -21,7 +21,8 @@ created and left without anything but its ``config.yaml`` is removed again. A ne
 an option (``--model.init_args.lr -1e-3``) is that option's value, not an option.
 
 Output: Lightning's litlogger/litmodels tips, torch's ``LeafSpec`` deprecation warning, "Found N
-module(s) in eval mode" and the Hugging Face hub/transformers progress bars are silenced;
+module(s) in eval mode", under DDP Lightning's ``sync_dist`` advice (the evaluator has reduced its
+metrics already) and its all_gather deprecation, and the Hugging Face hub/transformers progress bars are silenced;
 ``--verbose`` (any subcommand) shows them.
 
 Run folders (``fit``/``validate``/``test``/``predict``): a run has one stable folder,
@@ -204,6 +205,11 @@ class _DropLightningTips(logging.Filter):
 QUIET_WARNINGS = (
     (r".*isinstance\(treespec, LeafSpec\).*is deprecated", FutureWarning),
     (r"Found \d+ module\(s\) in eval mode", None),
+    # Under DDP: recon3d's evaluator reduces its metrics across processes before they are logged
+    # (recon3d.metrics.protocol), so every rank logs the same epoch values without sync_dist.
+    (r"It is recommended to use `self\.log\(.*sync_dist=True\)`", None),
+    # Lightning's own all_gather (the non-finite-step vote) calls a torch API deprecated in 2.13.
+    (r"torch\.distributed\.nn\.functional\.all_gather is deprecated", None),
 )
 
 

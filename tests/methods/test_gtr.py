@@ -271,3 +271,21 @@ def test_pixel_aligned_reconstruction_is_per_object(batch, tmp_path):
     for name in ("mesh.glb", "mesh_refined.glb", "turntable.gif"):
         assert (tmp_path / "obj" / name).stat().st_size > 0, name
     assert "->" in files["refine_psnr"]
+
+
+def test_mesh_smoothing_option_blurs_the_density_before_marching_cubes(batch):
+    from recon3d.models.gtr.mesh import smooth_grid
+    from recon3d.render.isosurface import marching_cubes_fast
+
+    model = _with_surface(_module("nerf"), batch)
+    with torch.no_grad():
+        planes = model.triplanes(batch.inputs)[:1]
+        raw, _ = model.mesh(planes, differentiable=False)
+        model.mesh_smoothing = 1.0
+        verts, faces = model.mesh(planes, differentiable=False)
+        grid = smooth_grid(density_grid(model.field, planes, model.mesh_resolution), 1.0)
+    ref_v, ref_f = marching_cubes_fast(-(grid - model.mesh_density_level), model.field.aabb, 0.0)
+    assert torch.equal(faces, ref_f) and torch.allclose(verts, ref_v)
+    assert raw.shape != verts.shape or not torch.allclose(raw, verts)
+    with pytest.raises(ConfigError, match="model.mesh_smoothing"):
+        _module("nerf", mesh_smoothing=-1.0)

@@ -84,6 +84,7 @@ def _check_options(a: dict) -> None:
     check_option("model.lambda_opacity", a["lambda_opacity"], 0.0)
     check_option("model.mesh_resolution", a["mesh_resolution"], 2, integer=True)
     check_option("model.mesh_density_level", a["mesh_density_level"])
+    check_option("model.mesh_smoothing", a["mesh_smoothing"], 0.0)
     check_option("model.mesh_soft_sigma", a["mesh_soft_sigma"], 0.0)
     check_option("model.export_resolution", a["export_resolution"], 2, integer=True)
     check_option("model.turntable_frames", a["turntable_frames"], 0, integer=True)
@@ -130,6 +131,9 @@ class GTRModule(ReconModule):
         lpips_weights_dir: folder with the LPIPS VGG backbone and heads (see recon3d.metrics.lpips).
         mesh_resolution: marching-cubes grid (paper: 256).
         mesh_density_level: ``s`` in ``sdf = -(density - s)`` (paper/official: 10).
+        mesh_smoothing: **not in the paper** (0: none, as GTR): Gaussian sigma in voxels of the
+            density grid before marching cubes, for every extracted mesh (mesh stage, evaluation,
+            export); see :func:`~recon3d.models.gtr.mesh.smooth_grid`.
         mesh_loss_weights: rgb/lpips/depth/mask/opacity weights (paper defaults).
         mesh_soft_sigma: soft-silhouette width in pixels for the torch rasteriser's mask gradient.
         render_backend: ``auto | torch | nvdiffrast`` for mesh rasterisation, ``auto | torch | diso``
@@ -141,13 +145,14 @@ class GTRModule(ReconModule):
             :class:`~recon3d.methods.base.ReconModule`.
 
     Run-time options (the command line wins over a checkpoint, :class:`ReconModule`): evaluation
-    chunk, iso-surface level and grids, rendering backend, texture refinement, export resolution
-    and turntable, LPIPS weight folder. In the mesh stage ``mesh_density_level`` and
-    ``mesh_resolution`` are also the training iso-surface: give the saved values when resuming one.
+    chunk, iso-surface level, smoothing and grids, rendering backend, texture refinement, export
+    resolution and turntable, LPIPS weight folder. In the mesh stage ``mesh_density_level``,
+    ``mesh_smoothing`` and ``mesh_resolution`` are also the training iso-surface: give the saved
+    values when resuming one.
     """
 
     RUNTIME_OPTIONS = ReconModule.RUNTIME_OPTIONS | {
-        "eval_chunk", "mesh_resolution", "mesh_density_level", "render_backend", "refine", "export_resolution",
+        "eval_chunk", "mesh_resolution", "mesh_density_level", "mesh_smoothing", "render_backend", "refine", "export_resolution",
         "turntable_frames", "lpips_weights_dir",
     }
     EXPORT_REPRESENTATION = Meshes
@@ -176,6 +181,7 @@ class GTRModule(ReconModule):
         lpips_weights_dir: str | None = None,
         mesh_resolution: int = 256,
         mesh_density_level: float = 10.0,
+        mesh_smoothing: float = 0.0,
         mesh_loss_weights: dict[str, float] | None = None,
         mesh_soft_sigma: float = 1.0,
         render_backend: str = "auto",
@@ -207,6 +213,7 @@ class GTRModule(ReconModule):
         self.volume = VolumeRenderer(aabb=field.aabb, n_samples=n_samples, background="white", chunk=eval_chunk,
                                      perturb=None if stratified_jitter else False, min_near=min_near, last_delta=last_delta)
         self.mesh_resolution, self.mesh_density_level = mesh_resolution, mesh_density_level
+        self.mesh_smoothing = float(mesh_smoothing)
         self.mesh_soft_sigma = mesh_soft_sigma
         self.render_backend = render_backend
         self.refiners = [refine] if refine is not None else []
@@ -262,7 +269,7 @@ class GTRModule(ReconModule):
         return extract_mesh(
             self.field, planes, resolution or self.mesh_resolution, self.mesh_density_level, self.field.aabb,
             differentiable=differentiable, object_id=object_id, extractor=self._extractor() if differentiable else None,
-            views=views,
+            views=views, smoothing=self.mesh_smoothing,
         )
 
     # ------------------------------------------------------------------ rendering

@@ -10,8 +10,8 @@ from recon3d.models.gtr.generator import (
     TriplaneGenerator,
 )
 from recon3d.models.gtr.lifting import ProjectedFeatureLifting, plane_line_points, sample_views
-from recon3d.models.gtr.pixel_field import PixelAlignedTriplaneField
 from recon3d.models.gtr.network import GTRNetwork, gtr_official, gtr_paper, gtr_tiny
+from recon3d.models.gtr.pixel_field import PixelAlignedTriplaneField
 from recon3d.models.gtr.pretrained import convert_official_state_dict, load_official_gtr, official_key_table
 
 __all__ = [

@@ -2,13 +2,13 @@
 
 Trains GTR's NeRF stage (``configs/gtr_demo.yaml``: the CPU-size GTR of ``configs/gtr_cpu.yaml``
 with options that are not in the paper, each commented there: projected feature lifting, a
-pixel-aligned field, the mesh stage's depth and free-space terms, and a shorter schedule) on
-procedurally generated objects, evaluates
-the held-out objects under the shared protocol (``test/metrics.csv``, per-object CSV), and
-exports one held-out object as a mesh (``.glb`` + ``.obj`` with vertex colours, a turntable GIF,
-and the texture-refined variant). Every output lands under ``--out``; a summary is printed and
-written to ``summary.json``.
-"""
+pixel-aligned field, the mesh stage's depth and free-space terms, a blurred density grid for the
+meshes, and a shorter schedule) on procedurally generated objects, with the config's strategy
+(two DDP processes of one thread each on a 2-core CPU); then, in one process, evaluates the
+held-out objects under the shared protocol (``test/metrics.csv``, per-object CSV) and exports
+each held-out object as a mesh (``.glb`` + ``.obj`` with vertex colours, a turntable GIF, and
+the texture-refined variant). Every output lands under ``--out``; a summary is printed and
+written to ``summary.json``."""
 
 from __future__ import annotations
 

@@ -60,7 +60,10 @@ def test_forward_matches_upstream_tiny_output(conv_backend):
         out = model(x, inputs["t"], inputs["cond"])
     ref = fix[f"{name}/output"]
     assert torch.equal(out.coords, x.coords) and ref.abs().max() > 1.0
-    torch.testing.assert_close(out.feats, ref, rtol=1e-5, atol=1e-5)
+    # The recording is float32 (spconv, GEMMs) on another CPU: kernels' summation order differs by
+    # machine (an AMD EPYC differs by up to 1.8e-5 on outputs of magnitude > 1); a wrong layer or
+    # weight moves the velocity by orders more.
+    torch.testing.assert_close(out.feats, ref, rtol=1e-4, atol=5e-5)
 
 
 def test_downsample_counts_the_zero_as_upstream():

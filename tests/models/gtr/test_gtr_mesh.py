@@ -59,3 +59,8 @@ def test_smoothing_brings_a_grainy_level_set_to_the_true_surface():
     # closed form: the true surface is |x| = 0.6; the noise moves the raw level set by ~a voxel
     assert errs[1.0] < 0.5 * errs[0.0], errs
     assert errs[1.0] < 0.02, errs
+
+
+def test_smooth_grid_below_a_voxel_is_the_identity_as_in_scipy():
+    g = torch.rand(5, 6, 7, dtype=torch.float64)
+    np.testing.assert_array_equal(smooth_grid(g, 0.1).numpy(), ndimage.gaussian_filter(g.numpy(), 0.1, mode="nearest", truncate=3.0))

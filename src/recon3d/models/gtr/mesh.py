@@ -25,7 +25,7 @@ def density_grid(field: TriplaneField, planes: torch.Tensor, resolution: int, aa
 
 
 def smooth_grid(grid: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
-    """Separable Gaussian blur of a scalar grid ``(N, N, N)`` (``sigma`` in voxels; 0 returns it as is).
+    """Separable Gaussian blur of a scalar grid ``(X, Y, Z)`` (``sigma`` in voxels; 0 returns it as is).
 
     The kernel has radius ``int(truncate * sigma + 0.5)`` and the grid is extended by repeating its
     border values (``scipy.ndimage.gaussian_filter(..., mode="nearest")``); differentiable.
@@ -33,9 +33,9 @@ def smooth_grid(grid: torch.Tensor, sigma: float, truncate: float = 3.0) -> torc
     sigma = float(sigma)
     if not sigma >= 0:
         raise ConfigError(f"mesh_smoothing: expected a Gaussian sigma >= 0 (voxels), got {sigma}")
-    if sigma == 0:
+    r = int(truncate * sigma + 0.5)
+    if r == 0:  # sigma == 0, or a kernel narrower than one voxel: the identity, as in scipy
         return grid
-    r = max(1, int(truncate * sigma + 0.5))
     x = torch.arange(-r, r + 1, device=grid.device, dtype=grid.dtype)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()

@@ -37,6 +37,7 @@ def test_demo_runs_and_prints_a_table(tmp_path, capsys, monkeypatch):
 
     predict_dir = Path(summary["metrics_csv"]).parent / "predict"  # where the run's predict step writes
     assert f"files under {predict_dir}" in text
+    assert "grids        " + str(Path(summary["metrics_csv"]).parent / "test_grid_") in text  # the held-out objects' grid is the one named
     for obj in exports.values():
         if "skipped" not in obj:
             assert Path(obj["mesh.glb"]).is_file() and Path(obj["mesh.obj"]).is_file()

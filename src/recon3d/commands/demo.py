@@ -149,6 +149,12 @@ _TABLE = (("psnr", "PSNR (dB)", "higher"), ("ssim", "SSIM", "higher"), ("mask_io
           ("psnr_masked", "PSNR on the object (dB)", "higher"))
 
 
+def _shown_grid(grids: list[str]) -> str:
+    """The held-out objects' grid (``test_grid_*``) if there is one, else the last grid."""
+    tests = [g for g in grids if Path(g).name.startswith("test_grid")]
+    return (tests or grids or ["-"])[-1]
+
+
 def _workers(summary: dict) -> str:
     n, t = summary.get("processes", 1), summary["threads"]
     threads = f"{t} thread{'s' if t != 1 else ''}"
@@ -180,7 +186,7 @@ def summary_table(summary: dict, out: Path) -> str:
         "",
         f"checkpoint   {summary['checkpoint'] or '-'}",
         f"metrics      {summary['test_metrics_csv']} (per object: per_object.csv beside it)",
-        f"grids        {summary['grids'][-1] if summary['grids'] else '-'}" + (f" (+{len(summary['grids']) - 1} more)" if len(summary["grids"]) > 1 else ""),
+        f"grids        {_shown_grid(summary['grids'])}" + (f" (+{len(summary['grids']) - 1} more)" if len(summary["grids"]) > 1 else ""),
         f"exports      {len(summary['exports']) - n_skipped} objects" + (f" ({n_skipped} skipped: no surface yet)" if n_skipped else "") + f", {n_files} files under {Path(summary['metrics_csv']).parent / 'predict'}",
         f"summary      {out / 'summary.json'}",
     ]

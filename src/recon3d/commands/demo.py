@@ -115,7 +115,8 @@ def _evaluation_trainer(trainer):
 
     Every held-out object then goes through one evaluator and one PNG grid, and the summary lists
     every export (under DDP each rank would see half of them). The other ranks have left, so the
-    process group is closed first; the logger (same run folder) and the progress bar carry over.
+    process group is closed first; the logger (same run folder), the progress bar, the precision
+    and the test/predict batch limits carry over.
     """
     import torch.distributed as dist
     from lightning.pytorch import Trainer
@@ -126,7 +127,8 @@ def _evaluation_trainer(trainer):
     bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
     one = Trainer(accelerator=type(trainer.accelerator)(), devices=1, logger=trainer.logger, callbacks=bars,
                   enable_progress_bar=bool(bars), enable_model_summary=False, default_root_dir=trainer.default_root_dir,
-                  precision=trainer.precision)
+                  precision=trainer.precision, limit_test_batches=trainer.limit_test_batches,
+                  limit_predict_batches=trainer.limit_predict_batches)
     # the loops' progress (global step, epoch) carries over too: grids and logged rows keep the
     # training step, as after a one-process fit
     one.fit_loop.load_state_dict(trainer.fit_loop.state_dict())

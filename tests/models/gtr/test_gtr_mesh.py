@@ -39,7 +39,6 @@ class _GrainySphere(torch.nn.Module):
     def __init__(self, res: int):
         super().__init__()
         self.noise = 8.0 * torch.randn(res, res, res, generator=torch.Generator().manual_seed(1))
-        self.res = res
 
     def density(self, planes, pts, views=None):
         r = pts[0].norm(dim=-1)

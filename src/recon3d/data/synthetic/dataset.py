@@ -65,6 +65,12 @@ class SyntheticDataset(ObjectDataset):
             same poses for every object, as when the inputs come from a multi-view generator with
             fixed output poses (Zero123++, Era3D: GTR's text/image-to-3D use); the objects keep
             their random orientation, so nothing about the shapes is made easier.
+        fixed_elevations: with ``camera_layout: fixed``, the elevations (degrees) instead of the
+            low/middle/high cycle: view ``i`` gets ``fixed_elevations[i % len]`` (e.g. Zero123++'s
+            poses alternate 20 and -10 degrees). The default cycle puts the evenly spaced inputs of
+            16 views (0, 4, 8, 12) at -10, 17.5, 45, -10 degrees, so inputs 1 and 3 look at the
+            object from almost opposite sides (171 degrees apart) and their silhouettes carve
+            nearly the same visual hull.
         texture_kinds: the solid-texture patterns to draw from (subset of ``stripes checker
             gradient noise``).
         texture_palette: ``"complementary"`` (default: the second colour near ``1 - a``, maximal
@@ -97,6 +103,7 @@ class SyntheticDataset(ObjectDataset):
         num_sdf_points: int = 4096,
         mesh_resolution: int = 64,
         camera_layout: str = "random",
+        fixed_elevations: tuple[float, ...] | None = None,
         texture_kinds: tuple[str, ...] = TEXTURE_KINDS,
         texture_palette: str = "complementary",
         texture_frequency: tuple[float, float] = (2.0, 6.0),
@@ -114,7 +121,13 @@ class SyntheticDataset(ObjectDataset):
             raise ConfigError(f"camera_layout: expected 'random' or 'fixed', got {camera_layout!r}")
         if memory_cache_objects < 0:
             raise ConfigError(f"memory_cache_objects: expected >= 0, got {memory_cache_objects}")
+        if fixed_elevations is not None:
+            if camera_layout != "fixed":
+                raise ConfigError(f"fixed_elevations: only used with camera_layout 'fixed', got camera_layout {camera_layout!r}")
+            if len(fixed_elevations) == 0 or not all(-90.0 < float(e) < 90.0 for e in fixed_elevations):
+                raise ConfigError(f"fixed_elevations: expected a non-empty list of degrees in (-90, 90), got {list(fixed_elevations)}")
         self.camera_layout = camera_layout
+        self.fixed_elevations = None if fixed_elevations is None else tuple(float(e) for e in fixed_elevations)
         self.memory_cache_objects = int(memory_cache_objects)
         self._memory: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.num_objects = int(num_objects)
@@ -144,6 +157,7 @@ class SyntheticDataset(ObjectDataset):
             [_FORMAT_VERSION, self.views_per_object, self.resolution, self.seed, self.fov_deg, self.radius_range,
              self.elevation_range, self.families, self.max_parts, self.up_axis, self.num_surface_points,
              self.num_sdf_points, self.mesh_resolution] + ([self.camera_layout] if self.camera_layout != "random" else [])
+            + ([list(self.fixed_elevations)] if self.fixed_elevations is not None else [])
             # only a non-default texture setting enters the key (caches made before the option stay valid)
             + ([[list(self.texture["kinds"]), texture_palette, list(self.texture["frequency"])]] if self.texture != _DEFAULT_TEXTURE else []),
         )
@@ -197,7 +211,8 @@ class SyntheticDataset(ObjectDataset):
         rlo, rhi = self.radius_range
         if self.camera_layout == "fixed":
             az = torch.arange(V) / V * 360.0
-            el = torch.tensor([lo, 0.5 * (lo + hi), hi])[torch.arange(V) % 3]
+            cycle = self.fixed_elevations or (lo, 0.5 * (lo + hi), hi)
+            el = torch.tensor(cycle, dtype=torch.float32)[torch.arange(V) % len(cycle)]
             return orbit_cameras(az, el, torch.full((V,), 0.5 * (rlo + rhi)), self.fov_deg, self.resolution, self.resolution, self.up_axis)
         g = torch.Generator().manual_seed(self._object_seed(index) + 1)
         az = (torch.arange(V) / V * 360.0 + torch.rand((), generator=g) * 360.0) % 360.0

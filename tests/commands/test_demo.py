@@ -69,6 +69,13 @@ def test_demo_trains_on_two_processes_then_evaluates_every_object_in_one(tmp_pat
     assert len({r["object_id"] for r in csv.DictReader(open(run / "test" / "per_object.csv"))}) == 2
     # the evaluation trainer carries the training's step: the test grid and the logged test row name it
     assert (run / "test_grid_epoch0004_step0000004.png").is_file(), sorted(x.name for x in run.iterdir())
+    # the validation grids of the DDP training gather both ranks' objects: the height of the test
+    # grid's two objects, the same views (rank 0 held one of the two validation objects)
+    from PIL import Image
+
+    vals = sorted(run.glob("val_grid_*.png"))
+    assert len(vals) == 2, sorted(x.name for x in run.iterdir())
+    assert {Image.open(v).height for v in vals} == {Image.open(run / "test_grid_epoch0004_step0000004.png").height}
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert any(r.get("train/nonfinite_steps") for r in rows), "the training rows of metrics.csv were lost"
     test_rows = [r for r in rows if r.get("test/psnr")]

@@ -190,6 +190,7 @@ class ReconModule(L.LightningModule):
         self._consecutive_nonfinite = 0
         self._skipped: list[tuple[str, str]] = []
         self._vis_done = False
+        self._vis_sample: tuple | None = None  # this rank's first evaluation batch, for the grid
         self._last_batch_ids: list[str] = []
 
     # ------------------------------------------------------------------ to implement
@@ -594,11 +595,13 @@ class ReconModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._vis_done = False
+        self._vis_sample = None
 
     on_test_epoch_start = on_validation_epoch_start
 
     def _finish_eval(self, split: str) -> dict[str, float]:
         self._report_skips(split)
+        self._write_grid(split)
         if self.evaluation is None:
             return {}
         results = self.evaluation.compute()
@@ -644,13 +647,44 @@ class ReconModule(L.LightningModule):
         return Path(trainer.default_root_dir if trainer is not None else "outputs")
 
     def _save_grid(self, batch: Batch, pred: torch.Tensor, split: str) -> None:
-        if self.trainer is None or not self.trainer.is_global_zero or getattr(self.trainer, "sanity_checking", False):
+        """Keep this rank's first evaluation batch (inputs, up to ``vis_views`` predictions and
+        targets, on the CPU) for the epoch's grid, written by :meth:`_write_grid`."""
+        if self.trainer is None or getattr(self.trainer, "sanity_checking", False):
+            return
+        k = min(self.vis_views, pred.shape[1])
+        self._vis_sample = (batch.inputs.images.detach().cpu(), pred[:, :k].detach().cpu(),
+                            batch.targets.images[:, :k].detach().cpu(), list(batch.object_ids))
+
+    def _write_grid(self, split: str) -> None:
+        """The epoch's PNG grid: every rank's first batch (gathered under DDP, so the grid of a
+        multi-process run shows the objects of all ranks, not rank 0's share; objects that the
+        distributed sampler repeated to even out the ranks appear once), written by rank 0.
+        Collective under DDP: every rank calls it at the end of the epoch."""
+        if self.trainer is None or getattr(self.trainer, "sanity_checking", False):
+            return
+        sample, self._vis_sample = getattr(self, "_vis_sample", None), None
+        samples = [sample]
+        if self._world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            samples = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(samples, sample)
+        if not self.trainer.is_global_zero:
+            return
+        seen: set[str] = set()
+        keep = []  # (sample, index) of each object's first appearance, rank order
+        for smp in samples:
+            for i, oid in enumerate(smp[3] if smp is not None else []):
+                if oid not in seen:
+                    seen.add(oid)
+                    keep.append((smp, i))
+        # ranks whose views differ in count or size from the first (mixed datasets) stay out of it
+        keep = [(smp, i) for smp, i in keep if all(smp[j].shape[1:] == keep[0][0][j].shape[1:] for j in range(3))]
+        if not keep:
             return
         from recon3d.utils.images import save_view_grid
 
-        k = min(self.vis_views, pred.shape[1])
+        inputs, preds, targets = (torch.stack([smp[j][i] for smp, i in keep]) for j in range(3))
         path = self._out_dir() / f"{split}_grid_epoch{self.current_epoch:04d}_step{self.global_step:07d}.png"
-        save_view_grid(path, batch.inputs.images, pred[:, :k], batch.targets.images[:, :k], object_ids=list(batch.object_ids))
+        save_view_grid(path, inputs, preds, targets, object_ids=[smp[3][i] for smp, i in keep])
 
 
 def _num_points(surface_points, default: int) -> int:

@@ -1,5 +1,6 @@
-"""The evaluation grid: every rank's first batch in one PNG under DDP (rank 0 alone held half of
-the objects before), objects the distributed sampler repeated shown once; one process as before."""
+"""The evaluation grid: under DDP one PNG of the first ``ceil(n / W)`` objects of every rank's first
+batch (rank 0's batch alone before), objects the distributed sampler repeated shown once; one
+process: its first batch, as before."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from recon3d.data.batch import Batch, Views
 from recon3d.methods.toy import ToyTriplaneModule
 from recon3d.utils.images import save_view_grid
 
-IDS = {0: ["a", "b"], 1: ["c", "a"]}  # rank 1's "a": the sampler's padding repeats an object
+IDS = {0: ["a", "b", "c", "d"], 1: ["b", "e", "f", "g"]}  # rank 1's "b": the sampler's padding repeats an object
 
 
 def _images(ids: list[str], views: int, size: int, salt: int) -> torch.Tensor:
@@ -89,5 +90,5 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.ddp
 def test_two_process_grid_shows_every_ranks_objects_once(tmp_path):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "run")), nprocs=2, join=True, start_method="fork")
-    # rank 0's a, b then rank 1's c; rank 1's repeated a is left out
-    np.testing.assert_array_equal(_grid(tmp_path / "run"), _expected(tmp_path / "ref.png", ["a", "b", "c"]))
+    # two of each rank's four: rank 0's a, b, then rank 1's e (its repeated b is left out)
+    np.testing.assert_array_equal(_grid(tmp_path / "run"), _expected(tmp_path / "ref.png", ["a", "b", "e"]))

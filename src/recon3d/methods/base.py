@@ -656,15 +656,23 @@ class ReconModule(L.LightningModule):
                             batch.targets.images[:, :k].detach().cpu(), list(batch.object_ids))
 
     def _write_grid(self, split: str) -> None:
-        """The epoch's PNG grid: every rank's first batch (gathered under DDP, so the grid of a
-        multi-process run shows the objects of all ranks, not rank 0's share; objects that the
-        distributed sampler repeated to even out the ranks appear once), written by rank 0.
-        Collective under DDP: every rank calls it at the end of the epoch."""
+        """The epoch's PNG grid of the first evaluation batch, written by rank 0.
+
+        Under DDP each of the ``W`` ranks contributes the first ``ceil(n / W)`` objects of its
+        first batch of ``n`` (gathered to every rank, so the payload stays about one batch of
+        images), and objects that the distributed sampler repeated to even out the ranks appear
+        once: the grid shows about as many objects as one process would, drawn from every rank,
+        where it used to show rank 0's share only. Collective under DDP: every rank calls it at
+        the end of the epoch."""
         if self.trainer is None or getattr(self.trainer, "sanity_checking", False):
             return
         sample, self._vis_sample = getattr(self, "_vis_sample", None), None
         samples = [sample]
-        if self._world_size() > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = self._world_size()
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            if sample is not None:
+                per = -(-len(sample[3]) // world)
+                sample = tuple(x[:per] for x in sample)
             samples = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(samples, sample)
         if not self.trainer.is_global_zero:

@@ -100,7 +100,6 @@ def test_eval_feeds_poses_and_occupancy_from_the_reconstruction():
             return {"rgb": torch.ones(1, 3, 3, 8, 8), "alpha": torch.ones(1, 3, 1, 8, 8)}
 
     model = Fixed(evaluation=EvaluationProtocol(image_metrics=["psnr"]))
-    model._vis_done = True  # no trainer: no grids
     model._eval_step(batch, "val")
     res = model.evaluation.compute()
     assert res["rre"] == pytest.approx(0.0, abs=0.05) and res["te"] == pytest.approx(0.0, abs=1e-4)  # degrees; float32 acos

@@ -189,7 +189,6 @@ class ReconModule(L.LightningModule):
         self.nonfinite_steps = 0
         self._consecutive_nonfinite = 0
         self._skipped: list[tuple[str, str]] = []
-        self._vis_done = False
         self._vis_sample: tuple | None = None  # this rank's first evaluation batch, for the grid
         self._last_batch_ids: list[str] = []
 
@@ -510,9 +509,7 @@ class ReconModule(L.LightningModule):
             if batch.geometry.surface_points is not None or batch.geometry.mesh_paths:
                 self._eval_geometry(batch, rec)
             self._eval_occupancy(rec, batch)
-        if not self._vis_done:
-            self._save_grid(batch, pred, split)
-            self._vis_done = True
+        self._save_grid(batch, pred, split)
 
     #: the metrics :meth:`EvaluationProtocol.update_geometry` reports (named when they are missing)
     GEOMETRY_METRICS = GEOMETRY_METRICS
@@ -594,7 +591,6 @@ class ReconModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def on_validation_epoch_start(self) -> None:
-        self._vis_done = False
         self._vis_sample = None
 
     on_test_epoch_start = on_validation_epoch_start
@@ -647,9 +643,10 @@ class ReconModule(L.LightningModule):
         return Path(trainer.default_root_dir if trainer is not None else "outputs")
 
     def _save_grid(self, batch: Batch, pred: torch.Tensor, split: str) -> None:
-        """Keep this rank's first evaluation batch (inputs, up to ``vis_views`` predictions and
-        targets, on the CPU) for the epoch's grid, written by :meth:`_write_grid`."""
-        if self.trainer is None or getattr(self.trainer, "sanity_checking", False):
+        """Keep this rank's first evaluation batch of the epoch (inputs, up to ``vis_views``
+        predictions and targets, on the CPU) for its grid, written by :meth:`_write_grid`; later
+        batches, a module without a trainer and the sanity check keep nothing."""
+        if self._vis_sample is not None or self._trainer is None or getattr(self.trainer, "sanity_checking", False):
             return
         k = min(self.vis_views, pred.shape[1])
         self._vis_sample = (batch.inputs.images.detach().cpu(), pred[:, :k].detach().cpu(),
@@ -664,9 +661,9 @@ class ReconModule(L.LightningModule):
         once: the grid shows about as many objects as one process would, drawn from every rank,
         where it used to show rank 0's share only. Collective under DDP: every rank calls it at
         the end of the epoch."""
-        if self.trainer is None or getattr(self.trainer, "sanity_checking", False):
+        if self._trainer is None or getattr(self.trainer, "sanity_checking", False):
             return
-        sample, self._vis_sample = getattr(self, "_vis_sample", None), None
+        sample, self._vis_sample = self._vis_sample, None
         samples = [sample]
         world = self._world_size()
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

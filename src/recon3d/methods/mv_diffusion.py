@@ -177,9 +177,7 @@ class MultiViewDiffusionModule(ReconModule):
         pred = self.generate(batch).images
         if self.evaluation is not None:
             self.evaluation.update_views(batch.object_ids, pred, tgt, batch.targets.masks)
-        if not self._vis_done:
-            self._save_grid(batch, pred, split)
-            self._vis_done = True
+        self._save_grid(batch, pred, split)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict[str, str]]:
         """Write every object's generated views (``view_<k>.png``) and their ``cameras.json``
